@@ -1,0 +1,293 @@
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use monitor_ebpf::{
+    ProcessEvent, SockEvent, SockOwner, counter, event_kind, fd_key, layout, listen_key, tcp_state,
+};
+
+const IPPROTO_TCP: u16 = 6;
+const AF_INET: u16 = 2;
+const CLONE_THREAD: u64 = 0x0001_0000;
+const EINPROGRESS: i64 = 115;
+
+/// Watched process ids (tgid -> unused flags). Userspace fills it; forks are added here when following.
+#[map]
+static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+/// Sockets attributed to a watched process, by `struct sock` address. Max entries are set by the loader.
+#[map]
+static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(65536, 0);
+
+/// Socket fds handed out by socket()/accept() to a watched process: key (tgid << 32 | fd).
+#[map]
+static SOCK_FDS: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
+
+/// Listening ports of watched processes: key (family << 16 | port) -> tgid.
+#[map]
+static LISTENERS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Set by the loader (rodata): non-zero adds forked children of a watched process to `WATCHED`.
+#[unsafe(no_mangle)]
+static FOLLOW_FORKS: u8 = 0;
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+fn is_watched(tgid: u32) -> bool {
+    WATCHED.get_ptr(tgid).is_some()
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: usize) -> Option<T> {
+    // SAFETY: offsets are checked against the running kernel's tracepoint format before load.
+    unsafe { ctx.read_at::<T>(offset).ok() }
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_state(&ctx);
+    0
+}
+
+fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
+    if read::<u16>(ctx, layout::SOCK_PROTOCOL)? != IPPROTO_TCP {
+        return None;
+    }
+    let skaddr: u64 = read(ctx, layout::SOCK_SKADDR)?;
+    let old = read::<i32>(ctx, layout::SOCK_OLDSTATE)? as u8;
+    let new = read::<i32>(ctx, layout::SOCK_NEWSTATE)? as u8;
+
+    let tgid = match SOCKS.get_ptr(skaddr) {
+        // SAFETY: value is a plain struct; a concurrent delete can at worst give a stale tgid.
+        Some(owner) => unsafe { (*owner).tgid },
+        None => {
+            let tgid = attribute(ctx, old, new)?;
+            if new != tcp_state::CLOSE
+                && SOCKS.insert(skaddr, SockOwner { tgid, _pad: 0 }, 0).is_err()
+            {
+                bump(counter::SOCK_TABLE_FULL);
+            }
+            bump(counter::SOCK_TRACKED);
+            tgid
+        }
+    };
+
+    bump(counter::STATE_BASE + new as u32);
+    match new {
+        tcp_state::ESTABLISHED => bump(counter::SOCK_ESTABLISHED),
+        tcp_state::CLOSE_WAIT => bump(counter::SOCK_CLOSE_WAIT),
+        tcp_state::LISTEN => {
+            let family: u16 = read(ctx, layout::SOCK_FAMILY)?;
+            let port: u16 = read(ctx, layout::SOCK_SPORT)?;
+            if LISTENERS.insert(listen_key(family, port), tgid, 0).is_err() {
+                bump(counter::LISTEN_TABLE_FULL);
+            }
+        }
+        tcp_state::CLOSE => {
+            bump(counter::SOCK_CLOSED);
+            let _ = SOCKS.remove(skaddr);
+            if old == tcp_state::LISTEN {
+                let family: u16 = read(ctx, layout::SOCK_FAMILY)?;
+                let port: u16 = read(ctx, layout::SOCK_SPORT)?;
+                let _ = LISTENERS.remove(listen_key(family, port));
+            }
+        }
+        _ => {}
+    }
+    emit_sock_event(ctx, tgid, skaddr, old, new);
+    Some(())
+}
+
+/// Decides whether an untracked socket belongs to a watched process; see the module comment.
+#[inline(always)]
+fn attribute(ctx: &TracePointContext, old: u8, new: u8) -> Option<u32> {
+    use tcp_state::*;
+    let in_owner_context = matches!(
+        (old, new),
+        (CLOSE, SYN_SENT) | (CLOSE, LISTEN) | (ESTABLISHED, FIN_WAIT1) | (CLOSE_WAIT, LAST_ACK)
+    );
+    if in_owner_context {
+        let tgid = current_tgid();
+        return is_watched(tgid).then_some(tgid);
+    }
+    if new == SYN_RECV {
+        let family: u16 = read(ctx, layout::SOCK_FAMILY)?;
+        let port: u16 = read(ctx, layout::SOCK_SPORT)?;
+        let owner = LISTENERS.get_ptr(listen_key(family, port))?;
+        // SAFETY: plain u32 value.
+        return Some(unsafe { *owner });
+    }
+    None
+}
+
+#[inline(always)]
+fn emit_sock_event(ctx: &TracePointContext, tgid: u32, skaddr: u64, old: u8, new: u8) {
+    let Some(mut entry) = EVENTS.reserve::<SockEvent>(0) else {
+        bump(counter::EVENTS_LOST);
+        return;
+    };
+    let mut ev = SockEvent {
+        kind: event_kind::SOCK_STATE,
+        oldstate: old,
+        newstate: new,
+        tgid,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        family: read(ctx, layout::SOCK_FAMILY).unwrap_or(0),
+        sport: read(ctx, layout::SOCK_SPORT).unwrap_or(0),
+        dport: read(ctx, layout::SOCK_DPORT).unwrap_or(0),
+        ..SockEvent::default()
+    };
+    if ev.family == AF_INET {
+        let s: [u8; 4] = read(ctx, layout::SOCK_SADDR).unwrap_or_default();
+        let d: [u8; 4] = read(ctx, layout::SOCK_DADDR).unwrap_or_default();
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    } else {
+        ev.saddr = read(ctx, layout::SOCK_SADDR_V6).unwrap_or_default();
+        ev.daddr = read(ctx, layout::SOCK_DADDR_V6).unwrap_or_default();
+    }
+    entry.write(ev);
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn on_new_socket_fd(ctx: &TracePointContext, which: u32) {
+    let tgid = current_tgid();
+    if !is_watched(tgid) {
+        return;
+    }
+    let Some(ret) = read::<i64>(ctx, layout::SYSCALL_RET) else {
+        return;
+    };
+    if ret < 0 {
+        return;
+    }
+    bump(which);
+    if SOCK_FDS.insert(fd_key(tgid, ret as u32), 0, 0).is_err() {
+        bump(counter::FD_TABLE_FULL);
+    }
+}
+
+#[tracepoint]
+pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
+    on_new_socket_fd(&ctx, counter::SYS_SOCKET);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_new_socket_fd(&ctx, counter::SYS_ACCEPT);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_new_socket_fd(&ctx, counter::SYS_ACCEPT);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if is_watched(current_tgid()) {
+        let ret = read::<i64>(&ctx, layout::SYSCALL_RET).unwrap_or(-1);
+        if ret == 0 || ret == -EINPROGRESS {
+            bump(counter::SYS_CONNECT);
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let tgid = current_tgid();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    if let Some(fd) = read::<u64>(&ctx, layout::SYSCALL_ARG0) {
+        let key = fd_key(tgid, fd as u32);
+        if SOCK_FDS.get_ptr(key).is_some() {
+            let _ = SOCK_FDS.remove(key);
+            bump(counter::SYS_CLOSE_SOCKET_FD);
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let tgid = current_tgid();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    let flags: u64 = read(&ctx, layout::NEWTASK_CLONE_FLAGS).unwrap_or(0);
+    if flags & CLONE_THREAD != 0 {
+        bump(counter::TASK_NEW_THREAD);
+        return 0;
+    }
+    bump(counter::PROCESS_FORK);
+    let child: u32 = read(&ctx, layout::NEWTASK_PID).unwrap_or(0);
+    // SAFETY: rodata global written by the loader before load.
+    let follow = unsafe { core::ptr::read_volatile(&FOLLOW_FORKS) };
+    if follow != 0 && child != 0 {
+        let _ = WATCHED.insert(child, 0, 0);
+    }
+    emit_process_event(tgid, child, event_kind::PROCESS_FORK);
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let tgid = current_tgid();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    bump(counter::TASK_EXIT);
+    let group_dead: u8 = read(&ctx, layout::EXIT_GROUP_DEAD).unwrap_or(0);
+    if group_dead != 0 {
+        bump(counter::PROCESS_EXIT);
+        // Forget the pid now: if the kernel reuses it, the new process must not be watched by accident.
+        let _ = WATCHED.remove(tgid);
+        emit_process_event(tgid, tgid, event_kind::PROCESS_EXIT);
+    }
+    0
+}
+
+fn emit_process_event(tgid: u32, pid: u32, kind: u8) {
+    let ev = ProcessEvent {
+        kind,
+        tgid,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid,
+        ..ProcessEvent::default()
+    };
+    if EVENTS.output::<ProcessEvent>(&ev, 0).is_err() {
+        bump(counter::EVENTS_LOST);
+    }
+}
+
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,1 @@
+//! Outputs: leakwatch's own /metrics, /status, /healthz and logs.

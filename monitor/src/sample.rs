@@ -1,0 +1,135 @@
+//! Samples: what each source saw at one instant. Sources produce them, analysis consumes them; nothing in
+//! here does I/O, so recorded series can be replayed into the analysis in unit tests.
+use serde::{Deserialize, Serialize};
+
+/// Seconds since the watch started, from a monotonic clock.
+pub type Seconds = f64;
+
+/// Identity of one incarnation of the target process: a restart changes `start_ticks` (and usually `pid`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TargetId {
+    pub pid: u32,
+    /// Process start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub start_ticks: u64,
+}
+
+/// Cumulative in-kernel counters (summed over CPUs) since the probes were attached.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelCounters {
+    pub sock_tracked: u64,
+    pub sock_established: u64,
+    pub sock_closed: u64,
+    pub sock_close_wait: u64,
+    pub sys_socket: u64,
+    pub sys_connect: u64,
+    pub sys_accept: u64,
+    pub sys_close_socket_fd: u64,
+    pub task_new_thread: u64,
+    pub task_exit: u64,
+    pub process_fork: u64,
+    pub process_exit: u64,
+    pub events_lost: u64,
+    pub sock_table_full: u64,
+    pub fd_table_full: u64,
+    pub listen_table_full: u64,
+}
+
+/// What the eBPF probes say about the target.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KernelSample {
+    pub counters: KernelCounters,
+    /// TCP sockets of the target alive in the kernel (the live socket table, fed by the ring buffer).
+    pub live_sockets: u64,
+    /// Live sockets per TCP state, indexed by the kernel's state number (0 unused).
+    pub sockets_by_state: [u64; 13],
+    /// Live sockets that came from `accept` on one of the target's listeners (callers, on a tunnel server).
+    pub accepted_live: u64,
+    /// Live sockets the target connected out (targets, on a tunnel agent).
+    pub connected_live: u64,
+}
+
+impl KernelSample {
+    pub fn in_state(&self, state: u8) -> u64 {
+        self.sockets_by_state.get(state as usize).copied().unwrap_or(0)
+    }
+}
+
+/// What procfs says about the target.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcSample {
+    pub open_fds: u64,
+    /// Soft "Max open files" limit; `None` when unlimited or unreadable.
+    pub fd_limit: Option<u64>,
+    pub socket_fds: u64,
+    /// The target's TCP sockets (socket fds joined with /proc/<pid>/net/tcp{,6}) per state.
+    pub tcp_by_state: [u64; 13],
+    pub threads: u64,
+    pub rss_bytes: u64,
+}
+
+impl ProcSample {
+    pub fn tcp_in_state(&self, state: u8) -> u64 {
+        self.tcp_by_state.get(state as usize).copied().unwrap_or(0)
+    }
+    pub fn tcp_total(&self) -> u64 {
+        self.tcp_by_state.iter().sum()
+    }
+}
+
+/// One row of remotedialer's connection ledger: cumulative add/remove counters for one label set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LedgerRow {
+    pub clientkey: String,
+    pub proto: String,
+    pub addr: String,
+    pub added: f64,
+    pub removed: f64,
+}
+
+/// One row of the websocket-session ledger (per clientkey and peer).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionRow {
+    pub clientkey: String,
+    pub peer: String,
+    pub added: f64,
+    pub removed: f64,
+}
+
+/// What the target's own /metrics said.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppSample {
+    /// The connection ledger, one row per (clientkey, proto, addr), capped by the scraper.
+    pub ledger: Vec<LedgerRow>,
+    pub sessions: Vec<SessionRow>,
+    /// Whether any remotedialer `session_server_*` series were present.
+    pub remotedialer_present: bool,
+    /// Rows dropped because the label-cardinality cap was reached.
+    pub ledger_rows_dropped: u64,
+    pub goroutines: Option<f64>,
+    pub heap_inuse_bytes: Option<f64>,
+    pub threads: Option<f64>,
+    pub open_fds: Option<f64>,
+    pub max_fds: Option<f64>,
+}
+
+/// Outcome of one scrape: a sample, or why there is none (never mistaken for a leak).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ScrapeOutcome {
+    Ok(AppSample),
+    Failed { reason: String },
+    NotConfigured,
+}
+
+/// Everything known at one instant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub t: Seconds,
+    /// Wall-clock time (Unix seconds), for reports.
+    pub unix: f64,
+    /// `None` while the target is not running.
+    pub target: Option<TargetId>,
+    /// `None` in procfs-only mode.
+    pub kernel: Option<KernelSample>,
+    pub proc: Option<ProcSample>,
+    pub app: ScrapeOutcome,
+}

@@ -1,0 +1,2 @@
+//! Sources of samples: the eBPF probes, procfs, and the target's own /metrics.
+pub mod scrape;

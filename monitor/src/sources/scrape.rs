@@ -1,0 +1,1 @@
+//! Scraper of the target's Prometheus /metrics.

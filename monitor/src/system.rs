@@ -1,0 +1,1 @@
+//! Host set-up the probes need (tracefs, memlock).

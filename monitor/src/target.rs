@@ -1,0 +1,1 @@
+//! Finding the target process, and noticing when it restarts.

@@ -1,0 +1,84 @@
+//! Verdicts: what the analysis concludes, with the evidence an on-call engineer needs to act on it.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sample::Seconds;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerdictKind {
+    /// The app's ledger says connections are live that the kernel closed long ago (remotedialer v2.10.3).
+    BookkeepingLeak,
+    /// Sockets/fds keep growing or sit in CLOSE_WAIT while the app's live count and traffic fall back.
+    SocketLeak,
+    /// Tasks/goroutines/threads keep rising while live connections return to baseline.
+    TaskGrowth,
+    /// Heap keeps rising, correlated with task growth.
+    HeapGrowth,
+    /// After a burst, counters/tasks/fds/heap did not return to baseline within the settle time.
+    QuiescenceFailure,
+    /// At the current growth rate the fd limit is reached soon.
+    FdExhaustion,
+}
+
+impl VerdictKind {
+    pub const ALL: [VerdictKind; 6] = [
+        VerdictKind::BookkeepingLeak,
+        VerdictKind::SocketLeak,
+        VerdictKind::TaskGrowth,
+        VerdictKind::HeapGrowth,
+        VerdictKind::QuiescenceFailure,
+        VerdictKind::FdExhaustion,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerdictKind::BookkeepingLeak => "bookkeeping_leak",
+            VerdictKind::SocketLeak => "socket_leak",
+            VerdictKind::TaskGrowth => "task_growth",
+            VerdictKind::HeapGrowth => "heap_growth",
+            VerdictKind::QuiescenceFailure => "quiescence_failure",
+            VerdictKind::FdExhaustion => "fd_exhaustion",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub kind: VerdictKind,
+    pub severity: Severity,
+    /// When the condition began (watch-relative seconds), not when it was confirmed.
+    pub since: Seconds,
+    /// What the verdict is about, e.g. `clientkey=c1 addr=127.0.0.1:8080`; empty for the whole process.
+    pub subject: String,
+    /// Numbers from each source, named `<source>.<quantity>` (e.g. `app.live_connections`).
+    pub evidence: BTreeMap<String, f64>,
+    /// One line a human reads at 3 a.m.
+    pub explanation: String,
+}
+
+/// A verdict appearing or clearing, for logs and event counters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum VerdictChange {
+    Raised(Verdict),
+    Cleared { kind: VerdictKind, subject: String, at: Seconds },
+    /// The target restarted: baselines were reset, nothing is read as a leak across the restart.
+    TargetRestarted { at: Seconds, old_pid: u32, new_pid: u32 },
+}
