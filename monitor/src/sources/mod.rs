@@ -1,2 +1,4 @@
 //! Sources of samples: the eBPF probes, procfs, and the target's own /metrics.
+pub mod ebpf;
 pub mod scrape;
+pub mod socket_table;

@@ -1,0 +1,347 @@
+//! The eBPF source: loads the embedded probes, attaches them, keeps the watched-process set in the kernel
+//! up to date, and reads the per-CPU counters and the ring buffer of per-socket events.
+//!
+//! Loading can fail for reasons outside our control (no CAP_BPF, lockdown, an old kernel, a tracepoint
+//! whose layout changed). Every such failure becomes one [`ProbeError`] whose message is the one line the
+//! sidecar logs before carrying on in procfs-only mode; nothing here can take the target down.
+use std::{os::fd::OwnedFd, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+};
+use monitor_ebpf::{
+    GLOBAL_FOLLOW_FORKS, PROGRAMS, ProcessEvent, SockEvent, counter, event_kind, layout,
+    listen_key, map_name, tcp_state,
+};
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+
+use crate::{sample::KernelCounters, system};
+
+/// The probes object, embedded at build time (empty when built without an eBPF toolchain).
+static PROBES_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/leakwatch-probes.o"));
+
+/// Whether this binary carries the eBPF object at all.
+pub fn object_embedded() -> bool {
+    !PROBES_OBJECT.is_empty()
+}
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(
+        "this leakwatch binary was built without its eBPF object (run `cargo xtask build-ebpf`, then rebuild)"
+    )]
+    NoObject,
+    #[error(transparent)]
+    System(#[from] system::SystemError),
+    #[error("the kernel refused the eBPF object: {0} (needs CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN)")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+}
+
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Cap of the in-kernel socket table (and the socket-fd table).
+    pub max_sockets: u32,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Follow processes forked by a watched process.
+    pub follow_forks: bool,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            max_sockets: 65536,
+            ring_bytes: 1 << 22,
+            follow_forks: false,
+        }
+    }
+}
+
+/// A decoded ring-buffer record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeEvent {
+    Sock(SockEvent),
+    Process(ProcessEvent),
+}
+
+/// Decodes one ring-buffer record; `None` for anything malformed (never trusts the length).
+pub fn decode_event(bytes: &[u8]) -> Option<ProbeEvent> {
+    match *bytes.first()? {
+        event_kind::SOCK_STATE if bytes.len() >= size_of::<SockEvent>() => {
+            // SAFETY: length checked; SockEvent is plain old data, read unaligned.
+            Some(ProbeEvent::Sock(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast())
+            }))
+        }
+        event_kind::PROCESS_FORK | event_kind::PROCESS_EXIT
+            if bytes.len() >= size_of::<ProcessEvent>() =>
+        {
+            // SAFETY: as above.
+            Some(ProbeEvent::Process(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast())
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// Raw counter values, summed over CPUs, indexed by `monitor_ebpf::counter`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawCounters(pub Vec<u64>);
+
+impl RawCounters {
+    pub fn get(&self, index: u32) -> u64 {
+        self.0.get(index as usize).copied().unwrap_or(0)
+    }
+
+    /// Transitions into a TCP state since attach.
+    pub fn transitions_into(&self, state: u8) -> u64 {
+        self.get(counter::STATE_BASE + state as u32)
+    }
+
+    pub fn to_kernel_counters(&self) -> KernelCounters {
+        use counter::*;
+        KernelCounters {
+            sock_tracked: self.get(SOCK_TRACKED),
+            sock_established: self.get(SOCK_ESTABLISHED),
+            sock_closed: self.get(SOCK_CLOSED),
+            sock_close_wait: self.get(SOCK_CLOSE_WAIT),
+            sys_socket: self.get(SYS_SOCKET),
+            sys_connect: self.get(SYS_CONNECT),
+            sys_accept: self.get(SYS_ACCEPT),
+            sys_close_socket_fd: self.get(SYS_CLOSE_SOCKET_FD),
+            task_new_thread: self.get(TASK_NEW_THREAD),
+            task_exit: self.get(TASK_EXIT),
+            process_fork: self.get(PROCESS_FORK),
+            process_exit: self.get(PROCESS_EXIT),
+            events_lost: self.get(EVENTS_LOST),
+            sock_table_full: self.get(SOCK_TABLE_FULL),
+            fd_table_full: self.get(FD_TABLE_FULL),
+            listen_table_full: self.get(LISTEN_TABLE_FULL),
+        }
+    }
+}
+
+/// Kernel run-time statistics of one program (needs BPF stats enabled).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProgramStats {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+impl ProgramStats {
+    pub fn ns_per_event(&self) -> Option<f64> {
+        (self.run_count > 0).then(|| self.run_time_ns as f64 / self.run_count as f64)
+    }
+}
+
+/// Loaded and attached probes. Dropping it detaches everything (nothing is pinned).
+pub struct Probes {
+    ebpf: Ebpf,
+    watched: BpfHashMap<MapData, u32, u32>,
+    listeners: BpfHashMap<MapData, u32, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    ring: Option<RingBuf<MapData>>,
+    _stats: Option<OwnedFd>,
+}
+
+impl Probes {
+    /// Checks the host, loads and attaches every program. `stats` turns on kernel run-time statistics.
+    pub fn load(opts: &ProbeOptions, stats: bool) -> Result<Self, ProbeError> {
+        if !object_embedded() {
+            return Err(ProbeError::NoObject);
+        }
+        system::ensure_tracefs()?;
+        system::check_tracepoint_layout(layout::EXPECTED)?;
+        // Only matters on kernels < 5.11; a failure here surfaces as a load error below if it mattered.
+        let _ = system::raise_memlock_rlimit();
+        let follow = u8::from(opts.follow_forks);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_FOLLOW_FORKS, &follow, true)
+            .map_max_entries(map_name::SOCKS, opts.max_sockets)
+            .map_max_entries(map_name::SOCK_FDS, opts.max_sockets)
+            .map_max_entries(map_name::EVENTS, opts.ring_bytes)
+            .load(PROBES_OBJECT)?;
+        let stats_fd = if stats {
+            system::enable_bpf_stats().ok().flatten()
+        } else {
+            None
+        };
+        for &(name, category, tracepoint) in PROGRAMS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            program
+                .attach(category, tracepoint)
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
+        let watched = take_map(&mut ebpf, map_name::WATCHED)?;
+        let listeners = take_map(&mut ebpf, map_name::LISTENERS)?;
+        let counters = take_map(&mut ebpf, map_name::COUNTERS)?;
+        let ring = Some(take_map(&mut ebpf, map_name::EVENTS)?);
+        Ok(Self {
+            ebpf,
+            watched,
+            listeners,
+            counters,
+            ring,
+            _stats: stats_fd,
+        })
+    }
+
+    pub fn watch(&mut self, tgid: u32) -> Result<(), ProbeError> {
+        self.watched
+            .insert(tgid, 0, 0)
+            .map_err(|source| ProbeError::Map {
+                name: map_name::WATCHED,
+                source,
+            })
+    }
+
+    pub fn unwatch(&mut self, tgid: u32) {
+        // Already gone is fine: the exit probe removes a process itself.
+        let _ = self.watched.remove(&tgid);
+    }
+
+    pub fn watched(&self) -> Vec<u32> {
+        self.watched.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Tells the kernel which listening ports belong to `tgid`, for listeners opened before attach:
+    /// without this their accepted children could not be attributed.
+    pub fn seed_listeners(&mut self, tgid: u32, ports: &[(u16, u16)]) -> Result<(), ProbeError> {
+        for &(family, port) in ports {
+            self.listeners
+                .insert(listen_key(family, port), tgid, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: map_name::LISTENERS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    pub fn counters(&self) -> Result<RawCounters, ProbeError> {
+        let mut values = Vec::with_capacity(counter::COUNT as usize);
+        for i in 0..counter::COUNT {
+            let per_cpu = self.counters.get(&i, 0).map_err(|source| ProbeError::Map {
+                name: map_name::COUNTERS,
+                source,
+            })?;
+            values.push(per_cpu.iter().sum());
+        }
+        Ok(RawCounters(values))
+    }
+
+    /// The ring buffer, for the event pump; `None` once taken.
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramStats {
+                    name: name.to_string(),
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, ProbeError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+/// Drains every record currently in the ring buffer, without waiting.
+pub fn drain_ring(ring: &mut RingBuf<MapData>, mut on_event: impl FnMut(ProbeEvent)) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        if let Some(ev) = decode_event(&item) {
+            on_event(ev);
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Waits until the ring buffer has records (or `timeout` passes), then drains it.
+pub async fn pump_ring(
+    ring: &mut AsyncFd<RingBuf<MapData>>,
+    timeout: Duration,
+    on_event: impl FnMut(ProbeEvent),
+) -> std::io::Result<usize> {
+    let Ok(guard) = tokio::time::timeout(timeout, ring.readable_mut()).await else {
+        return Ok(drain_ring(ring.get_mut(), on_event));
+    };
+    let mut guard = guard?;
+    let n = drain_ring(guard.get_inner_mut(), on_event);
+    guard.clear_ready();
+    Ok(n)
+}
+
+/// Human name of a TCP state, for logs.
+pub fn state_name(state: u8) -> &'static str {
+    tcp_state::name(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_rejects_short_and_unknown_records() {
+        assert_eq!(decode_event(&[]), None);
+        assert_eq!(decode_event(&[event_kind::SOCK_STATE; 10]), None);
+        assert_eq!(decode_event(&[99; 64]), None);
+    }
+
+    #[test]
+    fn decode_round_trips_a_sock_event() {
+        let ev = SockEvent {
+            kind: event_kind::SOCK_STATE,
+            oldstate: 7,
+            newstate: 2,
+            tgid: 9,
+            skaddr: 5,
+            ..Default::default()
+        };
+        // SAFETY: SockEvent is repr(C) plain data.
+        let bytes: [u8; 64] = unsafe { std::mem::transmute(ev) };
+        assert_eq!(decode_event(&bytes), Some(ProbeEvent::Sock(ev)));
+    }
+}

@@ -1,0 +1,221 @@
+//! The live table of the target's TCP sockets, rebuilt in userspace from the probes' ring-buffer events.
+//! Pure: events in, table and counts out, so it is unit-tested without a kernel.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use monitor_ebpf::{SockEvent, tcp_state};
+use serde::Serialize;
+
+use crate::sample::KernelSample;
+
+const AF_INET: u16 = 2;
+
+/// How the table first learned of a socket, which tells callers' sockets from targets' sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Accepted on one of the target's listeners: on a tunnel server, a caller.
+    Accepted,
+    /// Connected out by the target: on a tunnel agent, a dial to a target.
+    Connected,
+    Listener,
+    /// First seen mid-life (the probes were attached after it was opened).
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SocketEntry {
+    pub tgid: u32,
+    pub state: u8,
+    pub origin: Origin,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Kernel monotonic time of the first event seen for it.
+    pub first_seen_ns: u64,
+    pub last_change_ns: u64,
+}
+
+#[derive(Debug)]
+pub struct SocketTable {
+    entries: HashMap<u64, SocketEntry>,
+    cap: usize,
+    /// Sockets not tracked because the table was at its cap.
+    pub dropped: u64,
+}
+
+impl SocketTable {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            cap,
+            dropped: 0,
+        }
+    }
+
+    pub fn apply(&mut self, ev: &SockEvent) {
+        if ev.newstate == tcp_state::CLOSE {
+            self.entries.remove(&ev.skaddr);
+            return;
+        }
+        if let Some(entry) = self.entries.get_mut(&ev.skaddr) {
+            entry.state = ev.newstate;
+            entry.last_change_ns = ev.ts_ns;
+            // Addresses are only complete once connected; keep the latest.
+            entry.local = local_addr(ev);
+            entry.remote = remote_addr(ev);
+            return;
+        }
+        if self.entries.len() >= self.cap {
+            self.dropped += 1;
+            return;
+        }
+        let origin = match (ev.oldstate, ev.newstate) {
+            (tcp_state::CLOSE, tcp_state::SYN_SENT) => Origin::Connected,
+            (_, tcp_state::SYN_RECV) => Origin::Accepted,
+            (_, tcp_state::LISTEN) => Origin::Listener,
+            _ => Origin::Unknown,
+        };
+        self.entries.insert(
+            ev.skaddr,
+            SocketEntry {
+                tgid: ev.tgid,
+                state: ev.newstate,
+                origin,
+                local: local_addr(ev),
+                remote: remote_addr(ev),
+                first_seen_ns: ev.ts_ns,
+                last_change_ns: ev.ts_ns,
+            },
+        );
+    }
+
+    /// Forgets a process's sockets (after it exited and its sockets can no longer be reported closed).
+    pub fn forget_process(&mut self, tgid: u32) {
+        self.entries.retain(|_, e| e.tgid != tgid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &SocketEntry> {
+        self.entries.values()
+    }
+
+    /// Fills the socket-derived fields of a kernel sample. Listeners are not connections: they are
+    /// counted per state but not in `live_sockets`.
+    pub fn fill(&self, sample: &mut KernelSample) {
+        sample.sockets_by_state = [0; 13];
+        sample.live_sockets = 0;
+        sample.accepted_live = 0;
+        sample.connected_live = 0;
+        for e in self.entries.values() {
+            if let Some(slot) = sample.sockets_by_state.get_mut(e.state as usize) {
+                *slot += 1;
+            }
+            match e.origin {
+                Origin::Listener => continue,
+                Origin::Accepted => sample.accepted_live += 1,
+                Origin::Connected => sample.connected_live += 1,
+                Origin::Unknown => {}
+            }
+            sample.live_sockets += 1;
+        }
+    }
+}
+
+fn addr(family: u16, bytes: &[u8; 16], port: u16) -> SocketAddr {
+    let ip = if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    };
+    SocketAddr::new(ip, port)
+}
+
+fn local_addr(ev: &SockEvent) -> SocketAddr {
+    addr(ev.family, &ev.saddr, ev.sport)
+}
+
+fn remote_addr(ev: &SockEvent) -> SocketAddr {
+    addr(ev.family, &ev.daddr, ev.dport)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcp_state::*;
+
+    fn ev(sk: u64, old: u8, new: u8) -> SockEvent {
+        SockEvent {
+            kind: monitor_ebpf::event_kind::SOCK_STATE,
+            oldstate: old,
+            newstate: new,
+            tgid: 42,
+            skaddr: sk,
+            family: AF_INET,
+            sport: 1000,
+            dport: 2000,
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..SockEvent::default()
+        }
+    }
+
+    #[test]
+    fn follows_lifecycles_and_classifies_origin() {
+        let mut t = SocketTable::new(16);
+        for e in [
+            ev(1, CLOSE, LISTEN),
+            ev(2, CLOSE, SYN_SENT),
+            ev(2, SYN_SENT, ESTABLISHED),
+            ev(3, LISTEN, SYN_RECV),
+            ev(3, SYN_RECV, ESTABLISHED),
+            ev(3, ESTABLISHED, CLOSE_WAIT),
+            ev(4, CLOSE, SYN_SENT),
+            ev(4, SYN_SENT, CLOSE),
+        ] {
+            t.apply(&e);
+        }
+        let mut s = KernelSample::default();
+        t.fill(&mut s);
+        assert_eq!(s.live_sockets, 2);
+        assert_eq!(s.accepted_live, 1);
+        assert_eq!(s.connected_live, 1);
+        assert_eq!(s.in_state(LISTEN), 1);
+        assert_eq!(s.in_state(CLOSE_WAIT), 1);
+        assert_eq!(s.in_state(ESTABLISHED), 1);
+        assert_eq!(
+            t.entries()
+                .find(|e| e.origin == Origin::Connected)
+                .unwrap()
+                .remote
+                .to_string(),
+            "127.0.0.1:2000"
+        );
+    }
+
+    #[test]
+    fn cap_is_counted_not_exceeded() {
+        let mut t = SocketTable::new(2);
+        for sk in 0..5 {
+            t.apply(&ev(sk, CLOSE, SYN_SENT));
+        }
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.dropped, 3);
+    }
+
+    #[test]
+    fn forgetting_a_process_drops_its_sockets() {
+        let mut t = SocketTable::new(8);
+        t.apply(&ev(1, CLOSE, SYN_SENT));
+        t.forget_process(42);
+        assert!(t.is_empty());
+    }
+}
