@@ -99,6 +99,24 @@ pub mod counter {
     ];
 }
 
+/// All counters of one CPU, in one per-CPU array slot: one (inlined) map lookup per event instead of one
+/// per counter touched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters {
+    pub v: [u64; counter::COUNT as usize],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self { v: [0; counter::COUNT as usize] }
+    }
+}
+
+/// Slots of the watched-process array. An array, not a hash: array lookups are inlined by the verifier,
+/// and a scan of a few slots is cheaper than hashing on every syscall of every process on the machine.
+pub const MAX_WATCHED: u32 = 16;
+
 /// Ring-buffer record kinds: the first byte of every record.
 pub mod event_kind {
     pub const SOCK_STATE: u8 = 1;
@@ -240,4 +258,5 @@ mod pod {
     unsafe impl aya::Pod for super::SockEvent {}
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::SockOwner {}
+    unsafe impl aya::Pod for super::Counters {}
 }

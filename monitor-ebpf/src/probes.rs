@@ -1,11 +1,13 @@
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use monitor_ebpf::{
-    ProcessEvent, SockEvent, SockOwner, counter, event_kind, fd_key, layout, listen_key, tcp_state,
+    Counters, MAX_WATCHED, ProcessEvent, SockEvent, SockOwner, counter, event_kind, fd_key, layout,
+    listen_key, tcp_state,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -13,9 +15,9 @@ const AF_INET: u16 = 2;
 const CLONE_THREAD: u64 = 0x0001_0000;
 const EINPROGRESS: i64 = 115;
 
-/// Watched process ids (tgid -> unused flags). Userspace fills it; forks are added here when following.
+/// Watched process ids, one per slot, 0 = free. Userspace fills it; forks are added here when following.
 #[map]
-static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+static WATCHED: Array<u32> = Array::with_max_entries(MAX_WATCHED, 0);
 
 /// Sockets attributed to a watched process, by `struct sock` address. Max entries are set by the loader.
 #[map]
@@ -30,7 +32,7 @@ static SOCK_FDS: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
 static LISTENERS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -39,11 +41,20 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[unsafe(no_mangle)]
 static FOLLOW_FORKS: u8 = 0;
 
+/// This CPU's counters. Looked up once per event; `None` cannot happen for index 0 of a per-CPU array,
+/// but the verifier wants the check.
 #[inline(always)]
-fn bump(index: u32) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
-        unsafe { *slot += 1 };
+fn counters() -> Option<&'static mut Counters> {
+    // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
+    COUNTERS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn bump(c: &mut Option<&'static mut Counters>, index: u32) {
+    if let Some(c) = c.as_deref_mut() {
+        if let Some(slot) = c.v.get_mut(index as usize) {
+            *slot += 1;
+        }
     }
 }
 
@@ -54,13 +65,27 @@ fn current_tgid() -> u32 {
 
 #[inline(always)]
 fn is_watched(tgid: u32) -> bool {
-    WATCHED.get_ptr(tgid).is_some()
+    // tgid 0 is the idle task (softirq on an idle CPU), and 0 also marks a free slot.
+    if tgid == 0 {
+        return false;
+    }
+    let mut i = 0;
+    while i < MAX_WATCHED {
+        if WATCHED.get(i).is_some_and(|w| *w == tgid) {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
+/// Reads a tracepoint field straight from the context: the verifier allows aligned loads from a
+/// tracepoint's record, which saves a `bpf_probe_read` helper call per field on the hot path.
 #[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: usize) -> Option<T> {
-    // SAFETY: offsets are checked against the running kernel's tracepoint format before load.
-    unsafe { ctx.read_at::<T>(offset).ok() }
+fn read<T: Copy>(ctx: &TracePointContext, offset: usize) -> Option<T> {
+    // SAFETY: offsets and sizes are checked against the running kernel's tracepoint format before load,
+    // and every field we read is naturally aligned in the record.
+    Some(unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const T) })
 }
 
 #[tracepoint]
@@ -73,6 +98,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
     if read::<u16>(ctx, layout::SOCK_PROTOCOL)? != IPPROTO_TCP {
         return None;
     }
+    let mut c = None;
     let skaddr: u64 = read(ctx, layout::SOCK_SKADDR)?;
     let old = read::<i32>(ctx, layout::SOCK_OLDSTATE)? as u8;
     let new = read::<i32>(ctx, layout::SOCK_NEWSTATE)? as u8;
@@ -82,29 +108,33 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
         Some(owner) => unsafe { (*owner).tgid },
         None => {
             let tgid = attribute(ctx, old, new)?;
+            c = counters();
             if new != tcp_state::CLOSE
                 && SOCKS.insert(skaddr, SockOwner { tgid, _pad: 0 }, 0).is_err()
             {
-                bump(counter::SOCK_TABLE_FULL);
+                bump(&mut c, counter::SOCK_TABLE_FULL);
             }
-            bump(counter::SOCK_TRACKED);
+            bump(&mut c, counter::SOCK_TRACKED);
             tgid
         }
     };
 
-    bump(counter::STATE_BASE + new as u32);
+    if c.is_none() {
+        c = counters();
+    }
+    bump(&mut c, counter::STATE_BASE + new as u32);
     match new {
-        tcp_state::ESTABLISHED => bump(counter::SOCK_ESTABLISHED),
-        tcp_state::CLOSE_WAIT => bump(counter::SOCK_CLOSE_WAIT),
+        tcp_state::ESTABLISHED => bump(&mut c, counter::SOCK_ESTABLISHED),
+        tcp_state::CLOSE_WAIT => bump(&mut c, counter::SOCK_CLOSE_WAIT),
         tcp_state::LISTEN => {
             let family: u16 = read(ctx, layout::SOCK_FAMILY)?;
             let port: u16 = read(ctx, layout::SOCK_SPORT)?;
             if LISTENERS.insert(listen_key(family, port), tgid, 0).is_err() {
-                bump(counter::LISTEN_TABLE_FULL);
+                bump(&mut c, counter::LISTEN_TABLE_FULL);
             }
         }
         tcp_state::CLOSE => {
-            bump(counter::SOCK_CLOSED);
+            bump(&mut c, counter::SOCK_CLOSED);
             let _ = SOCKS.remove(skaddr);
             if old == tcp_state::LISTEN {
                 let family: u16 = read(ctx, layout::SOCK_FAMILY)?;
@@ -114,7 +144,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
         }
         _ => {}
     }
-    emit_sock_event(ctx, tgid, skaddr, old, new);
+    emit_sock_event(ctx, &mut c, tgid, skaddr, old, new);
     Some(())
 }
 
@@ -141,9 +171,16 @@ fn attribute(ctx: &TracePointContext, old: u8, new: u8) -> Option<u32> {
 }
 
 #[inline(always)]
-fn emit_sock_event(ctx: &TracePointContext, tgid: u32, skaddr: u64, old: u8, new: u8) {
+fn emit_sock_event(
+    ctx: &TracePointContext,
+    c: &mut Option<&'static mut Counters>,
+    tgid: u32,
+    skaddr: u64,
+    old: u8,
+    new: u8,
+) {
     let Some(mut entry) = EVENTS.reserve::<SockEvent>(0) else {
-        bump(counter::EVENTS_LOST);
+        bump(c, counter::EVENTS_LOST);
         return;
     };
     let mut ev = SockEvent {
@@ -158,14 +195,21 @@ fn emit_sock_event(ctx: &TracePointContext, tgid: u32, skaddr: u64, old: u8, new
         dport: read(ctx, layout::SOCK_DPORT).unwrap_or(0),
         ..SockEvent::default()
     };
+    // Whole-word loads keep every access aligned, as the verifier requires for context reads.
     if ev.family == AF_INET {
-        let s: [u8; 4] = read(ctx, layout::SOCK_SADDR).unwrap_or_default();
-        let d: [u8; 4] = read(ctx, layout::SOCK_DADDR).unwrap_or_default();
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
+        let s: u32 = read(ctx, layout::SOCK_SADDR).unwrap_or_default();
+        let d: u32 = read(ctx, layout::SOCK_DADDR).unwrap_or_default();
+        ev.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+        ev.daddr[..4].copy_from_slice(&d.to_ne_bytes());
     } else {
-        ev.saddr = read(ctx, layout::SOCK_SADDR_V6).unwrap_or_default();
-        ev.daddr = read(ctx, layout::SOCK_DADDR_V6).unwrap_or_default();
+        for (i, off) in [(0, layout::SOCK_SADDR_V6), (8, layout::SOCK_SADDR_V6 + 8)] {
+            let w: u64 = read(ctx, off).unwrap_or_default();
+            ev.saddr[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+        }
+        for (i, off) in [(0, layout::SOCK_DADDR_V6), (8, layout::SOCK_DADDR_V6 + 8)] {
+            let w: u64 = read(ctx, off).unwrap_or_default();
+            ev.daddr[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+        }
     }
     entry.write(ev);
     entry.submit(0);
@@ -183,9 +227,10 @@ fn on_new_socket_fd(ctx: &TracePointContext, which: u32) {
     if ret < 0 {
         return;
     }
-    bump(which);
+    let mut c = counters();
+    bump(&mut c, which);
     if SOCK_FDS.insert(fd_key(tgid, ret as u32), 0, 0).is_err() {
-        bump(counter::FD_TABLE_FULL);
+        bump(&mut c, counter::FD_TABLE_FULL);
     }
 }
 
@@ -212,7 +257,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     if is_watched(current_tgid()) {
         let ret = read::<i64>(&ctx, layout::SYSCALL_RET).unwrap_or(-1);
         if ret == 0 || ret == -EINPROGRESS {
-            bump(counter::SYS_CONNECT);
+            bump(&mut counters(), counter::SYS_CONNECT);
         }
     }
     0
@@ -228,7 +273,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         let key = fd_key(tgid, fd as u32);
         if SOCK_FDS.get_ptr(key).is_some() {
             let _ = SOCK_FDS.remove(key);
-            bump(counter::SYS_CLOSE_SOCKET_FD);
+            bump(&mut counters(), counter::SYS_CLOSE_SOCKET_FD);
         }
     }
     0
@@ -241,18 +286,19 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let flags: u64 = read(&ctx, layout::NEWTASK_CLONE_FLAGS).unwrap_or(0);
+    let mut c = counters();
     if flags & CLONE_THREAD != 0 {
-        bump(counter::TASK_NEW_THREAD);
+        bump(&mut c, counter::TASK_NEW_THREAD);
         return 0;
     }
-    bump(counter::PROCESS_FORK);
+    bump(&mut c, counter::PROCESS_FORK);
     let child: u32 = read(&ctx, layout::NEWTASK_PID).unwrap_or(0);
     // SAFETY: rodata global written by the loader before load.
     let follow = unsafe { core::ptr::read_volatile(&FOLLOW_FORKS) };
     if follow != 0 && child != 0 {
-        let _ = WATCHED.insert(child, 0, 0);
+        add_watched(child);
     }
-    emit_process_event(tgid, child, event_kind::PROCESS_FORK);
+    emit_process_event(&mut c, tgid, child, event_kind::PROCESS_FORK);
     0
 }
 
@@ -262,18 +308,51 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if !is_watched(tgid) {
         return 0;
     }
-    bump(counter::TASK_EXIT);
+    let mut c = counters();
+    bump(&mut c, counter::TASK_EXIT);
     let group_dead: u8 = read(&ctx, layout::EXIT_GROUP_DEAD).unwrap_or(0);
     if group_dead != 0 {
-        bump(counter::PROCESS_EXIT);
+        bump(&mut c, counter::PROCESS_EXIT);
         // Forget the pid now: if the kernel reuses it, the new process must not be watched by accident.
-        let _ = WATCHED.remove(tgid);
-        emit_process_event(tgid, tgid, event_kind::PROCESS_EXIT);
+        remove_watched(tgid);
+        emit_process_event(&mut c, tgid, tgid, event_kind::PROCESS_EXIT);
     }
     0
 }
 
-fn emit_process_event(tgid: u32, pid: u32, kind: u8) {
+/// Puts a pid in the first free slot (racy between CPUs, which at worst loses a fork to follow).
+fn add_watched(pid: u32) {
+    let mut i = 0;
+    while i < MAX_WATCHED {
+        if let Some(slot) = WATCHED.get_ptr_mut(i) {
+            // SAFETY: array slot of a map we own.
+            unsafe {
+                if *slot == 0 {
+                    *slot = pid;
+                    return;
+                }
+            }
+        }
+        i += 1;
+    }
+}
+
+fn remove_watched(pid: u32) {
+    let mut i = 0;
+    while i < MAX_WATCHED {
+        if let Some(slot) = WATCHED.get_ptr_mut(i) {
+            // SAFETY: as above.
+            unsafe {
+                if *slot == pid {
+                    *slot = 0;
+                }
+            }
+        }
+        i += 1;
+    }
+}
+
+fn emit_process_event(c: &mut Option<&'static mut Counters>, tgid: u32, pid: u32, kind: u8) {
     let ev = ProcessEvent {
         kind,
         tgid,
@@ -282,7 +361,7 @@ fn emit_process_event(tgid: u32, pid: u32, kind: u8) {
         ..ProcessEvent::default()
     };
     if EVENTS.output::<ProcessEvent>(&ev, 0).is_err() {
-        bump(counter::EVENTS_LOST);
+        bump(c, counter::EVENTS_LOST);
     }
 }
 

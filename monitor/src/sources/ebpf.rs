@@ -8,11 +8,11 @@ use std::{os::fd::OwnedFd, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint},
 };
 use monitor_ebpf::{
-    GLOBAL_FOLLOW_FORKS, PROGRAMS, ProcessEvent, SockEvent, counter, event_kind, layout,
+    Counters, GLOBAL_FOLLOW_FORKS, MAX_WATCHED, PROGRAMS, ProcessEvent, SockEvent, counter, event_kind, layout,
     listen_key, map_name, tcp_state,
 };
 use thiserror::Error;
@@ -52,6 +52,8 @@ pub enum ProbeError {
     },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error("already watching {MAX_WATCHED} processes")]
+    WatchSetFull,
 }
 
 #[derive(Clone, Debug)]
@@ -156,9 +158,9 @@ impl ProgramStats {
 /// Loaded and attached probes. Dropping it detaches everything (nothing is pinned).
 pub struct Probes {
     ebpf: Ebpf,
-    watched: BpfHashMap<MapData, u32, u32>,
+    watched: Array<MapData, u32>,
     listeners: BpfHashMap<MapData, u32, u32>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, Counters>,
     ring: Option<RingBuf<MapData>>,
     _stats: Option<OwnedFd>,
 }
@@ -215,22 +217,36 @@ impl Probes {
         })
     }
 
-    pub fn watch(&mut self, tgid: u32) -> Result<(), ProbeError> {
+    fn slots(&self) -> Vec<u32> {
+        (0..MAX_WATCHED).map(|i| self.watched.get(&i, 0).unwrap_or(0)).collect()
+    }
+
+    fn set_slot(&mut self, slot: u32, tgid: u32) -> Result<(), ProbeError> {
         self.watched
-            .insert(tgid, 0, 0)
-            .map_err(|source| ProbeError::Map {
-                name: map_name::WATCHED,
-                source,
-            })
+            .set(slot, tgid, 0)
+            .map_err(|source| ProbeError::Map { name: map_name::WATCHED, source })
+    }
+
+    pub fn watch(&mut self, tgid: u32) -> Result<(), ProbeError> {
+        let slots = self.slots();
+        if slots.contains(&tgid) {
+            return Ok(());
+        }
+        let free = slots.iter().position(|&s| s == 0).ok_or(ProbeError::WatchSetFull)?;
+        self.set_slot(free as u32, tgid)
     }
 
     pub fn unwatch(&mut self, tgid: u32) {
-        // Already gone is fine: the exit probe removes a process itself.
-        let _ = self.watched.remove(&tgid);
+        // Already gone is fine: the exit probe frees a process's slot itself.
+        for (i, s) in self.slots().into_iter().enumerate() {
+            if s == tgid {
+                let _ = self.set_slot(i as u32, 0);
+            }
+        }
     }
 
     pub fn watched(&self) -> Vec<u32> {
-        self.watched.keys().filter_map(Result::ok).collect()
+        self.slots().into_iter().filter(|&s| s != 0).collect()
     }
 
     /// Tells the kernel which listening ports belong to `tgid`, for listeners opened before attach:
@@ -248,13 +264,15 @@ impl Probes {
     }
 
     pub fn counters(&self) -> Result<RawCounters, ProbeError> {
-        let mut values = Vec::with_capacity(counter::COUNT as usize);
-        for i in 0..counter::COUNT {
-            let per_cpu = self.counters.get(&i, 0).map_err(|source| ProbeError::Map {
-                name: map_name::COUNTERS,
-                source,
-            })?;
-            values.push(per_cpu.iter().sum());
+        let per_cpu = self
+            .counters
+            .get(&0, 0)
+            .map_err(|source| ProbeError::Map { name: map_name::COUNTERS, source })?;
+        let mut values = vec![0u64; counter::COUNT as usize];
+        for cpu in per_cpu.iter() {
+            for (sum, v) in values.iter_mut().zip(cpu.v.iter()) {
+                *sum += v;
+            }
         }
         Ok(RawCounters(values))
     }
