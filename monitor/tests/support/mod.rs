@@ -7,6 +7,8 @@ use std::{
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
 
+pub mod tunnel;
+
 pub fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/support")
@@ -109,4 +111,27 @@ pub fn spawn_noise(rounds: u32) -> Child {
 /// procfs must see the same sockets in the child as the probes did.
 pub fn assert_procfs_agrees(pid: u32, open_pairs: u64, close_wait: u64) {
     let _ = (pid, open_pairs, close_wait);
+}
+
+/// A minimal HTTP/1.0 GET for tests (loopback only): the body if the status is 2xx.
+pub fn http_get(url: &str) -> Option<String> {
+    use std::{io::Read, net::TcpStream, time::Duration};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut s = TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
+    (200..300).contains(&status).then(|| body.to_string())
 }

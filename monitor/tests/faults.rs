@@ -1,0 +1,286 @@
+//! Fault tests: eBPF refused, tracefs missing, a ring buffer too small for the load, a broken metrics
+//! endpoint, and SIGTERM. Each uses real processes and the real kernel.
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::TcpListener,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use leakwatch::sources::ebpf::{self, ProbeOptions, Probes};
+use support::{ScriptedChild, http_get, tunnel::Proc};
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn leakwatch() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_leakwatch"))
+}
+
+#[test]
+fn ebpf_refused_falls_back_to_procfs_with_a_one_line_reason() {
+    if !support::ebpf_tests_enabled() {
+        return;
+    }
+    let mut child = ScriptedChild::spawn("socket_child.py", &[3, 0, 1, 0]);
+    child.go();
+    child.wait_for_line("done");
+    // Drop every capability that can load BPF programs from the bounding set: root without them.
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set=-bpf,-perfmon,-sys_admin",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_leakwatch"))
+        .args([
+            "observe",
+            "--pid",
+            &child.pid.to_string(),
+            "--count",
+            "2",
+            "--interval",
+            "200ms",
+        ])
+        .output()
+        .expect("setpriv (util-linux) runs leakwatch");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "observe must carry on without eBPF: {stdout}{stderr}"
+    );
+    let mode_line = stdout.lines().next().unwrap_or("");
+    assert!(
+        mode_line.starts_with("mode: procfs-only ("),
+        "first line states the mode: {stdout}"
+    );
+    assert!(
+        mode_line.contains("refused")
+            || mode_line.contains("permission")
+            || mode_line.contains("Operation not permitted"),
+        "reason given: {mode_line}"
+    );
+    let warn_lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("eBPF unavailable"))
+        .collect();
+    assert_eq!(
+        warn_lines.len(),
+        1,
+        "exactly one log line says why: {stderr}"
+    );
+    // procfs still sees the child's sockets: listener + 2 open pairs + 1 CLOSE_WAIT server side.
+    let data = stdout.lines().last().unwrap_or("");
+    assert!(
+        data.contains("sock_fds=6") && data.contains("close_wait=1"),
+        "procfs numbers: {data}"
+    );
+    assert!(
+        !data.contains("ebpf live="),
+        "no eBPF numbers in procfs-only mode: {data}"
+    );
+    child.finish();
+}
+
+#[test]
+fn missing_tracefs_is_mounted_by_leakwatch() {
+    if !support::ebpf_tests_enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = ScriptedChild::spawn("socket_child.py", &[1, 0, 0, 0]);
+    // A private mount namespace, so unmounting tracefs there does not disturb anything else.
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; test -d /sys/kernel/tracing/events && {{ echo still-mounted; exit 3; }}; exec {} observe --pid {} --count 1",
+        env!("CARGO_BIN_EXE_leakwatch"),
+        child.pid
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("mode: ebpf"),
+        "leakwatch mounted tracefs itself and attached: {stdout}"
+    );
+    child.go();
+    child.finish();
+}
+
+#[test]
+fn ring_buffer_overflow_is_counted_and_counters_stay_exact() {
+    if !support::ebpf_tests_enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 300u64;
+    let mut child = ScriptedChild::spawn("socket_child.py", &[n, n, 0, 0]);
+    // One page: a few dozen records. We do not read it while the child runs, so it must overflow.
+    let opts = ProbeOptions {
+        ring_bytes: 4096,
+        ..ProbeOptions::default()
+    };
+    let mut probes = Probes::load(&opts, false).expect("load probes");
+    probes.watch(child.pid).expect("watch");
+    let mut ring = probes.take_ring().expect("ring");
+    child.go();
+    child.wait_for_line("done");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let c = loop {
+        let c = probes.counters().expect("counters").to_kernel_counters();
+        if c.sock_closed >= 2 * n || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let delivered = ebpf::drain_ring(&mut ring, |_| {});
+    assert!(
+        c.events_lost > 0,
+        "a 4 KiB ring must overflow under {n} connections"
+    );
+    assert_eq!(
+        c.sock_tracked,
+        1 + 2 * n,
+        "counters are exact despite the overflow"
+    );
+    assert_eq!(c.sock_closed, 2 * n);
+    let transitions: u64 = (0..monitor_ebpf::tcp_state::COUNT as u8)
+        .map(|s| probes.counters().unwrap().transitions_into(s))
+        .sum();
+    assert_eq!(
+        delivered as u64 + c.events_lost,
+        transitions + c.process_exit + c.process_fork,
+        "every event is either delivered or counted lost"
+    );
+    child.finish();
+}
+
+/// Serves the same canned response to every connection, for a broken-endpoint test.
+fn canned_server(response: &'static [u8]) -> (String, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let h = std::thread::spawn(move || {
+        for s in l.incoming().take(200) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(response);
+        }
+    });
+    (addr, h)
+}
+
+#[test]
+fn garbage_metrics_endpoint_is_reported_never_a_leak() {
+    if !support::ebpf_tests_enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (addr, _server) = canned_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nsession_server_total_add_connections{clientkey=\"a\" 12\n\x00\x01garbage{{{\n");
+    let mut child = ScriptedChild::spawn("socket_child.py", &[2, 0, 0, 0]);
+    child.go();
+    child.wait_for_line("done");
+    let out = leakwatch()
+        .args([
+            "check",
+            "--pid",
+            &child.pid.to_string(),
+            "--duration",
+            "6s",
+            "--json",
+            "--interval",
+            "500ms",
+        ])
+        .args([
+            "--metrics-url",
+            &format!("http://{addr}/metrics"),
+            "--serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("run leakwatch check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "no leak from a garbage endpoint: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("json report");
+    assert!(report["verdicts"].as_array().is_some_and(Vec::is_empty));
+    child.finish();
+}
+
+#[test]
+fn sigterm_detaches_cleanly_and_leaves_nothing_loaded() {
+    if !support::ebpf_tests_enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The kernel keeps 15 characters of a program's name.
+    let ours = |name: &str| {
+        monitor_ebpf::PROGRAMS
+            .iter()
+            .any(|(p, _, _)| &p[..p.len().min(15)] == name)
+    };
+    let count = || {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| p.name_as_str().is_some_and(ours))
+            .count()
+    };
+    let before = count();
+    let mut child = ScriptedChild::spawn("socket_child.py", &[1, 0, 0, 0]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut lw = Proc::spawn(
+        leakwatch()
+            .args([
+                "watch",
+                "--pid",
+                &child.pid.to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stderr(Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(&format!("http://127.0.0.1:{port}/healthz")).is_none() {
+        assert!(Instant::now() < deadline, "leakwatch did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        count(),
+        before + monitor_ebpf::PROGRAMS.len(),
+        "all programs loaded while watching"
+    );
+    let status = lw.terminate().expect("leakwatch exits on SIGTERM");
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count() != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(count(), before, "no program left behind");
+    let pins = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains("leakwatch"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(pins, 0, "nothing pinned");
+    child.go();
+    child.finish();
+}

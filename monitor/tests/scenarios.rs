@@ -1,0 +1,376 @@
+//! The scenario suite: the real reference tunnel (real processes, real sockets) in each leak mode and in
+//! healthy mode, watched by the real `leakwatch` binary with eBPF on. Each scenario records which verdicts
+//! fired, how many seconds after the leak began, and any false alarm; the table is written to
+//! `target/leakwatch-results/scenarios.{md,json}` and printed by `cargo xtask test`.
+//!
+//! Needs root, the eBPF object and the reftunnel binary; `cargo xtask test` provides all three.
+mod support;
+
+use std::{
+    process::Command,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::Value;
+use support::tunnel::{Leak, Proc, Tunnel};
+
+/// Scenarios run one at a time: they measure detection latency, and two at once on 2 cores would measure
+/// each other.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+struct Watch {
+    proc: Proc,
+    output: Option<std::process::Output>,
+}
+
+/// Starts `leakwatch check` on a pid for `secs`, with the tunnel's metrics.
+fn leakwatch_check(
+    pid: u32,
+    metrics_url: Option<&str>,
+    side: &str,
+    secs: u64,
+    extra: &[&str],
+) -> Watch {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leakwatch"));
+    cmd.args([
+        "check",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        &format!("{secs}s"),
+        "--json",
+        "--side",
+        side,
+    ])
+    .args(["--interval", "1s"])
+    .args(extra);
+    if let Some(url) = metrics_url {
+        cmd.args(["--metrics-url", url]);
+    }
+    Watch {
+        proc: Proc::spawn(&mut cmd),
+        output: None,
+    }
+}
+
+/// Like [`leakwatch_check`] but following the process by a command-line match (survives restarts).
+fn leakwatch_check_match(pattern: &str, metrics_url: &str, secs: u64) -> Watch {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leakwatch"));
+    cmd.args([
+        "check",
+        "--match",
+        pattern,
+        "--duration",
+        &format!("{secs}s"),
+        "--json",
+        "--side",
+        "server",
+    ])
+    .args(["--interval", "1s", "--metrics-url", metrics_url]);
+    Watch {
+        proc: Proc::spawn(&mut cmd),
+        output: None,
+    }
+}
+
+impl Watch {
+    /// Waits for the check to finish and returns its JSON report.
+    fn report(mut self) -> Value {
+        let mut text = String::new();
+        while let Ok(line) = self.proc.lines.recv_timeout(Duration::from_secs(180)) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let status = self.proc.child.wait().expect("leakwatch exited");
+        self.output = None;
+        let report: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("leakwatch check printed no JSON report ({e}): {text}"));
+        assert_eq!(
+            status.code() == Some(1),
+            !report["verdicts"]
+                .as_array()
+                .map(Vec::is_empty)
+                .unwrap_or(true),
+            "exit code follows the verdicts"
+        );
+        assert_eq!(report["mode"], "ebpf", "scenarios run with eBPF on");
+        report
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    scenario: &'static str,
+    expected: Vec<&'static str>,
+    fired: Vec<String>,
+    /// Seconds from the start of the leak (the load) to the first expected verdict.
+    detection_s: Option<f64>,
+    false_alarms: Vec<String>,
+    pass: bool,
+}
+
+fn record(row: &Row) {
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/leakwatch-results");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("scenarios.jsonl");
+    let line = serde_json::to_string(row).expect("row serializes") + "\n";
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+    eprintln!(
+        "SCENARIO {:<28} expected={:?} fired={:?} detection={} false_alarms={:?} {}",
+        row.scenario,
+        row.expected,
+        row.fired,
+        row.detection_s
+            .map(|d| format!("{d:.1}s"))
+            .unwrap_or_else(|| "-".into()),
+        row.false_alarms,
+        if row.pass { "PASS" } else { "FAIL" }
+    );
+}
+
+/// Evaluates a report: every verdict kind must be among `expected`; the first expected one must come within
+/// `within` seconds of `leak_start`.
+fn evaluate(
+    name: &'static str,
+    report: &Value,
+    expected: &[&'static str],
+    leak_start: f64,
+    within: f64,
+) -> Row {
+    let verdicts = report["verdicts"].as_array().cloned().unwrap_or_default();
+    let fired: Vec<String> = verdicts
+        .iter()
+        .map(|r| {
+            format!(
+                "{}@{:.0}s",
+                r["verdict"]["kind"].as_str().unwrap_or("?"),
+                r["raised_unix"].as_f64().unwrap_or(0.0) - leak_start
+            )
+        })
+        .collect();
+    let detection_s = verdicts
+        .iter()
+        .filter(|r| expected.contains(&r["verdict"]["kind"].as_str().unwrap_or("")))
+        .filter_map(|r| r["raised_unix"].as_f64())
+        .map(|t| t - leak_start)
+        .reduce(f64::min);
+    let false_alarms: Vec<String> = verdicts
+        .iter()
+        .filter(|r| !expected.contains(&r["verdict"]["kind"].as_str().unwrap_or("")))
+        .map(|r| format!("{}: {}", r["verdict"]["kind"], r["verdict"]["explanation"]))
+        .collect();
+    let pass = if expected.is_empty() {
+        verdicts.is_empty()
+    } else {
+        detection_s.is_some_and(|d| d <= within) && false_alarms.is_empty()
+    };
+    let row = Row {
+        scenario: name,
+        expected: expected.to_vec(),
+        fired,
+        detection_s,
+        false_alarms,
+        pass,
+    };
+    record(&row);
+    row
+}
+
+fn assert_row(row: Row, report: &Value) {
+    assert!(
+        row.pass,
+        "scenario {} failed: fired {:?}, detection {:?}, false alarms {:?}\nreport: {report:#}",
+        row.scenario, row.fired, row.detection_s, row.false_alarms
+    );
+}
+
+fn ready() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !support::ebpf_tests_enabled() {
+        return None;
+    }
+    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+#[test]
+fn skip_remove_is_a_bookkeeping_leak() {
+    let Some(_guard) = ready() else { return };
+    let tunnel = Tunnel::start(Leak::mode("skip-remove", 1), Leak::none());
+    let watch = leakwatch_check(
+        tunnel.server.pid(),
+        Some(&tunnel.metrics_url()),
+        "server",
+        45,
+        &[],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let leak_start = now_unix();
+    let _load = tunnel.load_bg("/", 800, 20, 4);
+    let report = watch.report();
+    assert_row(
+        evaluate(
+            "skip-remove (server, 1/1)",
+            &report,
+            &["bookkeeping_leak", "quiescence_failure"],
+            leak_start,
+            30.0,
+        ),
+        &report,
+    );
+}
+
+#[test]
+fn partial_skip_remove_one_in_a_hundred_within_60s() {
+    let Some(_guard) = ready() else { return };
+    let tunnel = Tunnel::start(Leak::mode("skip-remove", 100), Leak::none());
+    let watch = leakwatch_check(
+        tunnel.server.pid(),
+        Some(&tunnel.metrics_url()),
+        "server",
+        70,
+        &[],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let leak_start = now_unix();
+    let _load = tunnel.load_bg("/", 4000, 40, 4);
+    let report = watch.report();
+    assert_row(
+        evaluate(
+            "skip-remove (server, 1/100)",
+            &report,
+            &["bookkeeping_leak", "quiescence_failure"],
+            leak_start,
+            60.0,
+        ),
+        &report,
+    );
+}
+
+#[test]
+fn stuck_pipe_is_task_growth() {
+    let Some(_guard) = ready() else { return };
+    let tunnel = Tunnel::start(Leak::mode("stuck-pipe", 1), Leak::none());
+    let watch = leakwatch_check(
+        tunnel.server.pid(),
+        Some(&tunnel.metrics_url()),
+        "server",
+        45,
+        &[],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let leak_start = now_unix();
+    let _load = tunnel.load_bg("/", 800, 20, 4);
+    let report = watch.report();
+    assert_row(
+        evaluate(
+            "stuck-pipe (server, 1/1)",
+            &report,
+            &[
+                "task_growth",
+                "socket_leak",
+                "heap_growth",
+                "quiescence_failure",
+            ],
+            leak_start,
+            30.0,
+        ),
+        &report,
+    );
+    let kinds: Vec<&str> = report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["verdict"]["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"task_growth"),
+        "stuck pipes are task growth first: {kinds:?}"
+    );
+}
+
+#[test]
+fn no_close_on_the_agent_is_a_socket_leak() {
+    let Some(_guard) = ready() else { return };
+    let tunnel = Tunnel::start(Leak::none(), Leak::mode("no-close", 1));
+    // On the agent there is no ledger to scrape: the kernel side alone must find it.
+    let watch = leakwatch_check(tunnel.agent.pid(), None, "agent", 45, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    let leak_start = now_unix();
+    let _load = tunnel.load_bg("/", 800, 20, 4);
+    let report = watch.report();
+    assert_row(
+        evaluate(
+            "no-close (agent, 1/1)",
+            &report,
+            &["socket_leak", "fd_exhaustion", "quiescence_failure"],
+            leak_start,
+            30.0,
+        ),
+        &report,
+    );
+}
+
+#[test]
+fn healthy_bursty_load_fires_nothing() {
+    let Some(_guard) = ready() else { return };
+    let tunnel = Tunnel::start(Leak::none(), Leak::none());
+    let watch = leakwatch_check(
+        tunnel.server.pid(),
+        Some(&tunnel.metrics_url()),
+        "server",
+        50,
+        &[],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let start = now_unix();
+    for _ in 0..3 {
+        let out = tunnel.load("/", 300, 200, 20);
+        assert!(
+            out.status.success(),
+            "load failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_secs(8));
+    }
+    let report = watch.report();
+    assert_row(
+        evaluate("healthy, bursty load", &report, &[], start, 0.0),
+        &report,
+    );
+}
+
+#[test]
+fn healthy_with_a_target_restart_fires_nothing() {
+    let Some(_guard) = ready() else { return };
+    let mut tunnel = Tunnel::start(Leak::none(), Leak::none());
+    let watch = leakwatch_check_match(&tunnel.server_pattern(), &tunnel.metrics_url(), 50);
+    std::thread::sleep(Duration::from_secs(3));
+    let start = now_unix();
+    let load = tunnel.load_bg("/", 400, 20, 4);
+    std::thread::sleep(Duration::from_secs(12));
+    drop(load);
+    let restart_at = Instant::now();
+    tunnel.restart_server();
+    eprintln!("server restarted in {:?}", restart_at.elapsed());
+    let _load = tunnel.load_bg("/", 400, 20, 4);
+    let report = watch.report();
+    assert_row(
+        evaluate("healthy, target restart", &report, &[], start, 0.0),
+        &report,
+    );
+}

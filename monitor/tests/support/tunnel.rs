@@ -1,0 +1,273 @@
+//! The reference tunnel as real processes: backend, server (watched), agent, and the load driver.
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+/// Finds a workspace binary built by `cargo build` (xtask test builds them before the tests run).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} is not built: run `cargo build -p reftunnel -p monitor` (cargo xtask test does)"
+    );
+}
+
+/// A child process that is killed when dropped, with its stdout lines on a channel.
+pub struct Proc {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a stdout line containing `needle` and returns it.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no line containing {needle:?} within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Parses `listening on ADDR` from stdout.
+    pub fn listening_addr(&self) -> String {
+        let line = self.wait_line("listening on", Duration::from_secs(20));
+        line.rsplit(' ').next().expect("address").to_string()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub const CLIENT: &str = "downstream-1";
+
+/// Leak settings of one side.
+#[derive(Clone, Debug, Default)]
+pub struct Leak {
+    pub mode: Option<&'static str>,
+    pub every: u32,
+}
+
+impl Leak {
+    pub fn none() -> Self {
+        Self::default()
+    }
+    pub fn mode(mode: &'static str, every: u32) -> Self {
+        Self {
+            mode: Some(mode),
+            every,
+        }
+    }
+    fn args(&self) -> Vec<String> {
+        match self.mode {
+            Some(m) => vec![
+                "--leak".into(),
+                m.into(),
+                "--leak-every".into(),
+                self.every.max(1).to_string(),
+            ],
+            None => vec![],
+        }
+    }
+}
+
+/// backend + server + agent, wired together on loopback.
+pub struct Tunnel {
+    pub backend: Proc,
+    pub server: Proc,
+    pub agent: Proc,
+    pub server_addr: String,
+    pub backend_addr: String,
+    /// Unique per tunnel, so a `--match` on it finds this server and no other.
+    pub token: String,
+    server_leak: Leak,
+}
+
+impl Tunnel {
+    pub fn start(server_leak: Leak, agent_leak: Leak) -> Self {
+        let bin = workspace_bin("reftunnel");
+        let backend = Proc::spawn(Command::new(&bin).args(["backend", "--listen", "127.0.0.1:0"]));
+        let backend_addr = backend.listening_addr();
+        let token = format!(
+            "tok{}x{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        let server = Self::spawn_server(&backend_addr, &server_leak, "127.0.0.1:0", &token);
+        let server_addr = server.listening_addr();
+        let agent = Self::spawn_agent(&server_addr, &agent_leak, &token);
+        server.wait_line(CLIENT, Duration::from_secs(20));
+        Self {
+            backend,
+            server,
+            agent,
+            server_addr,
+            backend_addr,
+            token,
+            server_leak,
+        }
+    }
+
+    fn spawn_server(backend: &str, leak: &Leak, listen: &str, token: &str) -> Proc {
+        let bin = workspace_bin("reftunnel");
+        Proc::spawn(
+            Command::new(bin)
+                .args([
+                    "server",
+                    "--listen",
+                    listen,
+                    "--token",
+                    token,
+                    "--remotedialer-metrics",
+                    "--backend",
+                    backend,
+                ])
+                .args(leak.args()),
+        )
+    }
+
+    fn spawn_agent(server_addr: &str, leak: &Leak, token: &str) -> Proc {
+        let bin = workspace_bin("reftunnel");
+        Proc::spawn(
+            Command::new(bin)
+                .args([
+                    "agent",
+                    "--server",
+                    &format!("ws://{server_addr}/connect"),
+                    "--token",
+                    token,
+                    "--id",
+                    CLIENT,
+                ])
+                .args(leak.args()),
+        )
+    }
+
+    /// Kills the server and starts a new one on the same port (a restart: new pid, counters reset),
+    /// then waits for the agent to reconnect.
+    pub fn restart_server(&mut self) {
+        self.server.kill();
+        self.server = Self::spawn_server(
+            &self.backend_addr,
+            &self.server_leak.clone(),
+            &self.server_addr,
+            &self.token,
+        );
+        self.server.listening_addr();
+        self.server.wait_line(CLIENT, Duration::from_secs(30));
+    }
+
+    /// A `--match` pattern that finds this tunnel's server, across restarts.
+    pub fn server_pattern(&self) -> String {
+        format!("reftunnel server .*{}", self.token)
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.server_addr)
+    }
+
+    pub fn proxy_url(&self, path: &str) -> String {
+        format!(
+            "http://{}/proxy/{CLIENT}/{}",
+            self.server_addr,
+            path.trim_start_matches('/')
+        )
+    }
+
+    /// Runs the load driver to completion.
+    pub fn load(
+        &self,
+        path: &str,
+        requests: u64,
+        rate: u64,
+        concurrency: u64,
+    ) -> std::process::Output {
+        Command::new(workspace_bin("reftunnel"))
+            .args(["load", "--url", &self.proxy_url(path)])
+            .args([
+                "--requests",
+                &requests.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ])
+            .args(["--concurrency", &concurrency.to_string()])
+            .output()
+            .expect("run the load driver")
+    }
+
+    /// Starts the load driver in the background.
+    pub fn load_bg(&self, path: &str, requests: u64, rate: u64, concurrency: u64) -> Proc {
+        Proc::spawn(
+            Command::new(workspace_bin("reftunnel"))
+                .args(["load", "--url", &self.proxy_url(path)])
+                .args([
+                    "--requests",
+                    &requests.to_string(),
+                    "--rate",
+                    &rate.to_string(),
+                ])
+                .args(["--concurrency", &concurrency.to_string()]),
+        )
+    }
+}
