@@ -1,5 +1,7 @@
 //! `cargo xtask <command>`: everything a newcomer or CI runs, each command doing its own set-up.
+mod demo;
 mod ebpf;
+mod procs;
 mod setup;
 mod util;
 
@@ -25,6 +27,9 @@ enum Command {
     BuildEbpf,
     /// Build the probes, then leakwatch and reftunnel in release mode.
     Build,
+    /// The main job: reference tunnel with the v2.10.3 leak, load, leakwatch catching it live; then a
+    /// healthy tunnel staying green and the fix's verification recipe passing.
+    Demo,
     /// Set up, build the probes, and run the whole test suite (the README's test command).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -33,18 +38,26 @@ enum Command {
     },
 }
 
+fn build_release() -> Result<()> {
+    setup::run(false)?;
+    ebpf::build()?;
+    util::cargo(&["build", "--release", "-p", "monitor", "-p", "reftunnel"])
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Setup { check } => setup::run(check),
         Command::BuildEbpf => ebpf::build(),
-        Command::Build => {
-            setup::run(false)?;
-            ebpf::build()?;
-            util::cargo(&["build", "--release", "-p", "monitor", "-p", "reftunnel"])
+        Command::Build => build_release(),
+        Command::Demo => {
+            build_release()?;
+            demo::run()
         }
         Command::Test { cargo_args } => {
             setup::run(false)?;
             ebpf::build()?;
+            // The scenario and alerting tests run the reftunnel and leakwatch binaries: build them first.
+            util::cargo(&["build", "-p", "reftunnel", "-p", "monitor", "--bins"])?;
             let mut args = vec!["test", "--workspace", "--no-fail-fast"];
             if !cargo_args.is_empty() {
                 args.push("--");

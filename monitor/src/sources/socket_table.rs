@@ -43,6 +43,19 @@ pub struct SocketTable {
     cap: usize,
     /// Sockets not tracked because the table was at its cap.
     pub dropped: u64,
+    /// Running totals, kept in step with `entries` so that a sample costs the same with 100 sockets or
+    /// 100,000 (the whole point of the eBPF path over a procfs scan).
+    by_state: [u64; 13],
+    by_origin: [u64; 4],
+}
+
+fn origin_index(o: Origin) -> usize {
+    match o {
+        Origin::Accepted => 0,
+        Origin::Connected => 1,
+        Origin::Listener => 2,
+        Origin::Unknown => 3,
+    }
 }
 
 impl SocketTable {
@@ -51,15 +64,34 @@ impl SocketTable {
             entries: HashMap::new(),
             cap,
             dropped: 0,
+            by_state: [0; 13],
+            by_origin: [0; 4],
         }
+    }
+
+    fn count(&mut self, e: &SocketEntry, delta: i64) {
+        if let Some(slot) = self.by_state.get_mut(e.state as usize) {
+            *slot = slot.saturating_add_signed(delta);
+        }
+        let o = &mut self.by_origin[origin_index(e.origin)];
+        *o = o.saturating_add_signed(delta);
     }
 
     pub fn apply(&mut self, ev: &SockEvent) {
         if ev.newstate == tcp_state::CLOSE {
-            self.entries.remove(&ev.skaddr);
+            if let Some(old) = self.entries.remove(&ev.skaddr) {
+                self.count(&old, -1);
+            }
             return;
         }
         if let Some(entry) = self.entries.get_mut(&ev.skaddr) {
+            let old_state = entry.state as usize;
+            if let Some(slot) = self.by_state.get_mut(old_state) {
+                *slot = slot.saturating_sub(1);
+            }
+            if let Some(slot) = self.by_state.get_mut(ev.newstate as usize) {
+                *slot += 1;
+            }
             entry.state = ev.newstate;
             entry.last_change_ns = ev.ts_ns;
             // Addresses are only complete once connected; keep the latest.
@@ -77,23 +109,32 @@ impl SocketTable {
             (_, tcp_state::LISTEN) => Origin::Listener,
             _ => Origin::Unknown,
         };
-        self.entries.insert(
-            ev.skaddr,
-            SocketEntry {
-                tgid: ev.tgid,
-                state: ev.newstate,
-                origin,
-                local: local_addr(ev),
-                remote: remote_addr(ev),
-                first_seen_ns: ev.ts_ns,
-                last_change_ns: ev.ts_ns,
-            },
-        );
+        let entry = SocketEntry {
+            tgid: ev.tgid,
+            state: ev.newstate,
+            origin,
+            local: local_addr(ev),
+            remote: remote_addr(ev),
+            first_seen_ns: ev.ts_ns,
+            last_change_ns: ev.ts_ns,
+        };
+        self.count(&entry, 1);
+        self.entries.insert(ev.skaddr, entry);
     }
 
     /// Forgets a process's sockets (after it exited and its sockets can no longer be reported closed).
     pub fn forget_process(&mut self, tgid: u32) {
-        self.entries.retain(|_, e| e.tgid != tgid);
+        let gone: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.tgid == tgid)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            if let Some(e) = self.entries.remove(&k) {
+                self.count(&e, -1);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -108,25 +149,14 @@ impl SocketTable {
         self.entries.values()
     }
 
-    /// Fills the socket-derived fields of a kernel sample. Listeners are not connections: they are
-    /// counted per state but not in `live_sockets`.
+    /// Fills the socket-derived fields of a kernel sample, in constant time. Listeners are not
+    /// connections: they are counted per state but not in `live_sockets`.
     pub fn fill(&self, sample: &mut KernelSample) {
-        sample.sockets_by_state = [0; 13];
-        sample.live_sockets = 0;
-        sample.accepted_live = 0;
-        sample.connected_live = 0;
-        for e in self.entries.values() {
-            if let Some(slot) = sample.sockets_by_state.get_mut(e.state as usize) {
-                *slot += 1;
-            }
-            match e.origin {
-                Origin::Listener => continue,
-                Origin::Accepted => sample.accepted_live += 1,
-                Origin::Connected => sample.connected_live += 1,
-                Origin::Unknown => {}
-            }
-            sample.live_sockets += 1;
-        }
+        sample.sockets_by_state = self.by_state;
+        sample.accepted_live = self.by_origin[origin_index(Origin::Accepted)];
+        sample.connected_live = self.by_origin[origin_index(Origin::Connected)];
+        sample.live_sockets =
+            self.entries.len() as u64 - self.by_origin[origin_index(Origin::Listener)];
     }
 }
 
@@ -209,6 +239,34 @@ mod tests {
         }
         assert_eq!(t.len(), 2);
         assert_eq!(t.dropped, 3);
+    }
+
+    #[test]
+    fn running_totals_match_a_recount() {
+        let mut t = SocketTable::new(1024);
+        let mut x: u64 = 7;
+        for _ in 0..5000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let sk = (x >> 33) % 50;
+            let old = ((x >> 20) % 12 + 1) as u8;
+            let new = ((x >> 10) % 12 + 1) as u8;
+            t.apply(&ev(sk, old, new));
+        }
+        let mut s = KernelSample::default();
+        t.fill(&mut s);
+        let mut by_state = [0u64; 13];
+        for e in t.entries() {
+            by_state[e.state as usize] += 1;
+        }
+        assert_eq!(s.sockets_by_state, by_state);
+        let listeners = t.entries().filter(|e| e.origin == Origin::Listener).count() as u64;
+        assert_eq!(s.live_sockets, t.len() as u64 - listeners);
+        assert_eq!(
+            s.accepted_live,
+            t.entries().filter(|e| e.origin == Origin::Accepted).count() as u64
+        );
     }
 
     #[test]
