@@ -42,7 +42,11 @@ fn main() {
         storm(n);
         return;
     }
-    let connections: u64 = args.iter().skip(1).find_map(|s| s.parse().ok()).unwrap_or(20_000);
+    let connections: u64 = args
+        .iter()
+        .skip(1)
+        .find_map(|s| s.parse().ok())
+        .unwrap_or(20_000);
     let json = args.iter().any(|a| a == "--json");
     // --unwatched: the storm runs but is not watched, which is what every other process on the machine
     // costs (the in-kernel filter path).
@@ -63,7 +67,12 @@ fn main() {
         probes.watch(child.id()).expect("watch storm");
     }
     let start = Instant::now();
-    child.stdin.take().expect("stdin").write_all(b"go\n").expect("start storm");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("start storm");
     let mut events = 0usize;
     loop {
         events += ebpf::drain_ring(&mut ring, |_| {});
@@ -83,7 +92,16 @@ fn main() {
         let b = before.iter().find(|b| b.name == a.name);
         let runs = a.run_count - b.map_or(0, |b| b.run_count);
         let ns = a.run_time_ns - b.map_or(0, |b| b.run_time_ns);
-        rows.push((a.name.clone(), runs, ns, if runs > 0 { ns as f64 / runs as f64 } else { f64::NAN }));
+        rows.push((
+            a.name.clone(),
+            runs,
+            ns,
+            if runs > 0 {
+                ns as f64 / runs as f64
+            } else {
+                f64::NAN
+            },
+        ));
     }
     rows.sort_by(|a, b| b.1.cmp(&a.1));
     if json {
@@ -104,8 +122,15 @@ fn main() {
             })
         );
     } else {
-        println!("storm: {connections} loopback connections in {:.2}s, {events} ring events, {} lost", elapsed.as_secs_f64(), counters.events_lost);
-        println!("{:<22} {:>12} {:>14} {:>10}", "program", "runs", "run_time_ns", "ns/event");
+        println!(
+            "storm: {connections} loopback connections in {:.2}s, {events} ring events, {} lost",
+            elapsed.as_secs_f64(),
+            counters.events_lost
+        );
+        println!(
+            "{:<22} {:>12} {:>14} {:>10}",
+            "program", "runs", "run_time_ns", "ns/event"
+        );
         for (n, r, t, p) in rows {
             println!("{n:<22} {r:>12} {t:>14} {p:>10.1}");
         }

@@ -12,8 +12,8 @@ use aya::{
     programs::{ProgramError, TracePoint},
 };
 use monitor_ebpf::{
-    Counters, GLOBAL_FOLLOW_FORKS, MAX_WATCHED, PROGRAMS, ProcessEvent, SockEvent, counter, event_kind, layout,
-    listen_key, map_name, tcp_state,
+    Counters, GLOBAL_FOLLOW_FORKS, MAX_WATCHED, PROGRAMS, ProcessEvent, SockEvent, counter,
+    event_kind, layout, listen_key, map_name, tcp_state,
 };
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
@@ -218,13 +218,18 @@ impl Probes {
     }
 
     fn slots(&self) -> Vec<u32> {
-        (0..MAX_WATCHED).map(|i| self.watched.get(&i, 0).unwrap_or(0)).collect()
+        (0..MAX_WATCHED)
+            .map(|i| self.watched.get(&i, 0).unwrap_or(0))
+            .collect()
     }
 
     fn set_slot(&mut self, slot: u32, tgid: u32) -> Result<(), ProbeError> {
         self.watched
             .set(slot, tgid, 0)
-            .map_err(|source| ProbeError::Map { name: map_name::WATCHED, source })
+            .map_err(|source| ProbeError::Map {
+                name: map_name::WATCHED,
+                source,
+            })
     }
 
     pub fn watch(&mut self, tgid: u32) -> Result<(), ProbeError> {
@@ -232,7 +237,10 @@ impl Probes {
         if slots.contains(&tgid) {
             return Ok(());
         }
-        let free = slots.iter().position(|&s| s == 0).ok_or(ProbeError::WatchSetFull)?;
+        let free = slots
+            .iter()
+            .position(|&s| s == 0)
+            .ok_or(ProbeError::WatchSetFull)?;
         self.set_slot(free as u32, tgid)
     }
 
@@ -264,10 +272,10 @@ impl Probes {
     }
 
     pub fn counters(&self) -> Result<RawCounters, ProbeError> {
-        let per_cpu = self
-            .counters
-            .get(&0, 0)
-            .map_err(|source| ProbeError::Map { name: map_name::COUNTERS, source })?;
+        let per_cpu = self.counters.get(&0, 0).map_err(|source| ProbeError::Map {
+            name: map_name::COUNTERS,
+            source,
+        })?;
         let mut values = vec![0u64; counter::COUNT as usize];
         for cpu in per_cpu.iter() {
             for (sum, v) in values.iter_mut().zip(cpu.v.iter()) {
