@@ -1,7 +1,9 @@
 //! `cargo xtask <command>`: everything a newcomer or CI runs, each command doing its own set-up.
 mod demo;
 mod ebpf;
+mod fuzz;
 mod procs;
+mod report;
 mod setup;
 mod util;
 
@@ -30,6 +32,12 @@ enum Command {
     /// The main job: reference tunnel with the v2.10.3 leak, load, leakwatch catching it live; then a
     /// healthy tunnel staying green and the fix's verification recipe passing.
     Demo,
+    /// Run every fuzz target for a bounded time (needs a nightly toolchain; installs cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Set up, build the probes, and run the whole test suite (the README's test command).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -53,17 +61,31 @@ fn main() -> Result<()> {
             build_release()?;
             demo::run()
         }
+        Command::Fuzz { seconds } => fuzz::run(seconds, true),
         Command::Test { cargo_args } => {
             setup::run(false)?;
             ebpf::build()?;
             // The scenario and alerting tests run the reftunnel and leakwatch binaries: build them first.
             util::cargo(&["build", "-p", "reftunnel", "-p", "monitor", "--bins"])?;
+            let results = util::workspace_root().join("target/leakwatch-results");
+            let _ = std::fs::remove_file(results.join("scenarios.jsonl"));
             let mut args = vec!["test", "--workspace", "--no-fail-fast"];
             if !cargo_args.is_empty() {
                 args.push("--");
                 args.extend(cargo_args.iter().map(String::as_str));
             }
-            util::cargo(&args)
+            // Bounded fuzzing of the parsers first, so the test summary is the last thing printed.
+            let fuzzing = fuzz::run(20, false);
+            let ((passed, failed, ignored), ok) = util::cargo_test(&args)?;
+            report::print_scenarios(&results);
+            if let Err(e) = &fuzzing {
+                eprintln!("xtask: fuzzing failed: {e:#}");
+            }
+            println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
+            if !ok || failed > 0 {
+                anyhow::bail!("the test suite failed");
+            }
+            fuzzing
         }
     }
 }

@@ -61,3 +61,41 @@ pub fn is_root() -> bool {
         .map(|o| o.stdout.starts_with(b"0"))
         .unwrap_or(false)
 }
+
+/// Runs `cargo test ...`, echoing its output, and adds up the `test result:` lines of every test binary.
+/// Returns (passed, failed, ignored) and whether cargo succeeded.
+pub fn cargo_test(args: &[&str]) -> Result<((u64, u64, u64), bool)> {
+    use std::io::{BufRead, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("could not start cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = (0, 0, 0);
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |key: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(key).map(|n| {
+                            n.trim()
+                                .trim_start_matches("ok. ")
+                                .trim_start_matches("FAILED. ")
+                                .parse::<u64>()
+                                .unwrap_or(0)
+                        })
+                    })
+                    .unwrap_or(0)
+            };
+            totals.0 += num(" passed");
+            totals.1 += num(" failed");
+            totals.2 += num(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    Ok((totals, status.success()))
+}
