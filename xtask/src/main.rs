@@ -1,4 +1,5 @@
 //! `cargo xtask <command>`: everything a newcomer or CI runs, each command doing its own set-up.
+mod bench;
 mod demo;
 mod ebpf;
 mod fuzz;
@@ -32,6 +33,9 @@ enum Command {
     /// The main job: reference tunnel with the v2.10.3 leak, load, leakwatch catching it live; then a
     /// healthy tunnel staying green and the fix's verification recipe passing.
     Demo,
+    /// Benchmarks: eBPF cost per event, leakwatch CPU/RSS under churn, tunnel overhead, sampling cost,
+    /// detection scorecard. Prints one table and writes target/leakwatch-results/bench.json.
+    Bench,
     /// Run every fuzz target for a bounded time (needs a nightly toolchain; installs cargo-fuzz).
     Fuzz {
         /// Seconds per target.
@@ -60,6 +64,10 @@ fn main() -> Result<()> {
         Command::Demo => {
             build_release()?;
             demo::run()
+        }
+        Command::Bench => {
+            build_release()?;
+            bench::run()
         }
         Command::Fuzz { seconds } => fuzz::run(seconds, true),
         Command::Test { cargo_args } => {
