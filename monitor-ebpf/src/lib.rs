@@ -75,9 +75,16 @@ pub mod counter {
     pub const FD_TABLE_FULL: u32 = 14;
     /// The listener table was full: accepted children of a listener may be missed.
     pub const LISTEN_TABLE_FULL: u32 = 15;
-    /// Transitions into each TCP state, at `STATE_BASE + state`.
+    /// Transitions of watched sockets into each TCP state, at `STATE_BASE + state`.
     pub const STATE_BASE: u32 = 16;
-    pub const COUNT: u32 = STATE_BASE + super::tcp_state::COUNT as u32;
+    /// Transitions of already-tracked sockets out of each state, at `STATE_OUT_BASE + state`. Sockets
+    /// live in a state = into - out: exact, whatever the ring buffer dropped.
+    pub const STATE_OUT_BASE: u32 = STATE_BASE + super::tcp_state::COUNT as u32;
+    /// Sockets tracked per origin, at `ORIGIN_OPEN_BASE + origin`.
+    pub const ORIGIN_OPEN_BASE: u32 = STATE_OUT_BASE + super::tcp_state::COUNT as u32;
+    /// Tracked sockets closed per origin, at `ORIGIN_CLOSE_BASE + origin`.
+    pub const ORIGIN_CLOSE_BASE: u32 = ORIGIN_OPEN_BASE + super::origin::COUNT as u32;
+    pub const COUNT: u32 = ORIGIN_CLOSE_BASE + super::origin::COUNT as u32;
 
     pub const NAMES: [&str; STATE_BASE as usize] = [
         "sock_tracked",
@@ -109,13 +116,26 @@ pub struct Counters {
 
 impl Default for Counters {
     fn default() -> Self {
-        Self { v: [0; counter::COUNT as usize] }
+        Self {
+            v: [0; counter::COUNT as usize],
+        }
     }
 }
 
 /// Slots of the watched-process array. An array, not a hash: array lookups are inlined by the verifier,
 /// and a scan of a few slots is cheaper than hashing on every syscall of every process on the machine.
 pub const MAX_WATCHED: u32 = 16;
+
+/// How a socket came to be tracked: on a tunnel server, accepted sockets are callers; on an agent,
+/// connected sockets are dials to targets.
+pub mod origin {
+    pub const ACCEPTED: u8 = 0;
+    pub const CONNECTED: u8 = 1;
+    pub const LISTENER: u8 = 2;
+    /// First seen mid-life (opened before the probes were attached).
+    pub const UNKNOWN: u8 = 3;
+    pub const COUNT: usize = 4;
+}
 
 /// Ring-buffer record kinds: the first byte of every record.
 pub mod event_kind {
@@ -165,7 +185,8 @@ pub struct ProcessEvent {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockOwner {
     pub tgid: u32,
-    pub _pad: u32,
+    pub origin: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Key of the listener table: a watched process's listening port, per address family.

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use monitor_ebpf::{
     Counters, MAX_WATCHED, ProcessEvent, SockEvent, SockOwner, counter, event_kind, fd_key, layout,
-    listen_key, tcp_state,
+    listen_key, origin, tcp_state,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -98,30 +98,49 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
     if read::<u16>(ctx, layout::SOCK_PROTOCOL)? != IPPROTO_TCP {
         return None;
     }
-    let mut c = None;
     let skaddr: u64 = read(ctx, layout::SOCK_SKADDR)?;
     let old = read::<i32>(ctx, layout::SOCK_OLDSTATE)? as u8;
     let new = read::<i32>(ctx, layout::SOCK_NEWSTATE)? as u8;
 
-    let tgid = match SOCKS.get_ptr(skaddr) {
-        // SAFETY: value is a plain struct; a concurrent delete can at worst give a stale tgid.
-        Some(owner) => unsafe { (*owner).tgid },
+    let mut c = counters();
+    let (tgid, origin) = match SOCKS.get_ptr(skaddr) {
+        Some(owner) => {
+            // SAFETY: value is a plain struct; a concurrent delete can at worst give a stale owner.
+            let o = unsafe { *owner };
+            bump(&mut c, counter::STATE_OUT_BASE + old as u32);
+            (o.tgid, o.origin)
+        }
         None => {
             let tgid = attribute(ctx, old, new)?;
-            c = counters();
-            if new != tcp_state::CLOSE
-                && SOCKS.insert(skaddr, SockOwner { tgid, _pad: 0 }, 0).is_err()
+            let origin = match (old, new) {
+                (tcp_state::CLOSE, tcp_state::SYN_SENT) => origin::CONNECTED,
+                (_, tcp_state::SYN_RECV) => origin::ACCEPTED,
+                (_, tcp_state::LISTEN) => origin::LISTENER,
+                _ => origin::UNKNOWN,
+            };
+            // A socket we cannot remember is not counted at all: counting its opening but never its
+            // close would leave a phantom live socket behind.
+            if SOCKS
+                .insert(
+                    skaddr,
+                    SockOwner {
+                        tgid,
+                        origin,
+                        _pad: [0; 3],
+                    },
+                    0,
+                )
+                .is_err()
             {
                 bump(&mut c, counter::SOCK_TABLE_FULL);
+                return None;
             }
             bump(&mut c, counter::SOCK_TRACKED);
-            tgid
+            bump(&mut c, counter::ORIGIN_OPEN_BASE + origin as u32);
+            (tgid, origin)
         }
     };
 
-    if c.is_none() {
-        c = counters();
-    }
     bump(&mut c, counter::STATE_BASE + new as u32);
     match new {
         tcp_state::ESTABLISHED => bump(&mut c, counter::SOCK_ESTABLISHED),
@@ -135,6 +154,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
         }
         tcp_state::CLOSE => {
             bump(&mut c, counter::SOCK_CLOSED);
+            bump(&mut c, counter::ORIGIN_CLOSE_BASE + origin as u32);
             let _ = SOCKS.remove(skaddr);
             if old == tcp_state::LISTEN {
                 let family: u16 = read(ctx, layout::SOCK_FAMILY)?;
@@ -364,7 +384,6 @@ fn emit_process_event(c: &mut Option<&'static mut Counters>, tgid: u32, pid: u32
         bump(c, counter::EVENTS_LOST);
     }
 }
-
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -8,12 +8,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use leakwatch::{
-    sample::KernelSample,
-    sources::{
-        ebpf::{self, ProbeEvent, ProbeOptions, Probes},
-        socket_table::SocketTable,
-    },
+use leakwatch::sources::{
+    ebpf::{self, ProbeEvent, ProbeOptions, Probes},
+    socket_table::SocketTable,
 };
 use monitor_ebpf::tcp_state::*;
 use support::{ScriptedChild, ebpf_tests_enabled};
@@ -78,8 +75,7 @@ fn counters_and_socket_table_match_what_a_real_process_did() {
     assert_eq!(counters.events_lost, 0);
     assert_eq!(counters.sock_table_full, 0);
 
-    let mut kernel = KernelSample::default();
-    table.fill(&mut kernel);
+    let kernel = probes.counters().expect("counters").to_kernel_sample();
     let open_pairs = n - m - k;
     assert_eq!(kernel.in_state(LISTEN), 1);
     assert_eq!(kernel.in_state(ESTABLISHED), 2 * open_pairs);

@@ -152,6 +152,12 @@ fn ring_buffer_overflow_is_counted_and_counters_stay_exact() {
         "counters are exact despite the overflow"
     );
     assert_eq!(c.sock_closed, 2 * n);
+    let live = probes.counters().expect("counters").to_kernel_sample();
+    assert_eq!(
+        live.live_sockets, 0,
+        "live counts come from counters, so lost events leave no phantom sockets"
+    );
+    assert_eq!(live.in_state(monitor_ebpf::tcp_state::LISTEN), 1);
     let transitions: u64 = (0..monitor_ebpf::tcp_state::COUNT as u8)
         .map(|s| probes.counters().unwrap().transitions_into(s))
         .sum();

@@ -13,12 +13,15 @@ use aya::{
 };
 use monitor_ebpf::{
     Counters, GLOBAL_FOLLOW_FORKS, MAX_WATCHED, PROGRAMS, ProcessEvent, SockEvent, counter,
-    event_kind, layout, listen_key, map_name, tcp_state,
+    event_kind, layout, listen_key, map_name, origin, tcp_state,
 };
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 
-use crate::{sample::KernelCounters, system};
+use crate::{
+    sample::{KernelCounters, KernelSample},
+    system,
+};
 
 /// The probes object, embedded at build time (empty when built without an eBPF toolchain).
 static PROBES_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/leakwatch-probes.o"));
@@ -116,6 +119,31 @@ impl RawCounters {
     /// Transitions into a TCP state since attach.
     pub fn transitions_into(&self, state: u8) -> u64 {
         self.get(counter::STATE_BASE + state as u32)
+    }
+
+    /// Sockets alive per state and per origin, from the counters alone: exact even when the ring buffer
+    /// dropped events, and constant-time however many sockets there are.
+    pub fn to_kernel_sample(&self) -> KernelSample {
+        let mut s = KernelSample {
+            counters: self.to_kernel_counters(),
+            ..KernelSample::default()
+        };
+        for state in 1..tcp_state::COUNT as u32 {
+            if state == u32::from(tcp_state::CLOSE) {
+                continue;
+            }
+            let into = self.get(counter::STATE_BASE + state);
+            let out = self.get(counter::STATE_OUT_BASE + state);
+            s.sockets_by_state[state as usize] = into.saturating_sub(out);
+        }
+        let live = |o: u8| {
+            self.get(counter::ORIGIN_OPEN_BASE + u32::from(o))
+                .saturating_sub(self.get(counter::ORIGIN_CLOSE_BASE + u32::from(o)))
+        };
+        s.accepted_live = live(origin::ACCEPTED);
+        s.connected_live = live(origin::CONNECTED);
+        s.live_sockets = s.accepted_live + s.connected_live + live(origin::UNKNOWN);
+        s
     }
 
     pub fn to_kernel_counters(&self) -> KernelCounters {
@@ -369,5 +397,32 @@ mod tests {
         // SAFETY: SockEvent is repr(C) plain data.
         let bytes: [u8; 64] = unsafe { std::mem::transmute(ev) };
         assert_eq!(decode_event(&bytes), Some(ProbeEvent::Sock(ev)));
+    }
+}
+
+#[cfg(test)]
+mod sample_tests {
+    use super::*;
+
+    #[test]
+    fn live_counts_are_into_minus_out_per_state_and_origin() {
+        let mut v = vec![0u64; counter::COUNT as usize];
+        let mut set = |i: u32, x: u64| v[i as usize] = x;
+        set(counter::STATE_BASE + u32::from(tcp_state::ESTABLISHED), 10);
+        set(
+            counter::STATE_OUT_BASE + u32::from(tcp_state::ESTABLISHED),
+            7,
+        );
+        set(counter::STATE_BASE + u32::from(tcp_state::CLOSE), 99);
+        set(counter::ORIGIN_OPEN_BASE + u32::from(origin::ACCEPTED), 6);
+        set(counter::ORIGIN_CLOSE_BASE + u32::from(origin::ACCEPTED), 4);
+        set(counter::ORIGIN_OPEN_BASE + u32::from(origin::CONNECTED), 5);
+        set(counter::ORIGIN_CLOSE_BASE + u32::from(origin::CONNECTED), 4);
+        set(counter::ORIGIN_OPEN_BASE + u32::from(origin::LISTENER), 1);
+        let s = RawCounters(v).to_kernel_sample();
+        assert_eq!(s.in_state(tcp_state::ESTABLISHED), 3);
+        assert_eq!(s.in_state(tcp_state::CLOSE), 0, "CLOSE is not a live state");
+        assert_eq!((s.accepted_live, s.connected_live), (2, 1));
+        assert_eq!(s.live_sockets, 3, "listeners are not connections");
     }
 }

@@ -8,8 +8,6 @@ use std::{
 use monitor_ebpf::{SockEvent, tcp_state};
 use serde::Serialize;
 
-use crate::sample::KernelSample;
-
 const AF_INET: u16 = 2;
 
 /// How the table first learned of a socket, which tells callers' sockets from targets' sockets.
@@ -43,19 +41,6 @@ pub struct SocketTable {
     cap: usize,
     /// Sockets not tracked because the table was at its cap.
     pub dropped: u64,
-    /// Running totals, kept in step with `entries` so that a sample costs the same with 100 sockets or
-    /// 100,000 (the whole point of the eBPF path over a procfs scan).
-    by_state: [u64; 13],
-    by_origin: [u64; 4],
-}
-
-fn origin_index(o: Origin) -> usize {
-    match o {
-        Origin::Accepted => 0,
-        Origin::Connected => 1,
-        Origin::Listener => 2,
-        Origin::Unknown => 3,
-    }
 }
 
 impl SocketTable {
@@ -64,34 +49,15 @@ impl SocketTable {
             entries: HashMap::new(),
             cap,
             dropped: 0,
-            by_state: [0; 13],
-            by_origin: [0; 4],
         }
-    }
-
-    fn count(&mut self, e: &SocketEntry, delta: i64) {
-        if let Some(slot) = self.by_state.get_mut(e.state as usize) {
-            *slot = slot.saturating_add_signed(delta);
-        }
-        let o = &mut self.by_origin[origin_index(e.origin)];
-        *o = o.saturating_add_signed(delta);
     }
 
     pub fn apply(&mut self, ev: &SockEvent) {
         if ev.newstate == tcp_state::CLOSE {
-            if let Some(old) = self.entries.remove(&ev.skaddr) {
-                self.count(&old, -1);
-            }
+            self.entries.remove(&ev.skaddr);
             return;
         }
         if let Some(entry) = self.entries.get_mut(&ev.skaddr) {
-            let old_state = entry.state as usize;
-            if let Some(slot) = self.by_state.get_mut(old_state) {
-                *slot = slot.saturating_sub(1);
-            }
-            if let Some(slot) = self.by_state.get_mut(ev.newstate as usize) {
-                *slot += 1;
-            }
             entry.state = ev.newstate;
             entry.last_change_ns = ev.ts_ns;
             // Addresses are only complete once connected; keep the latest.
@@ -118,23 +84,12 @@ impl SocketTable {
             first_seen_ns: ev.ts_ns,
             last_change_ns: ev.ts_ns,
         };
-        self.count(&entry, 1);
         self.entries.insert(ev.skaddr, entry);
     }
 
     /// Forgets a process's sockets (after it exited and its sockets can no longer be reported closed).
     pub fn forget_process(&mut self, tgid: u32) {
-        let gone: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.tgid == tgid)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in gone {
-            if let Some(e) = self.entries.remove(&k) {
-                self.count(&e, -1);
-            }
-        }
+        self.entries.retain(|_, e| e.tgid != tgid);
     }
 
     pub fn len(&self) -> usize {
@@ -149,14 +104,15 @@ impl SocketTable {
         self.entries.values()
     }
 
-    /// Fills the socket-derived fields of a kernel sample, in constant time. Listeners are not
-    /// connections: they are counted per state but not in `live_sockets`.
-    pub fn fill(&self, sample: &mut KernelSample) {
-        sample.sockets_by_state = self.by_state;
-        sample.accepted_live = self.by_origin[origin_index(Origin::Accepted)];
-        sample.connected_live = self.by_origin[origin_index(Origin::Connected)];
-        sample.live_sockets =
-            self.entries.len() as u64 - self.by_origin[origin_index(Origin::Listener)];
+    /// Live entries per TCP state (for cross-checking against the in-kernel counts).
+    pub fn count_by_state(&self) -> [u64; 13] {
+        let mut by_state = [0; 13];
+        for e in self.entries.values() {
+            if let Some(slot) = by_state.get_mut(e.state as usize) {
+                *slot += 1;
+            }
+        }
+        by_state
     }
 }
 
@@ -213,22 +169,27 @@ mod tests {
         ] {
             t.apply(&e);
         }
-        let mut s = KernelSample::default();
-        t.fill(&mut s);
-        assert_eq!(s.live_sockets, 2);
-        assert_eq!(s.accepted_live, 1);
-        assert_eq!(s.connected_live, 1);
-        assert_eq!(s.in_state(LISTEN), 1);
-        assert_eq!(s.in_state(CLOSE_WAIT), 1);
-        assert_eq!(s.in_state(ESTABLISHED), 1);
+        assert_eq!(t.len(), 3);
+        let by_state = t.count_by_state();
         assert_eq!(
-            t.entries()
-                .find(|e| e.origin == Origin::Connected)
-                .unwrap()
-                .remote
-                .to_string(),
-            "127.0.0.1:2000"
+            (
+                by_state[LISTEN as usize],
+                by_state[ESTABLISHED as usize],
+                by_state[CLOSE_WAIT as usize]
+            ),
+            (1, 1, 1)
         );
+        let origin_of = |o| t.entries().filter(|e| e.origin == o).count();
+        assert_eq!(
+            (
+                origin_of(Origin::Accepted),
+                origin_of(Origin::Connected),
+                origin_of(Origin::Listener)
+            ),
+            (1, 1, 1)
+        );
+        let connected = t.entries().find(|e| e.origin == Origin::Connected).unwrap();
+        assert_eq!(connected.remote.to_string(), "127.0.0.1:2000");
     }
 
     #[test]
@@ -239,34 +200,6 @@ mod tests {
         }
         assert_eq!(t.len(), 2);
         assert_eq!(t.dropped, 3);
-    }
-
-    #[test]
-    fn running_totals_match_a_recount() {
-        let mut t = SocketTable::new(1024);
-        let mut x: u64 = 7;
-        for _ in 0..5000 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let sk = (x >> 33) % 50;
-            let old = ((x >> 20) % 12 + 1) as u8;
-            let new = ((x >> 10) % 12 + 1) as u8;
-            t.apply(&ev(sk, old, new));
-        }
-        let mut s = KernelSample::default();
-        t.fill(&mut s);
-        let mut by_state = [0u64; 13];
-        for e in t.entries() {
-            by_state[e.state as usize] += 1;
-        }
-        assert_eq!(s.sockets_by_state, by_state);
-        let listeners = t.entries().filter(|e| e.origin == Origin::Listener).count() as u64;
-        assert_eq!(s.live_sockets, t.len() as u64 - listeners);
-        assert_eq!(
-            s.accepted_live,
-            t.entries().filter(|e| e.origin == Origin::Accepted).count() as u64
-        );
     }
 
     #[test]
