@@ -103,7 +103,7 @@ fn main() {
             },
         ));
     }
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
     if json {
         let programs: Vec<_> = rows
             .iter()

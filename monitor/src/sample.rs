@@ -50,7 +50,10 @@ pub struct KernelSample {
 
 impl KernelSample {
     pub fn in_state(&self, state: u8) -> u64 {
-        self.sockets_by_state.get(state as usize).copied().unwrap_or(0)
+        self.sockets_by_state
+            .get(state as usize)
+            .copied()
+            .unwrap_or(0)
     }
 }
 

@@ -161,6 +161,42 @@ pub fn enable_bpf_stats() -> io::Result<Option<OwnedFd>> {
     }
 }
 
+/// Capabilities leakwatch still needs once the probes are attached: reading another process's
+/// `/proc/<pid>/fd` needs ptrace-read access (CAP_SYS_PTRACE when the target has capabilities we lack),
+/// and DAC_READ_SEARCH covers /proc files of other users.
+pub const KEPT_CAPABILITIES: [caps::Capability; 2] = [
+    caps::Capability::CAP_SYS_PTRACE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+];
+
+/// Drops every capability but [`KEPT_CAPABILITIES`] from all sets (bounding included), so a bug in the
+/// sidecar cannot load programs or mount anything after start-up. Map updates on already-open map fds
+/// keep working (kernels >= 6.5 check CAP_BPF only when creating maps and loading programs).
+pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
+    use caps::{CapSet, Capability, CapsHashSet};
+    let keep: CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
+    // Dropping from the bounding set needs CAP_SETPCAP, so it goes last.
+    let mut order: Vec<Capability> = caps::all()
+        .into_iter()
+        .filter(|c| *c != Capability::CAP_SETPCAP)
+        .collect();
+    order.push(Capability::CAP_SETPCAP);
+    for cap in order {
+        if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, cap)?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient)?;
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new())?;
+    let kept: CapsHashSet = caps::read(None, CapSet::Permitted)?
+        .intersection(&keep)
+        .copied()
+        .collect();
+    caps::set(None, CapSet::Effective, &kept)?;
+    caps::set(None, CapSet::Permitted, &kept)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,31 +233,4 @@ mod tests {
     fn garbage_lines_are_skipped() {
         assert!(parse_format("field:;offset:x;size:\n\u{0}\nfield:int a;offset:1;").is_empty());
     }
-}
-
-/// Capabilities leakwatch still needs once the probes are attached: reading another process's
-/// `/proc/<pid>/fd` needs ptrace-read access (CAP_SYS_PTRACE when the target has capabilities we lack),
-/// and DAC_READ_SEARCH covers /proc files of other users.
-pub const KEPT_CAPABILITIES: [caps::Capability; 2] = [caps::Capability::CAP_SYS_PTRACE, caps::Capability::CAP_DAC_READ_SEARCH];
-
-/// Drops every capability but [`KEPT_CAPABILITIES`] from all sets (bounding included), so a bug in the
-/// sidecar cannot load programs or mount anything after start-up. Map updates on already-open map fds
-/// keep working (kernels >= 6.5 check CAP_BPF only when creating maps and loading programs).
-pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
-    use caps::{CapSet, Capability, CapsHashSet};
-    let keep: CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
-    // Dropping from the bounding set needs CAP_SETPCAP, so it goes last.
-    let mut order: Vec<Capability> = caps::all().into_iter().filter(|c| *c != Capability::CAP_SETPCAP).collect();
-    order.push(Capability::CAP_SETPCAP);
-    for cap in order {
-        if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
-            caps::drop(None, CapSet::Bounding, cap)?;
-        }
-    }
-    caps::clear(None, CapSet::Ambient)?;
-    caps::set(None, CapSet::Inheritable, &CapsHashSet::new())?;
-    let kept: CapsHashSet = caps::read(None, CapSet::Permitted)?.intersection(&keep).copied().collect();
-    caps::set(None, CapSet::Effective, &kept)?;
-    caps::set(None, CapSet::Permitted, &kept)?;
-    Ok(())
 }

@@ -78,7 +78,15 @@ pub struct Verdict {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum VerdictChange {
     Raised(Verdict),
-    Cleared { kind: VerdictKind, subject: String, at: Seconds },
+    Cleared {
+        kind: VerdictKind,
+        subject: String,
+        at: Seconds,
+    },
     /// The target restarted: baselines were reset, nothing is read as a leak across the restart.
-    TargetRestarted { at: Seconds, old_pid: u32, new_pid: u32 },
+    TargetRestarted {
+        at: Seconds,
+        old_pid: u32,
+        new_pid: u32,
+    },
 }

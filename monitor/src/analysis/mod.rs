@@ -1,1 +1,142 @@
-//! Pure analysis: series of [`crate::sample::Snapshot`]s in, [`crate::verdict::Verdict`]s out. No I/O.
+//! Pure analysis: series of [`crate::sample::Snapshot`]s in, [`crate::verdict::Verdict`]s out. No I/O, so
+//! recorded series replay into it in unit tests exactly as they would live.
+//!
+//! Per tick: [`signals`] turns the snapshot into per-incarnation series (app ledger, kernel sockets, fds,
+//! tasks, heap); each function in [`rules`] (and the [`quiescence`] state machine) looks at them and says
+//! what holds right now; [`conditions`] debounces those findings into raised and cleared verdicts.
+mod conditions;
+mod config;
+pub mod quiescence;
+mod rules;
+pub mod series;
+pub mod signals;
+pub mod trend;
+
+use std::collections::BTreeMap;
+
+pub use config::{AnalysisConfig, Side};
+
+use self::{conditions::Conditions, quiescence::Quiescence, signals::Signals};
+use crate::{
+    sample::{Snapshot, TargetId},
+    verdict::{Verdict, VerdictChange, VerdictKind},
+};
+
+/// Numbers the analysis derives that are worth exporting (the cross-check at a glance).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DerivedNow {
+    pub app_live_by_clientkey: BTreeMap<String, f64>,
+    pub unbacked_connections: Option<f64>,
+    pub fd_exhaustion_seconds: Option<f64>,
+}
+
+pub struct Analyzer {
+    cfg: AnalysisConfig,
+    signals: Signals,
+    conditions: Conditions,
+    quiescence: Quiescence,
+    target: Option<TargetId>,
+    derived: DerivedNow,
+}
+
+impl Analyzer {
+    pub fn new(cfg: AnalysisConfig) -> Self {
+        Self {
+            cfg,
+            signals: Signals::default(),
+            conditions: Conditions::default(),
+            quiescence: Quiescence::default(),
+            target: None,
+            derived: DerivedNow::default(),
+        }
+    }
+
+    pub fn config(&self) -> &AnalysisConfig {
+        &self.cfg
+    }
+
+    /// How far back series are kept: the trend window plus room for the edges of the growth medians.
+    fn horizon(&self) -> f64 {
+        self.cfg.window_s + self.cfg.quiet_s.max(10.0)
+    }
+
+    /// Feeds one snapshot; returns the verdicts raised or cleared by it.
+    pub fn observe(&mut self, snap: &Snapshot) -> Vec<VerdictChange> {
+        let t = snap.t;
+        let mut changes = Vec::new();
+        if let Some(id) = &snap.target {
+            match &self.target {
+                Some(old) if old != id => {
+                    // A new incarnation: its counters restart from zero and its levels from its own start-up.
+                    // Comparing across the restart would read the reset as a leak or a recovery.
+                    changes.extend(self.conditions.reset(t));
+                    changes.push(VerdictChange::TargetRestarted {
+                        at: t,
+                        old_pid: old.pid,
+                        new_pid: id.pid,
+                    });
+                    self.signals.clear();
+                    self.quiescence.reset();
+                    self.target = Some(id.clone());
+                }
+                Some(_) => {}
+                None => self.target = Some(id.clone()),
+            }
+        }
+        self.signals.update(snap, self.cfg.side, self.horizon());
+        let findings = self.findings(t);
+        changes.extend(
+            self.conditions
+                .update(t, findings, self.cfg.clear_after_ticks),
+        );
+        self.derived = DerivedNow {
+            app_live_by_clientkey: self.signals.app_live_by_key.clone(),
+            unbacked_connections: self.signals.unbacked.last_fresh(t, self.stale_after()),
+            fd_exhaustion_seconds: rules::fd_forecast(&self.signals, &self.cfg, t),
+        };
+        changes
+    }
+
+    /// A value older than this is not evidence of anything now (scrape gap, target gone).
+    fn stale_after(&self) -> f64 {
+        self.cfg.unbacked_min_s.max(5.0)
+    }
+
+    fn findings(&mut self, t: f64) -> Vec<conditions::Finding> {
+        let (s, cfg) = (&self.signals, &self.cfg);
+        let mut out: Vec<_> = [
+            rules::bookkeeping(s, cfg, t, self.stale_after()),
+            rules::close_wait(s, cfg, t),
+            rules::fd_growth(s, cfg, t),
+            rules::task_growth(s, cfg, t),
+            rules::fd_exhaustion(s, cfg, t),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let correlated = out.iter().any(|f| {
+            matches!(
+                f.verdict.kind,
+                VerdictKind::TaskGrowth | VerdictKind::BookkeepingLeak
+            )
+        }) || self.conditions.holding(VerdictKind::TaskGrowth)
+            || self.conditions.holding(VerdictKind::BookkeepingLeak);
+        out.extend(rules::heap_growth(s, cfg, t, correlated));
+        out.extend(self.quiescence.update(&self.signals, &self.cfg, t));
+        out
+    }
+
+    /// Verdicts active now.
+    pub fn active(&self) -> Vec<Verdict> {
+        self.conditions.active()
+    }
+
+    pub fn derived(&self) -> &DerivedNow {
+        &self.derived
+    }
+
+    /// The quiescence recipe's phase (`idle`, `loaded`, `settling`, `stuck`), for /status.
+    pub fn load_phase(&self) -> &'static str {
+        self.quiescence.phase_name()
+    }
+}

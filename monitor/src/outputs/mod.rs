@@ -1,1 +1,4 @@
-//! Outputs: leakwatch's own /metrics, /status, /healthz and logs.
+//! Outputs: leakwatch's own /metrics, the /status and /healthz API, and verdict logs.
+pub mod http;
+pub mod log;
+pub mod metrics;

@@ -1,4 +1,5 @@
 //! Sources of samples: the eBPF probes, procfs, and the target's own /metrics.
 pub mod ebpf;
+pub mod procfs;
 pub mod scrape;
 pub mod socket_table;

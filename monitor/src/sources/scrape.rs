@@ -1,1 +1,540 @@
-//! Scraper of the target's Prometheus /metrics.
+//! The scraper: fetches the target's Prometheus `/metrics`, bounded in time and size, and extracts the
+//! series leakwatch cross-checks. A failed or garbled scrape is an outcome with a reason, never a sample of
+//! zeros: a tunnel whose metrics endpoint breaks must not look like one whose connections all closed.
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use openmetrics_parser::{PrometheusValue, prometheus::parse_prometheus};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::sample::{AppSample, LedgerRow, ScrapeOutcome, SessionRow};
+
+/// Names of the series to read; the defaults are remotedialer's and the Go runtime's.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricNames {
+    pub add_connections: String,
+    pub remove_connections: String,
+    pub add_session: String,
+    pub remove_session: String,
+    pub goroutines: String,
+    pub heap_inuse: String,
+    pub threads: String,
+    pub open_fds: String,
+    pub max_fds: String,
+    /// Prefix that tells whether remotedialer's metrics are registered at all.
+    pub remotedialer_prefix: String,
+}
+
+impl Default for MetricNames {
+    fn default() -> Self {
+        Self {
+            add_connections: "session_server_total_add_connections".into(),
+            remove_connections: "session_server_total_remove_connections".into(),
+            add_session: "session_server_total_add_websocket_session".into(),
+            remove_session: "session_server_total_remove_websocket_session".into(),
+            goroutines: "go_goroutines".into(),
+            heap_inuse: "go_memstats_heap_inuse_bytes".into(),
+            threads: "go_threads".into(),
+            open_fds: "process_open_fds".into(),
+            max_fds: "process_max_fds".into(),
+            remotedialer_prefix: "session_server_".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ScrapeConfig {
+    pub url: String,
+    pub timeout: Duration,
+    pub bearer_token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub names: MetricNames,
+    /// Larger bodies are refused (a runaway exporter must not blow up the sidecar).
+    pub max_body_bytes: usize,
+    /// Distinct (clientkey, proto, addr) rows kept; the rest are summed into clientkey `_other`.
+    pub max_ledger_rows: usize,
+}
+
+impl Default for ScrapeConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            timeout: Duration::from_secs(5),
+            bearer_token_file: None,
+            ca_file: None,
+            names: MetricNames::default(),
+            max_body_bytes: 16 << 20,
+            max_ledger_rows: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ScrapeSetupError {
+    #[error("cannot read CA file {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid CA certificate in {path}: {source}")]
+    CaCert {
+        path: String,
+        source: reqwest::Error,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(reqwest::Error),
+}
+
+/// Why a scrape produced no sample. The class (the part before `:` in [`ScrapeOutcome::Failed`]) is the
+/// `reason` label of `leakwatch_app_scrape_errors_total`.
+#[derive(Debug, Error, PartialEq)]
+pub enum ScrapeError {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("timeout: no complete answer within {0:?}")]
+    Timeout(Duration),
+    #[error("status: HTTP {0}")]
+    Status(u16),
+    #[error("too_large: body over {0} bytes")]
+    TooLarge(usize),
+    #[error("parse: {0}")]
+    Parse(String),
+    #[error("token: {0}")]
+    Token(String),
+}
+
+/// The class of a failure reason string, for metric labels.
+pub fn error_class(reason: &str) -> &'static str {
+    match reason.split(':').next().unwrap_or("") {
+        "connect" => "connect",
+        "timeout" => "timeout",
+        "status" => "status",
+        "too_large" => "too_large",
+        "parse" => "parse",
+        "token" => "token",
+        _ => "other",
+    }
+}
+
+pub struct Scraper {
+    cfg: ScrapeConfig,
+    client: reqwest::Client,
+}
+
+impl Scraper {
+    pub fn new(cfg: ScrapeConfig) -> Result<Self, ScrapeSetupError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout);
+        if let Some(path) = &cfg.ca_file {
+            let pem = std::fs::read(path).map_err(|source| ScrapeSetupError::CaFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|source| {
+                ScrapeSetupError::CaCert {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let client = builder.build().map_err(ScrapeSetupError::Client)?;
+        Ok(Self { cfg, client })
+    }
+
+    pub async fn scrape(&self) -> ScrapeOutcome {
+        match self
+            .fetch()
+            .await
+            .and_then(|body| parse_app_sample(&body, &self.cfg.names, self.cfg.max_ledger_rows))
+        {
+            Ok(sample) => ScrapeOutcome::Ok(sample),
+            Err(e) => ScrapeOutcome::Failed {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    async fn fetch(&self) -> Result<String, ScrapeError> {
+        let started = Instant::now();
+        let mut req = self
+            .client
+            .get(&self.cfg.url)
+            .header("Accept", "text/plain;version=0.0.4");
+        if let Some(path) = &self.cfg.bearer_token_file {
+            // Re-read every time: mounted secrets rotate. The token itself never reaches a log line.
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| ScrapeError::Token(format!("cannot read {}: {e}", path.display())))?;
+            req = req.bearer_auth(token.trim());
+        }
+        let classify = |e: reqwest::Error| {
+            if e.is_timeout() {
+                ScrapeError::Timeout(self.cfg.timeout)
+            } else {
+                ScrapeError::Connect(without_url(e))
+            }
+        };
+        let mut resp = req.send().await.map_err(classify)?;
+        if !resp.status().is_success() {
+            return Err(ScrapeError::Status(resp.status().as_u16()));
+        }
+        if resp
+            .content_length()
+            .is_some_and(|n| n as usize > self.cfg.max_body_bytes)
+        {
+            return Err(ScrapeError::TooLarge(self.cfg.max_body_bytes));
+        }
+        let mut body = Vec::new();
+        loop {
+            let left = self.cfg.timeout.saturating_sub(started.elapsed());
+            let chunk = tokio::time::timeout(left, resp.chunk())
+                .await
+                .map_err(|_| ScrapeError::Timeout(self.cfg.timeout))?
+                .map_err(classify)?;
+            let Some(chunk) = chunk else { break };
+            if body.len() + chunk.len() > self.cfg.max_body_bytes {
+                return Err(ScrapeError::TooLarge(self.cfg.max_body_bytes));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        String::from_utf8(body).map_err(|_| ScrapeError::Parse("body is not UTF-8".into()))
+    }
+}
+
+/// reqwest's messages include the URL, which may carry credentials in its userinfo; keep the cause only.
+fn without_url(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg = format!("{msg}: {s}");
+        source = s.source();
+    }
+    msg
+}
+
+fn number(v: &PrometheusValue) -> Option<f64> {
+    match v {
+        PrometheusValue::Unknown(n) | PrometheusValue::Gauge(n) => Some(n.as_f64()),
+        PrometheusValue::Counter(c) => Some(c.value.as_f64()),
+        _ => None,
+    }
+}
+
+/// Parses a text exposition into the numbers leakwatch needs. Strict: a body that is not valid exposition
+/// format is an error, as it is for Prometheus itself.
+pub fn parse_app_sample(
+    body: &str,
+    names: &MetricNames,
+    max_ledger_rows: usize,
+) -> Result<AppSample, ScrapeError> {
+    // The parser is a pest grammar with a few internal unwraps; never let a hostile body panic the sidecar.
+    let parsed = std::panic::catch_unwind(|| parse_prometheus(body))
+        .map_err(|_| ScrapeError::Parse("the exposition parser gave up on this body".into()))?
+        .map_err(|e| ScrapeError::Parse(format!("{e:?}").chars().take(200).collect()))?;
+    let mut sample = AppSample {
+        remotedialer_present: parsed
+            .families
+            .keys()
+            .any(|k| k.starts_with(&names.remotedialer_prefix)),
+        ..AppSample::default()
+    };
+    let gauge = |name: &str| -> Option<f64> {
+        let fam = parsed.families.get(name)?;
+        let v: f64 = fam.iter_samples().filter_map(|s| number(&s.value)).sum();
+        v.is_finite().then_some(v)
+    };
+    sample.goroutines = gauge(&names.goroutines);
+    sample.heap_inuse_bytes = gauge(&names.heap_inuse);
+    sample.threads = gauge(&names.threads);
+    sample.open_fds = gauge(&names.open_fds);
+    sample.max_fds = gauge(&names.max_fds);
+
+    let label = |s: &openmetrics_parser::Sample<PrometheusValue>, l: &str| -> String {
+        s.get_labelset()
+            .ok()
+            .and_then(|ls| ls.get_label_value(l).map(str::to_string))
+            .unwrap_or_default()
+    };
+    let mut ledger: HashMap<(String, String, String), LedgerRow> = HashMap::new();
+    for (fam_name, is_add) in [
+        (&names.add_connections, true),
+        (&names.remove_connections, false),
+    ] {
+        let Some(fam) = parsed.families.get(fam_name.as_str()) else {
+            continue;
+        };
+        for s in fam.iter_samples() {
+            let Some(v) = number(&s.value).filter(|v| v.is_finite()) else {
+                continue;
+            };
+            let mut key = (label(s, "clientkey"), label(s, "proto"), label(s, "addr"));
+            if !ledger.contains_key(&key) && ledger.len() >= max_ledger_rows {
+                key = ("_other".into(), String::new(), String::new());
+                sample.ledger_rows_dropped += 1;
+            }
+            let row = ledger.entry(key.clone()).or_insert_with(|| LedgerRow {
+                clientkey: key.0.clone(),
+                proto: key.1.clone(),
+                addr: key.2.clone(),
+                ..LedgerRow::default()
+            });
+            if is_add {
+                row.added += v
+            } else {
+                row.removed += v
+            }
+        }
+    }
+    let mut rows: Vec<LedgerRow> = ledger.into_values().collect();
+    rows.sort_by(|a, b| (&a.clientkey, &a.proto, &a.addr).cmp(&(&b.clientkey, &b.proto, &b.addr)));
+    sample.ledger = rows;
+
+    let mut sessions: HashMap<(String, String), SessionRow> = HashMap::new();
+    for (fam_name, is_add) in [(&names.add_session, true), (&names.remove_session, false)] {
+        let Some(fam) = parsed.families.get(fam_name.as_str()) else {
+            continue;
+        };
+        for s in fam.iter_samples().take(max_ledger_rows) {
+            let Some(v) = number(&s.value).filter(|v| v.is_finite()) else {
+                continue;
+            };
+            let key = (label(s, "clientkey"), label(s, "peer"));
+            let row = sessions.entry(key.clone()).or_insert_with(|| SessionRow {
+                clientkey: key.0.clone(),
+                peer: key.1.clone(),
+                ..SessionRow::default()
+            });
+            if is_add {
+                row.added += v
+            } else {
+                row.removed += v
+            }
+        }
+    }
+    let mut rows: Vec<SessionRow> = sessions.into_values().collect();
+    rows.sort_by(|a, b| (&a.clientkey, &a.peer).cmp(&(&b.clientkey, &b.peer)));
+    sample.sessions = rows;
+    Ok(sample)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &str = r#"# HELP session_server_total_add_connections Total count of added connections
+# TYPE session_server_total_add_connections counter
+session_server_total_add_connections{addr="127.0.0.1:8080",clientkey="c1",proto="tcp"} 120
+session_server_total_add_connections{addr="127.0.0.1:9090",clientkey="c2",proto="tcp"} 5
+# HELP session_server_total_remove_connections Total count of removed connections
+# TYPE session_server_total_remove_connections counter
+session_server_total_remove_connections{addr="127.0.0.1:8080",clientkey="c1",proto="tcp"} 100
+# HELP go_goroutines Number of goroutines that currently exist.
+# TYPE go_goroutines gauge
+go_goroutines 42
+# TYPE go_memstats_heap_inuse_bytes gauge
+go_memstats_heap_inuse_bytes 1.5e+06
+# TYPE process_max_fds gauge
+process_max_fds +Inf
+"#;
+
+    #[test]
+    fn extracts_the_ledger_and_runtime_gauges() {
+        let s = parse_app_sample(BODY, &MetricNames::default(), 100).unwrap();
+        assert!(s.remotedialer_present);
+        assert_eq!(s.ledger.len(), 2);
+        let c1 = &s.ledger[0];
+        assert_eq!(
+            (
+                c1.clientkey.as_str(),
+                c1.addr.as_str(),
+                c1.added,
+                c1.removed
+            ),
+            ("c1", "127.0.0.1:8080", 120.0, 100.0)
+        );
+        assert_eq!((s.ledger[1].added, s.ledger[1].removed), (5.0, 0.0));
+        assert_eq!(s.goroutines, Some(42.0));
+        assert_eq!(s.heap_inuse_bytes, Some(1.5e6));
+        assert_eq!(s.max_fds, None, "an infinite limit is no limit");
+    }
+
+    #[test]
+    fn absent_remotedialer_metrics_are_reported_as_absent() {
+        let s = parse_app_sample(
+            "# TYPE go_goroutines gauge\ngo_goroutines 7\n",
+            &MetricNames::default(),
+            10,
+        )
+        .unwrap();
+        assert!(!s.remotedialer_present);
+        assert!(s.ledger.is_empty());
+        assert_eq!(s.goroutines, Some(7.0));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_zeros() {
+        for garbage in [
+            "session_server_total_add_connections{clientkey=\"a\" 12\n",
+            "\u{0}\u{1}garbage{{{\n",
+            "<html><body>502 Bad Gateway</body></html>\n",
+            "go_goroutines not-a-number\n",
+        ] {
+            assert!(
+                matches!(
+                    parse_app_sample(garbage, &MetricNames::default(), 10),
+                    Err(ScrapeError::Parse(_))
+                ),
+                "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ledger_cardinality_is_capped() {
+        let mut body = String::from("# TYPE session_server_total_add_connections counter\n");
+        for i in 0..50 {
+            body += &format!(
+                "session_server_total_add_connections{{addr=\"a{i}\",clientkey=\"k{i}\",proto=\"tcp\"}} 1\n"
+            );
+        }
+        let s = parse_app_sample(&body, &MetricNames::default(), 10).unwrap();
+        assert_eq!(s.ledger.len(), 11, "10 rows and _other");
+        assert_eq!(s.ledger_rows_dropped, 40);
+        let other = s.ledger.iter().find(|r| r.clientkey == "_other").unwrap();
+        assert_eq!(other.added, 40.0);
+    }
+
+    #[test]
+    fn label_values_with_commas_and_escapes() {
+        let body = "# TYPE session_server_total_add_connections counter\nsession_server_total_add_connections{addr=\"h,x=1\",clientkey=\"a\\\"b\",proto=\"tcp\"} 3\n";
+        let s = parse_app_sample(body, &MetricNames::default(), 10).unwrap();
+        assert_eq!(s.ledger[0].addr, "h,x=1");
+        assert_eq!(s.ledger[0].added, 3.0);
+    }
+
+    async fn serve_once(response: &'static [u8], delay: Duration) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                tokio::time::sleep(delay).await;
+                let _ = s.write_all(response).await;
+                // Echo whether a bearer token arrived, for the token test.
+                if req.contains("authorization: Bearer s3cret")
+                    || req.contains("Authorization: Bearer s3cret")
+                {
+                    let _ = s.write_all(b"").await;
+                }
+            }
+        });
+        format!("http://{addr}/metrics")
+    }
+
+    fn scraper(url: String, timeout: Duration) -> Scraper {
+        Scraper::new(ScrapeConfig {
+            url,
+            timeout,
+            max_body_bytes: 4096,
+            ..ScrapeConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn ok_status_timeout_too_large_and_refused() {
+        let ok = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 43\r\nConnection: close\r\n\r\n# TYPE go_goroutines gauge\ngo_goroutines 3\n", Duration::ZERO).await;
+        let out = scraper(ok, Duration::from_secs(2)).scrape().await;
+        let ScrapeOutcome::Ok(s) = out else {
+            panic!("expected a sample, got {out:?}")
+        };
+        assert_eq!(s.goroutines, Some(3.0));
+
+        let err = serve_once(
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!(
+            scraper(err, Duration::from_secs(2)).scrape().await,
+            ScrapeOutcome::Failed {
+                reason: "status: HTTP 500".into()
+            }
+        );
+
+        let slow = serve_once(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            Duration::from_secs(3),
+        )
+        .await;
+        let out = scraper(slow, Duration::from_millis(300)).scrape().await;
+        assert!(
+            matches!(&out, ScrapeOutcome::Failed { reason } if error_class(reason) == "timeout"),
+            "{out:?}"
+        );
+
+        static HUGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let mut v = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+            v.extend(std::iter::repeat_n(b'#', 100_000));
+            v
+        });
+        let huge = serve_once(&HUGE, Duration::ZERO).await;
+        let out = scraper(huge, Duration::from_secs(2)).scrape().await;
+        assert!(
+            matches!(&out, ScrapeOutcome::Failed { reason } if error_class(reason) == "too_large"),
+            "{out:?}"
+        );
+
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = l.local_addr().unwrap();
+            drop(l);
+            format!("http://{a}/metrics")
+        };
+        let out = scraper(refused, Duration::from_secs(2)).scrape().await;
+        assert!(
+            matches!(&out, ScrapeOutcome::Failed { reason } if error_class(reason) == "connect"),
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bearer_token_is_sent_from_the_file() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/metrics", l.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\nConnection: close\r\n\r\ngo_goroutines 1\n").await;
+            String::from_utf8_lossy(&buf[..n]).to_lowercase()
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let s = Scraper::new(ScrapeConfig {
+            url,
+            bearer_token_file: Some(token),
+            ..ScrapeConfig::default()
+        })
+        .unwrap();
+        assert!(matches!(s.scrape().await, ScrapeOutcome::Ok(_)));
+        assert!(
+            server
+                .await
+                .unwrap()
+                .contains("authorization: bearer s3cret")
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! Turns instantaneous findings into verdicts: a finding must persist for its minimum duration before it
+//! is raised, and must be absent for a few ticks before it clears, so one odd sample neither pages anyone
+//! nor silences a real leak.
+use std::collections::BTreeMap;
+
+use crate::verdict::{Verdict, VerdictChange, VerdictKind};
+
+/// What a rule sees right now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    pub verdict: Verdict,
+    /// How long the condition must hold before it becomes a verdict.
+    pub min_duration: f64,
+}
+
+#[derive(Debug)]
+struct Condition {
+    since: f64,
+    raised: bool,
+    absent_ticks: u32,
+    latest: Verdict,
+}
+
+#[derive(Debug, Default)]
+pub struct Conditions {
+    by_key: BTreeMap<(VerdictKind, String), Condition>,
+}
+
+impl Conditions {
+    pub fn update(
+        &mut self,
+        t: f64,
+        findings: Vec<Finding>,
+        clear_after_ticks: u32,
+    ) -> Vec<VerdictChange> {
+        let mut changes = Vec::new();
+        let mut seen = Vec::new();
+        for f in findings {
+            let key = (f.verdict.kind, f.verdict.subject.clone());
+            seen.push(key.clone());
+            let c = self.by_key.entry(key).or_insert_with(|| Condition {
+                since: t,
+                raised: false,
+                absent_ticks: 0,
+                latest: f.verdict.clone(),
+            });
+            c.absent_ticks = 0;
+            c.latest = Verdict {
+                since: c.since,
+                ..f.verdict
+            };
+            if !c.raised && t - c.since >= f.min_duration {
+                c.raised = true;
+                changes.push(VerdictChange::Raised(c.latest.clone()));
+            }
+        }
+        let mut gone = Vec::new();
+        for (key, c) in self.by_key.iter_mut() {
+            if seen.contains(key) {
+                continue;
+            }
+            c.absent_ticks += 1;
+            // A condition that never became a verdict is forgotten at once: its clock must restart.
+            if !c.raised || c.absent_ticks >= clear_after_ticks {
+                gone.push(key.clone());
+            }
+        }
+        for key in gone {
+            if let Some(c) = self.by_key.remove(&key) {
+                if c.raised {
+                    changes.push(VerdictChange::Cleared {
+                        kind: key.0,
+                        subject: key.1,
+                        at: t,
+                    });
+                }
+            }
+        }
+        changes
+    }
+
+    /// Clears everything (target restart), reporting the verdicts that were active.
+    pub fn reset(&mut self, t: f64) -> Vec<VerdictChange> {
+        let changes = self
+            .by_key
+            .iter()
+            .filter(|(_, c)| c.raised)
+            .map(|((kind, subject), _)| VerdictChange::Cleared {
+                kind: *kind,
+                subject: subject.clone(),
+                at: t,
+            })
+            .collect();
+        self.by_key.clear();
+        changes
+    }
+
+    pub fn active(&self) -> Vec<Verdict> {
+        self.by_key
+            .values()
+            .filter(|c| c.raised)
+            .map(|c| c.latest.clone())
+            .collect()
+    }
+
+    /// Kinds whose condition holds now, raised or not yet (for correlated rules).
+    pub fn holding(&self, kind: VerdictKind) -> bool {
+        self.by_key
+            .iter()
+            .any(|((k, _), c)| *k == kind && c.absent_ticks == 0)
+    }
+}

@@ -1,0 +1,209 @@
+//! The fix's verification recipe, run continuously: remember the levels before a burst of load, notice when
+//! the load ends, and after a settle time check that the ledger, tasks, fds, CLOSE_WAIT sockets and heap came
+//! back to where they were. A level that stays up after the load is gone is held by nothing legitimate.
+use std::collections::BTreeMap;
+
+use super::{AnalysisConfig, conditions::Finding, signals::Signals};
+use crate::verdict::{Severity, Verdict, VerdictKind};
+
+/// The levels the recipe compares, each the median of the last few seconds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Levels {
+    pub app_live: Option<f64>,
+    pub tasks: Option<f64>,
+    pub fds: Option<f64>,
+    pub close_wait: Option<f64>,
+    pub heap: Option<f64>,
+}
+
+impl Levels {
+    /// Medians over `[now - secs, now]`: one odd sample does not move a baseline.
+    pub fn measure(s: &Signals, now: f64, secs: f64) -> Self {
+        let m = |series: &super::series::Series| series.median_between(now - secs, now);
+        Self {
+            app_live: m(&s.app_live),
+            tasks: m(&s.tasks),
+            fds: m(&s.fds),
+            close_wait: m(&s.close_wait),
+            heap: m(&s.heap),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    /// No load: the baseline follows the levels.
+    Idle,
+    /// Load is running; `baseline` was measured just before it began.
+    Loaded { began: f64 },
+    /// Load ended at `ended`; levels have until `ended + settle_s` to come back.
+    Settling { ended: f64 },
+    /// The settle time passed and some level did not come back; checked again every tick.
+    Stuck { ended: f64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct Quiescence {
+    phase: Phase,
+    baseline: Option<Levels>,
+    /// Last time the open rate was above the burst threshold.
+    last_busy: Option<f64>,
+}
+
+impl Default for Quiescence {
+    fn default() -> Self {
+        Self {
+            phase: Phase::Idle,
+            baseline: None,
+            last_busy: None,
+        }
+    }
+}
+
+/// One level that did not return: (name, baseline, now, tolerance).
+type Excess = (&'static str, f64, f64, f64);
+
+fn excesses(base: &Levels, now: &Levels, cfg: &AnalysisConfig) -> Vec<Excess> {
+    let heap_tol = base
+        .heap
+        .map(|b| (b * cfg.settle_heap_tolerance_ratio).max(cfg.heap_min_growth_bytes / 2.0));
+    let checks = [
+        (
+            "app.live_connections",
+            base.app_live,
+            now.app_live,
+            Some(cfg.settle_tasks_tolerance),
+        ),
+        (
+            "tasks",
+            base.tasks,
+            now.tasks,
+            Some(cfg.settle_tasks_tolerance),
+        ),
+        (
+            "procfs.open_fds",
+            base.fds,
+            now.fds,
+            Some(cfg.settle_fds_tolerance),
+        ),
+        (
+            "kernel.close_wait_sockets",
+            base.close_wait,
+            now.close_wait,
+            Some(cfg.settle_fds_tolerance),
+        ),
+        ("app.heap_inuse_bytes", base.heap, now.heap, heap_tol),
+    ];
+    checks
+        .into_iter()
+        .filter_map(|(name, b, n, tol)| {
+            let (b, n, tol) = (b?, n?, tol?);
+            (n > b + tol).then_some((name, b, n, tol))
+        })
+        .collect()
+}
+
+impl Quiescence {
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Idle => "idle",
+            Phase::Loaded { .. } => "loaded",
+            Phase::Settling { .. } => "settling",
+            Phase::Stuck { .. } => "stuck",
+        }
+    }
+
+    /// Advances the state machine to `t` and returns a finding while levels stay above their pre-load
+    /// baseline past the settle time.
+    pub fn update(&mut self, s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
+        let busy = s
+            .open_rate(t, cfg.quiet_s.max(2.0))
+            .is_some_and(|r| r > cfg.burst_rate);
+        if busy {
+            self.last_busy = Some(t);
+        }
+        let quiet_for = self.last_busy.map(|b| t - b).unwrap_or(f64::INFINITY);
+        match self.phase.clone() {
+            Phase::Idle => {
+                if busy {
+                    // The baseline is what was measured while idle, before the rate crossed the threshold.
+                    self.phase = Phase::Loaded { began: t };
+                } else if s.tasks.span(t) >= cfg.quiet_s {
+                    self.baseline = Some(Levels::measure(s, t, cfg.quiet_s));
+                }
+                None
+            }
+            Phase::Loaded { .. } => {
+                if quiet_for >= cfg.quiet_s {
+                    self.phase = Phase::Settling {
+                        ended: t - quiet_for,
+                    };
+                }
+                None
+            }
+            Phase::Settling { ended } | Phase::Stuck { ended } => {
+                if busy {
+                    self.phase = Phase::Loaded { began: t };
+                    return None;
+                }
+                if t - ended < cfg.settle_s {
+                    return None;
+                }
+                let Some(base) = self.baseline.clone() else {
+                    // Load was running when the watch began: there is no "before" to return to. The levels
+                    // after this quiet period become the baseline for the next burst.
+                    self.phase = Phase::Idle;
+                    return None;
+                };
+                let now = Levels::measure(s, t, cfg.quiet_s);
+                let over = excesses(&base, &now, cfg);
+                if over.is_empty() {
+                    self.phase = Phase::Idle;
+                    return None;
+                }
+                self.phase = Phase::Stuck { ended };
+                Some(self.finding(&over, t - ended))
+            }
+        }
+    }
+
+    fn finding(&self, over: &[Excess], settled_for: f64) -> Finding {
+        let mut evidence = BTreeMap::new();
+        for (name, b, n, _) in over {
+            evidence.insert(format!("{name}.baseline"), *b);
+            evidence.insert(format!("{name}.now"), *n);
+        }
+        evidence.insert("quiescence.seconds_since_load_ended".into(), settled_for);
+        let what: Vec<String> = over
+            .iter()
+            .map(|(name, b, n, tol)| format!("{name} {b:.0} -> {n:.0} (tolerance +{tol:.0})"))
+            .collect();
+        let severity = if over
+            .iter()
+            .any(|(n, ..)| *n == "app.live_connections" || *n == "tasks")
+        {
+            Severity::Critical
+        } else {
+            Severity::Warning
+        };
+        Finding {
+            verdict: Verdict {
+                kind: VerdictKind::QuiescenceFailure,
+                severity,
+                since: 0.0,
+                subject: String::new(),
+                evidence,
+                explanation: format!(
+                    "load ended {settled_for:.0}s ago but levels did not return to their pre-load baseline: {}",
+                    what.join(", ")
+                ),
+            },
+            // The settle time already elapsed: no further waiting.
+            min_duration: 0.0,
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The rules: each reads the signals at time `t` and returns the findings that hold right now.
+use std::collections::BTreeMap;
+
+use super::{AnalysisConfig, conditions::Finding, signals::Signals};
+use crate::verdict::{Severity, Verdict, VerdictKind};
+
+fn finding(
+    kind: VerdictKind,
+    severity: Severity,
+    subject: String,
+    evidence: BTreeMap<String, f64>,
+    explanation: String,
+    min_duration: f64,
+) -> Finding {
+    Finding {
+        verdict: Verdict {
+            kind,
+            severity,
+            since: 0.0,
+            subject,
+            evidence,
+            explanation,
+        },
+        min_duration,
+    }
+}
+
+fn ev(pairs: &[(&str, Option<f64>)]) -> BTreeMap<String, f64> {
+    pairs
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect()
+}
+
+/// The ledger rows whose live count grew most over the window: who the held connections belong to.
+fn leak_subject(s: &Signals, t: f64, window: f64) -> String {
+    let mut grown: Vec<(f64, &String)> = s
+        .app_live_by_row
+        .iter()
+        .filter_map(|(k, series)| Signals::growth(series, t, window).map(|g| (g, k)))
+        .filter(|(g, _)| *g > 0.0)
+        .collect();
+    grown.sort_by(|a, b| b.0.total_cmp(&a.0));
+    grown
+        .iter()
+        .take(3)
+        .map(|(g, k)| format!("{k} (+{g:.0})"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The app holds connections the kernel closed long ago (remotedialer v2.10.3).
+pub fn bookkeeping(s: &Signals, cfg: &AnalysisConfig, t: f64, stale_after: f64) -> Option<Finding> {
+    // A failed scrape leaves the last value in place; a stale ledger is no evidence of a leak now.
+    let unbacked = s.unbacked.last_fresh(t, stale_after)?;
+    let kernel = s.kernel_conn.last().unwrap_or(0.0);
+    let tolerance = cfg.unbacked_abs_tolerance + cfg.unbacked_rel_tolerance * kernel;
+    if unbacked <= tolerance {
+        return None;
+    }
+    let growth = Signals::growth(&s.unbacked, t, cfg.window_s);
+    let severity = if unbacked > 4.0 * tolerance || growth.is_some_and(|g| g > tolerance) {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    let app = s.app_live.last();
+    Some(finding(
+        VerdictKind::BookkeepingLeak,
+        severity,
+        leak_subject(s, t, cfg.window_s),
+        ev(&[
+            ("app.live_connections", app),
+            ("kernel.backing_sockets", Some(kernel)),
+            ("crosscheck.unbacked_connections", Some(unbacked)),
+            ("crosscheck.unbacked_growth_in_window", growth),
+            ("app.open_rate_per_s", s.open_rate(t, 10.0)),
+        ]),
+        format!(
+            "the tunnel believes {:.0} connections are live but the kernel holds sockets for only {kernel:.0}: {unbacked:.0} are held for callers that already left (add/remove ledger not decremented)",
+            app.unwrap_or(0.0)
+        ),
+        cfg.unbacked_min_s,
+    ))
+}
+
+/// Sockets left in CLOSE_WAIT: the peer closed, the process never did.
+pub fn close_wait(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
+    let cw = s.close_wait.last()?;
+    // Not draining: the lowest count of the last seconds is still over the tolerance.
+    let floor = s
+        .close_wait
+        .min_since(t - cfg.close_wait_min_s.min(10.0))
+        .unwrap_or(cw);
+    if floor <= cfg.close_wait_tolerance {
+        return None;
+    }
+    let growth = Signals::growth(&s.close_wait, t, cfg.window_s);
+    let severity = if growth.is_some_and(|g| g > cfg.close_wait_tolerance) {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    Some(finding(
+        VerdictKind::SocketLeak,
+        severity,
+        "state=CLOSE_WAIT".into(),
+        ev(&[
+            ("kernel.close_wait_sockets", Some(cw)),
+            ("kernel.close_wait_growth_in_window", growth),
+            ("kernel.established_sockets", s.established.last()),
+            ("app.live_connections", s.app_live.last()),
+            ("procfs.open_fds", s.fds.last()),
+        ]),
+        format!(
+            "{cw:.0} sockets sit in CLOSE_WAIT: their peers hung up and the process never closed them"
+        ),
+        cfg.close_wait_min_s,
+    ))
+}
+
+/// Fds that keep growing with no matching growth of established connections.
+pub fn fd_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
+    if s.fds.span(t) < cfg.min_span_s {
+        return None;
+    }
+    let since = t - cfg.window_s;
+    let slope = s.fds.slope_since(since)?;
+    let growth = Signals::growth(&s.fds, t, cfg.window_s)?;
+    let est_growth = Signals::growth(&s.established, t, cfg.window_s)
+        .unwrap_or(0.0)
+        .max(0.0);
+    if slope < cfg.fd_min_slope || growth - est_growth < cfg.fd_min_growth {
+        return None;
+    }
+    Some(finding(
+        VerdictKind::SocketLeak,
+        Severity::Warning,
+        "fds".into(),
+        ev(&[
+            ("procfs.open_fds", s.fds.last()),
+            ("procfs.fd_growth_in_window", Some(growth)),
+            ("procfs.fd_slope_per_s", Some(slope)),
+            ("kernel.established_growth_in_window", Some(est_growth)),
+            ("procfs.fd_limit", s.fd_limit),
+        ]),
+        format!(
+            "open fds grew by {growth:.0} in {:.0}s ({slope:.1}/s) while established connections did not",
+            cfg.window_s
+        ),
+        0.0,
+    ))
+}
+
+/// Tasks that keep rising while live connections do not explain them.
+pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
+    if s.tasks.span(t) < cfg.min_span_s {
+        return None;
+    }
+    let slope = s.tasks.slope_since(t - cfg.window_s)?;
+    let growth = Signals::growth(&s.tasks, t, cfg.window_s)?;
+    // Callers that are gone (CLOSE_WAIT) do not justify a task; established connections do.
+    let live_growth = Signals::growth(&s.established, t, cfg.window_s)
+        .unwrap_or(0.0)
+        .max(0.0);
+    let unexplained = growth - cfg.tasks_per_connection * live_growth;
+    if slope < cfg.task_min_slope || unexplained < cfg.task_min_growth {
+        return None;
+    }
+    let severity = if unexplained > 5.0 * cfg.task_min_growth {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    Some(finding(
+        VerdictKind::TaskGrowth,
+        severity,
+        s.tasks_source.to_string(),
+        ev(&[
+            ("tasks.current", s.tasks.last()),
+            ("tasks.growth_in_window", Some(growth)),
+            ("tasks.slope_per_s", Some(slope)),
+            ("kernel.established_growth_in_window", Some(live_growth)),
+            ("kernel.close_wait_sockets", s.close_wait.last()),
+            ("app.live_connections", s.app_live.last()),
+        ]),
+        format!(
+            "{} grew by {growth:.0} in {:.0}s ({slope:.1}/s) while established connections grew by {live_growth:.0}: tasks are held for connections whose callers left",
+            s.tasks_source, cfg.window_s
+        ),
+        0.0,
+    ))
+}
+
+/// Heap growing along with a task or bookkeeping leak.
+pub fn heap_growth(s: &Signals, cfg: &AnalysisConfig, t: f64, correlated: bool) -> Option<Finding> {
+    if !correlated || s.heap.span(t) < cfg.min_span_s {
+        return None;
+    }
+    let growth = Signals::growth(&s.heap, t, cfg.window_s)?;
+    let first = s
+        .heap
+        .median_between(t - cfg.window_s, t - cfg.window_s + 5.0)
+        .unwrap_or(0.0);
+    let slope = s.heap.slope_since(t - cfg.window_s)?;
+    if slope <= 0.0
+        || growth
+            < cfg
+                .heap_min_growth_bytes
+                .max(cfg.heap_min_growth_ratio * first)
+    {
+        return None;
+    }
+    Some(finding(
+        VerdictKind::HeapGrowth,
+        Severity::Warning,
+        String::new(),
+        ev(&[
+            ("app.heap_inuse_bytes", s.heap.last()),
+            ("app.heap_growth_in_window", Some(growth)),
+            ("app.heap_slope_bytes_per_s", Some(slope)),
+        ]),
+        format!(
+            "heap grew by {:.1} MiB in {:.0}s alongside the leak",
+            growth / 1048576.0,
+            cfg.window_s
+        ),
+        0.0,
+    ))
+}
+
+/// Seconds until the fd limit at the current fd growth rate, when fds are growing.
+pub fn fd_forecast(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<f64> {
+    let limit = s.fd_limit?;
+    if s.fds.span(t) < cfg.min_span_s {
+        return None;
+    }
+    let slope = s.fds.slope_since(t - cfg.window_s)?;
+    let growth = Signals::growth(&s.fds, t, cfg.window_s)?;
+    if slope <= 0.0 || growth < cfg.fd_min_growth / 2.0 {
+        return None;
+    }
+    Some(((limit - s.fds.last()?) / slope).max(0.0))
+}
+
+pub fn fd_exhaustion(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
+    let secs = fd_forecast(s, cfg, t)?;
+    if secs > cfg.fd_forecast_warning_s {
+        return None;
+    }
+    let severity = if secs <= cfg.fd_forecast_critical_s {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    Some(finding(
+        VerdictKind::FdExhaustion,
+        severity,
+        String::new(),
+        ev(&[
+            ("procfs.open_fds", s.fds.last()),
+            ("procfs.fd_limit", s.fd_limit),
+            ("forecast.seconds_to_limit", Some(secs)),
+        ]),
+        format!(
+            "at the current rate the fd limit ({:.0}) is reached in {:.0} minutes",
+            s.fd_limit.unwrap_or(0.0),
+            secs / 60.0
+        ),
+        0.0,
+    ))
+}

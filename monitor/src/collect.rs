@@ -1,0 +1,330 @@
+//! The collector: runs every source once per tick and assembles a [`Snapshot`]. It owns the moving parts
+//! (the target tracker, the probes and their event pump, the procfs sampler, the scraper) so that the
+//! commands above it only deal in snapshots.
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{
+    sample::{KernelSample, ScrapeOutcome, Snapshot, TargetId},
+    sources::{
+        ebpf::{self, ProbeEvent, ProbeOptions, Probes, RawCounters},
+        procfs::{ProcError, ProcfsSampler},
+        scrape::Scraper,
+        socket_table::SocketTable,
+    },
+    target::{TargetSelector, TargetStatus, TargetTracker},
+};
+
+/// How the kernel side is observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelMode {
+    Ebpf,
+    /// eBPF could not be used; the reason, in one line.
+    ProcfsOnly(String),
+}
+
+/// What happened to the target during a tick, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetEvent {
+    Found(TargetId),
+    Restarted { old: TargetId, new: TargetId },
+    Lost(Option<TargetId>),
+}
+
+/// Cost of the last pass per source, in seconds.
+#[derive(Clone, Debug, Default)]
+pub struct SourceCosts {
+    pub ebpf: f64,
+    pub procfs: f64,
+    pub scrape: f64,
+}
+
+pub struct CollectorOptions {
+    pub selector: TargetSelector,
+    /// Do not even try eBPF.
+    pub no_ebpf: bool,
+    pub probes: ProbeOptions,
+    /// Keep kernel BPF run-time statistics on (for the cost report).
+    pub bpf_stats: bool,
+}
+
+pub struct Collector {
+    tracker: TargetTracker,
+    current: Option<TargetId>,
+    probes: Option<Probes>,
+    mode: KernelMode,
+    table: Arc<Mutex<SocketTable>>,
+    pump: Option<JoinHandle<()>>,
+    process_events: Option<mpsc::UnboundedReceiver<ProbeEvent>>,
+    procfs: ProcfsSampler,
+    scraper: Option<Scraper>,
+    started: Instant,
+    pub costs: SourceCosts,
+    last_counters: Option<RawCounters>,
+}
+
+impl Collector {
+    /// Sets up every source. Failing to load eBPF is not an error: the collector carries on in
+    /// procfs-only mode and says why in one log line.
+    pub fn new(opts: CollectorOptions, scraper: Option<Scraper>) -> Self {
+        let table = Arc::new(Mutex::new(SocketTable::new(
+            opts.probes.max_sockets as usize,
+        )));
+        let (probes, mode) = if opts.no_ebpf {
+            (
+                None,
+                KernelMode::ProcfsOnly("eBPF disabled by --no-ebpf".into()),
+            )
+        } else {
+            match Probes::load(&opts.probes, opts.bpf_stats) {
+                Ok(p) => (Some(p), KernelMode::Ebpf),
+                Err(e) => {
+                    warn!("eBPF unavailable, continuing in procfs-only mode: {e}");
+                    (None, KernelMode::ProcfsOnly(e.to_string()))
+                }
+            }
+        };
+        let mut collector = Self {
+            tracker: TargetTracker::new(opts.selector),
+            current: None,
+            probes,
+            mode,
+            table,
+            pump: None,
+            process_events: None,
+            procfs: ProcfsSampler::default(),
+            scraper,
+            started: Instant::now(),
+            costs: SourceCosts::default(),
+            last_counters: None,
+        };
+        collector.start_pump();
+        collector
+    }
+
+    pub fn mode(&self) -> &KernelMode {
+        &self.mode
+    }
+
+    pub fn probes(&self) -> Option<&Probes> {
+        self.probes.as_ref()
+    }
+
+    pub fn socket_table(&self) -> Arc<Mutex<SocketTable>> {
+        Arc::clone(&self.table)
+    }
+
+    pub fn target(&self) -> Option<&TargetId> {
+        self.current.as_ref()
+    }
+
+    /// The ring buffer is drained continuously by its own task: at high churn it would overflow if it
+    /// were only read once per tick.
+    fn start_pump(&mut self) {
+        let Some(ring) = self.probes.as_mut().and_then(Probes::take_ring) else {
+            return;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.process_events = Some(rx);
+        let table = Arc::clone(&self.table);
+        self.pump = Some(tokio::spawn(run_pump(ring, table, tx)));
+    }
+
+    /// One pass over every source.
+    pub async fn tick(&mut self) -> (Snapshot, Vec<TargetEvent>) {
+        let events = self.follow_target();
+        let t = self.started.elapsed().as_secs_f64();
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+
+        let t0 = Instant::now();
+        let kernel = self.kernel_sample();
+        self.costs.ebpf = t0.elapsed().as_secs_f64();
+
+        let t0 = Instant::now();
+        let proc = match &self.current {
+            Some(id) => match self.procfs.sample(id.pid) {
+                Ok(s) => Some(s),
+                Err(ProcError::Gone) => None,
+                Err(e) => {
+                    warn!(pid = id.pid, "procfs sample failed: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        self.costs.procfs = t0.elapsed().as_secs_f64();
+
+        let t0 = Instant::now();
+        let app = match &self.scraper {
+            Some(s) => s.scrape().await,
+            None => ScrapeOutcome::NotConfigured,
+        };
+        self.costs.scrape = t0.elapsed().as_secs_f64();
+
+        (
+            Snapshot {
+                t,
+                unix,
+                target: self.current.clone(),
+                kernel,
+                proc,
+                app,
+            },
+            events,
+        )
+    }
+
+    fn kernel_sample(&mut self) -> Option<KernelSample> {
+        let probes = self.probes.as_ref()?;
+        if let Some(rx) = self.process_events.as_mut() {
+            while let Ok(ProbeEvent::Process(p)) = rx.try_recv() {
+                if p.kind == monitor_ebpf::event_kind::PROCESS_EXIT {
+                    self.table.lock().map(|mut t| t.forget_process(p.tgid)).ok();
+                }
+            }
+        }
+        let counters = match probes.counters() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("reading eBPF counters failed: {e}");
+                return None;
+            }
+        };
+        let sample = counters.to_kernel_sample();
+        self.last_counters = Some(counters);
+        Some(sample)
+    }
+
+    pub fn last_counters(&self) -> Option<&RawCounters> {
+        self.last_counters.as_ref()
+    }
+
+    /// Polls the tracker and keeps the in-kernel watch set in step with it.
+    fn follow_target(&mut self) -> Vec<TargetEvent> {
+        let mut events = Vec::new();
+        match self.tracker.poll() {
+            TargetStatus::Found(id) => {
+                info!(pid = id.pid, "target found");
+                self.attach(&id);
+                events.push(TargetEvent::Found(id.clone()));
+                self.current = Some(id);
+            }
+            TargetStatus::Same(_) => {}
+            TargetStatus::Restarted { old, new } => {
+                info!(
+                    old_pid = old.pid,
+                    new_pid = new.pid,
+                    "target restarted: baselines reset"
+                );
+                self.detach(&old);
+                self.attach(&new);
+                events.push(TargetEvent::Restarted {
+                    old,
+                    new: new.clone(),
+                });
+                self.current = Some(new);
+            }
+            TargetStatus::Gone { last } => {
+                if let Some(last) = &last {
+                    warn!(
+                        pid = last.pid,
+                        "target is gone; waiting for it to come back"
+                    );
+                    self.detach(last);
+                }
+                if self.current.take().is_some() {
+                    events.push(TargetEvent::Lost(last));
+                }
+            }
+            TargetStatus::NotFound => {}
+        }
+        events
+    }
+
+    fn attach(&mut self, id: &TargetId) {
+        let Some(probes) = self.probes.as_mut() else {
+            return;
+        };
+        if let Err(e) = probes.watch(id.pid) {
+            warn!(pid = id.pid, "cannot watch target in the kernel: {e}");
+            return;
+        }
+        // Listeners opened before we attached: without seeding, their accepted sockets are invisible.
+        match self.procfs.listening_ports(id.pid) {
+            Ok(ports) => {
+                if let Err(e) = probes.seed_listeners(id.pid, &ports) {
+                    warn!(pid = id.pid, "cannot seed listeners: {e}");
+                }
+            }
+            Err(e) => warn!(pid = id.pid, "cannot read listening ports: {e}"),
+        }
+    }
+
+    fn detach(&mut self, id: &TargetId) {
+        if let Some(probes) = self.probes.as_mut() {
+            probes.unwatch(id.pid);
+        }
+        if let Ok(mut t) = self.table.lock() {
+            t.forget_process(id.pid);
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if let Some(p) = self.pump.take() {
+            p.abort();
+        }
+    }
+}
+
+async fn run_pump(
+    ring: RingBuf<MapData>,
+    table: Arc<Mutex<SocketTable>>,
+    tx: mpsc::UnboundedSender<ProbeEvent>,
+) {
+    // SAFETY: the ring buffer owns its map fd, and the AsyncFd owns the ring buffer, so the fd stays open
+    // for as long as it is registered with the reactor.
+    let registered = unsafe { AsyncFd::register(ring) };
+    let mut ring = match registered {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("cannot poll the eBPF ring buffer, socket table disabled: {e}");
+            return;
+        }
+    };
+    loop {
+        let mut batch = Vec::with_capacity(256);
+        let result =
+            ebpf::pump_ring(&mut ring, Duration::from_millis(250), |ev| batch.push(ev)).await;
+        if let Err(e) = result {
+            warn!("eBPF ring buffer read failed: {e}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if let Ok(mut t) = table.lock() {
+            for ev in &batch {
+                if let ProbeEvent::Sock(s) = ev {
+                    t.apply(s);
+                }
+            }
+        }
+        for ev in batch {
+            if matches!(ev, ProbeEvent::Process(_)) {
+                let _ = tx.send(ev);
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `leakwatch check`: watch for a fixed time, then exit 0 (no leak) or 1 (with a report).
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::Result;
+use clap::Args;
+use tokio::time::Instant;
+
+use super::watch::build_engine;
+use crate::{
+    cli::parse_duration, config::SidecarArgs, engine::Raised, outputs::http, verdict::Verdict,
+};
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+    /// How long to watch.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also serve /metrics, /status and /healthz while checking (on --listen).
+    #[arg(long)]
+    pub serve: bool,
+}
+
+pub async fn run(args: CheckArgs) -> Result<ExitCode> {
+    let cfg = args.sidecar.resolve()?;
+    let mut engine = build_engine(&cfg)?;
+    if args.serve {
+        http::serve(cfg.listen, engine.shared.clone()).await?;
+    }
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    eprintln!(
+        "leakwatch check: watching for {:?} (mode {})",
+        args.duration,
+        crate::engine::mode_name(engine.collector.mode())
+    );
+    let end = Instant::now() + args.duration;
+    let mut ticker = tokio::time::interval(cfg.interval);
+    while Instant::now() < end {
+        tokio::select! {
+            _ = ticker.tick() => { engine.step().await; }
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    let report = Report {
+        started_unix,
+        mode: crate::engine::mode_name(engine.collector.mode()),
+        verdicts: engine.raised.clone(),
+        active_at_end: engine.analyzer.active(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(if report.verdicts.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    started_unix: f64,
+    mode: String,
+    verdicts: Vec<Raised>,
+    active_at_end: Vec<Verdict>,
+}
+
+impl Report {
+    fn render(&self) -> String {
+        if self.verdicts.is_empty() {
+            return "leakwatch check: no leak found\n".into();
+        }
+        let mut out = format!(
+            "leakwatch check: {} verdict(s) raised\n",
+            self.verdicts.len()
+        );
+        for r in &self.verdicts {
+            let v = &r.verdict;
+            out += &format!(
+                "- [{}] {} raised at t={:.0}s (condition since t={:.0}s) {}: {}\n",
+                v.severity.as_str(),
+                v.kind.as_str(),
+                r.raised_t,
+                v.since,
+                v.subject,
+                v.explanation
+            );
+            for (k, val) in &v.evidence {
+                out += &format!("    {k} = {val}\n");
+            }
+        }
+        out += &format!("still active at the end: {}\n", self.active_at_end.len());
+        out
+    }
+}

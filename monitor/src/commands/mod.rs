@@ -1,0 +1,5 @@
+//! The subcommands. Each builds its sources with [`crate::collect::Collector`] and loops over snapshots.
+pub mod check;
+pub mod observe;
+pub mod verify;
+pub mod watch;

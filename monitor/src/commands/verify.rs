@@ -1,0 +1,286 @@
+//! `leakwatch verify`: the recipe that verified the remotedialer leak fix, automated. Measure a baseline,
+//! drive many requests through the tunnel, then check that the add/remove ledger converges, and that
+//! tasks, fds, heap and CLOSE_WAIT sockets return to baseline within a settle time.
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use monitor_ebpf::tcp_state::CLOSE_WAIT;
+use serde::Serialize;
+use tokio::{sync::Semaphore, time::Instant};
+
+use super::watch::build_engine;
+use crate::{
+    cli::parse_duration,
+    config::SidecarArgs,
+    engine::Engine,
+    sample::{ScrapeOutcome, Snapshot},
+};
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+    /// URL to request through the tunnel (e.g. the tunnel server's proxy path to a downstream API).
+    #[arg(long)]
+    pub load_url: String,
+    /// Number of requests to drive.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub requests: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub concurrency: u64,
+    /// How long to measure the baseline before the load.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub baseline: Duration,
+    /// How long the tunnel may take to return to baseline after the load.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// Upper bound on the load phase.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub max_load_time: Duration,
+    /// Extra tasks/goroutines, fds and CLOSE_WAIT sockets tolerated over the baseline.
+    #[arg(long, default_value_t = 5.0)]
+    pub tolerance: f64,
+    /// Extra heap tolerated over the baseline, as a fraction (0.25 = 25%), on top of 2 MiB.
+    #[arg(long, default_value_t = 0.25)]
+    pub heap_tolerance: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The numbers the recipe compares, at one instant.
+#[derive(Clone, Debug, Default, Serialize)]
+struct Levels {
+    added: Option<f64>,
+    removed: Option<f64>,
+    tasks: Option<f64>,
+    fds: Option<f64>,
+    heap: Option<f64>,
+    close_wait: Option<f64>,
+}
+
+fn levels(s: &Snapshot) -> Levels {
+    let mut l = Levels::default();
+    if let ScrapeOutcome::Ok(app) = &s.app {
+        if app.remotedialer_present {
+            l.added = Some(app.ledger.iter().map(|r| r.added).sum());
+            l.removed = Some(app.ledger.iter().map(|r| r.removed).sum());
+        }
+        l.tasks = app.goroutines;
+        l.heap = app.heap_inuse_bytes;
+    }
+    if let Some(p) = &s.proc {
+        l.tasks = l.tasks.or(Some(p.threads as f64));
+        l.fds = Some(p.open_fds as f64);
+        l.close_wait = Some(p.tcp_in_state(CLOSE_WAIT) as f64);
+    }
+    if let Some(k) = &s.kernel {
+        l.close_wait = Some(k.in_state(CLOSE_WAIT) as f64);
+    }
+    l
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+fn baseline_of(samples: &[Levels]) -> Levels {
+    let col = |f: fn(&Levels) -> Option<f64>| median(samples.iter().filter_map(f).collect());
+    Levels {
+        added: samples.last().and_then(|l| l.added),
+        removed: samples.last().and_then(|l| l.removed),
+        tasks: col(|l| l.tasks),
+        fds: col(|l| l.fds),
+        heap: col(|l| l.heap),
+        close_wait: col(|l| l.close_wait),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Criterion {
+    name: &'static str,
+    pass: Option<bool>,
+    baseline: Option<f64>,
+    after: Option<f64>,
+    detail: String,
+}
+
+fn criteria(base: &Levels, now: &Levels, args: &VerifyArgs) -> Vec<Criterion> {
+    let back = |name, b: Option<f64>, a: Option<f64>, tol: f64| {
+        let pass = b.zip(a).map(|(b, a)| a <= b + tol);
+        Criterion {
+            name,
+            pass,
+            baseline: b,
+            after: a,
+            detail: format!("tolerance +{tol}"),
+        }
+    };
+    let ledger = match (base.added, base.removed, now.added, now.removed) {
+        (Some(a0), Some(r0), Some(a1), Some(r1)) => {
+            let (da, dr) = (a1 - a0, r1 - r0);
+            Criterion {
+                name: "add and remove grew together",
+                pass: Some(da > 0.0 && (da - dr).abs() <= args.tolerance),
+                baseline: Some(a0 - r0),
+                after: Some(a1 - r1),
+                detail: format!("added +{da}, removed +{dr} during the run"),
+            }
+        }
+        _ => Criterion {
+            name: "add and remove grew together",
+            pass: None,
+            baseline: None,
+            after: None,
+            detail:
+                "no remotedialer ledger in the target's metrics (CATTLE_PROMETHEUS_METRICS=true?)"
+                    .into(),
+        },
+    };
+    let heap_tol = base.heap.map(|h| h * args.heap_tolerance).unwrap_or(0.0) + 2.0 * 1048576.0;
+    vec![
+        ledger,
+        back(
+            "tasks back to baseline",
+            base.tasks,
+            now.tasks,
+            args.tolerance,
+        ),
+        back("fds back to baseline", base.fds, now.fds, args.tolerance),
+        back(
+            "CLOSE_WAIT sockets back to baseline",
+            base.close_wait,
+            now.close_wait,
+            args.tolerance,
+        ),
+        back("heap back to baseline", base.heap, now.heap, heap_tol),
+    ]
+}
+
+async fn tick_for(engine: &mut Engine, interval: Duration, d: Duration, out: &mut Vec<Levels>) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        engine.step().await;
+        if let Some(s) = &engine.last {
+            out.push(levels(s));
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Drives the load with fresh connections (like the curl loops of the original investigation).
+async fn drive_load(url: &str, requests: u64, concurrency: u64) -> Result<(u64, u64)> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("building the HTTP client")?;
+    let sem = Arc::new(Semaphore::new(concurrency as usize));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..requests {
+        let permit = Arc::clone(&sem).acquire_owned().await?;
+        let (client, url) = (client.clone(), url.to_string());
+        tasks.spawn(async move {
+            let ok = match client.get(&url).send().await {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            drop(permit);
+            ok
+        });
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        if matches!(r, Ok(true)) {
+            ok += 1
+        } else {
+            failed += 1
+        }
+    }
+    Ok((ok, failed))
+}
+
+pub async fn run(args: VerifyArgs) -> Result<ExitCode> {
+    let cfg = args.sidecar.resolve()?;
+    if cfg.metrics_url.is_none() {
+        bail!(
+            "verify needs --metrics-url: the recipe compares the tunnel's own counters with the kernel"
+        );
+    }
+    let mut engine = build_engine(&cfg)?;
+    let mut samples = Vec::new();
+    eprintln!("verify: measuring the baseline for {:?}", args.baseline);
+    tick_for(&mut engine, cfg.interval, args.baseline, &mut samples).await;
+    let base = baseline_of(&samples);
+
+    eprintln!(
+        "verify: driving {} requests ({} at a time) to {}",
+        args.requests, args.concurrency, args.load_url
+    );
+    let load = drive_load(&args.load_url, args.requests, args.concurrency);
+    tokio::pin!(load);
+    let deadline = Instant::now() + args.max_load_time;
+    let (ok, failed) = loop {
+        tokio::select! {
+            r = &mut load => break r?,
+            _ = tokio::time::sleep(cfg.interval) => { engine.step().await; }
+            _ = tokio::time::sleep_until(deadline) => bail!("the load did not finish within {:?}", args.max_load_time),
+        }
+    };
+    eprintln!(
+        "verify: load done ({ok} ok, {failed} failed); waiting up to {:?} for quiescence",
+        args.settle
+    );
+
+    let end = Instant::now() + args.settle;
+    let mut results;
+    loop {
+        engine.step().await;
+        let now = engine.last.as_ref().map(levels).unwrap_or_default();
+        results = criteria(&base, &now, &args);
+        if results.iter().all(|c| c.pass != Some(false)) || Instant::now() >= end {
+            break;
+        }
+        tokio::time::sleep(cfg.interval).await;
+    }
+    let passed = results.iter().all(|c| c.pass != Some(false));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "passed": passed, "requests_ok": ok, "requests_failed": failed, "criteria": results })
+        );
+    } else {
+        println!(
+            "verify: {} ({ok} requests ok, {failed} failed)",
+            if passed { "PASS" } else { "FAIL" }
+        );
+        for c in &results {
+            let mark = match c.pass {
+                Some(true) => "pass",
+                Some(false) => "FAIL",
+                None => "n/a ",
+            };
+            println!(
+                "  [{mark}] {:<38} baseline={:<12} after={:<12} {}",
+                c.name,
+                fmt(c.baseline),
+                fmt(c.after),
+                c.detail
+            );
+        }
+    }
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into())
+}

@@ -1,0 +1,88 @@
+//! `leakwatch watch`: the sidecar. Runs until SIGTERM/SIGINT.
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+use crate::{
+    analysis::Analyzer,
+    collect::{Collector, CollectorOptions},
+    config::{SidecarArgs, SidecarConfig},
+    engine::Engine,
+    outputs::http,
+    sources::{
+        ebpf::ProbeOptions,
+        scrape::{ScrapeConfig, Scraper},
+    },
+    target::TargetSelector,
+};
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+/// Builds every source and the analyzer from a resolved configuration.
+pub fn build_engine(cfg: &SidecarConfig) -> Result<Engine> {
+    let scraper = match &cfg.metrics_url {
+        Some(url) => Some(Scraper::new(ScrapeConfig {
+            url: url.clone(),
+            timeout: cfg.scrape_timeout,
+            bearer_token_file: cfg.bearer_token_file.clone(),
+            ca_file: cfg.ca_file.clone(),
+            names: cfg.metric_names.clone(),
+            ..ScrapeConfig::default()
+        })?),
+        None => None,
+    };
+    let collector = Collector::new(
+        CollectorOptions {
+            selector: cfg.selector.clone(),
+            no_ebpf: cfg.no_ebpf,
+            probes: ProbeOptions {
+                max_sockets: cfg.kernel.max_sockets,
+                follow_forks: cfg.kernel.follow_forks,
+                ..ProbeOptions::default()
+            },
+            bpf_stats: false,
+        },
+        scraper,
+    );
+    let name = cfg.name.clone().unwrap_or_else(|| match &cfg.selector {
+        TargetSelector::Pid(p) => format!("pid-{p}"),
+        TargetSelector::Match(re) => re.as_str().to_string(),
+    });
+    let stale_after = (cfg.interval * 5).max(Duration::from_secs(10));
+    Ok(Engine::new(
+        collector,
+        Analyzer::new(cfg.analysis.clone()),
+        &name,
+        stale_after,
+    ))
+}
+
+pub async fn run(args: WatchArgs) -> Result<()> {
+    let cfg = args.sidecar.resolve()?;
+    let mut engine = build_engine(&cfg)?;
+    let addr = http::serve(cfg.listen, engine.shared.clone()).await?;
+    info!(
+        mode = %crate::engine::mode_name(engine.collector.mode()),
+        "leakwatch watching; /metrics, /status and /healthz on http://{addr}"
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(cfg.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => { engine.step().await; }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    // Dropping the engine detaches the probes; nothing is pinned, so nothing outlives us in the kernel.
+    info!("leakwatch stopping: probes detached");
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! The sidecar's configuration, resolved from the command line, the environment and an optional TOML
+//! file (in that order of precedence). Unknown keys in the file are errors, not silently ignored: a typo
+//! in an alert-relevant threshold must not go unnoticed.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+use crate::{
+    analysis::AnalysisConfig,
+    cli::{KernelArgs, TargetArgs, parse_duration},
+    sources::scrape::MetricNames,
+    target::TargetSelector,
+};
+
+/// Options shared by `watch`, `check` and `verify`.
+#[derive(Args, Debug, Clone)]
+pub struct SidecarArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// TOML file with any of these options (keys in snake_case) plus [analysis] and [metric_names] tables.
+    #[arg(long, env = "LEAKWATCH_CONFIG", value_parser = crate::cli::existing_file)]
+    pub config: Option<PathBuf>,
+    /// Name of the target in metrics and logs (default: the process name).
+    #[arg(long, env = "LEAKWATCH_NAME")]
+    pub name: Option<String>,
+    /// The target's Prometheus endpoint, e.g. http://127.0.0.1:8080/metrics. Without it only the kernel
+    /// side is watched.
+    #[arg(long, env = "LEAKWATCH_METRICS_URL")]
+    pub metrics_url: Option<String>,
+    /// File holding a bearer token for the metrics endpoint (re-read when it changes; never logged).
+    #[arg(long, env = "LEAKWATCH_BEARER_TOKEN_FILE")]
+    pub bearer_token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify an https metrics endpoint.
+    #[arg(long, env = "LEAKWATCH_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Timeout of one scrape.
+    #[arg(long, env = "LEAKWATCH_SCRAPE_TIMEOUT", value_parser = parse_duration)]
+    pub scrape_timeout: Option<Duration>,
+    /// Sampling interval.
+    #[arg(long, env = "LEAKWATCH_INTERVAL", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    /// Address for /metrics, /status and /healthz (loopback by default: /status names peers).
+    #[arg(long, env = "LEAKWATCH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Which side of the tunnel the target is: the server (callers' sockets are the kernel truth) or the
+    /// agent (targets' sockets are). `auto` decides from the sockets seen.
+    #[arg(long, env = "LEAKWATCH_SIDE", value_enum)]
+    pub side: Option<SideArg>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SideArg {
+    Server,
+    Agent,
+    Auto,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    pid: Option<u32>,
+    #[serde(rename = "match")]
+    match_: Option<String>,
+    name: Option<String>,
+    metrics_url: Option<String>,
+    bearer_token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    #[serde(default, with = "opt_duration")]
+    scrape_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    interval: Option<Duration>,
+    listen: Option<SocketAddr>,
+    side: Option<SideArg>,
+    no_ebpf: Option<bool>,
+    analysis: Option<AnalysisConfig>,
+    metric_names: Option<MetricNames>,
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| crate::cli::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Everything the sidecar needs, with defaults applied.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    pub selector: TargetSelector,
+    pub name: Option<String>,
+    pub metrics_url: Option<String>,
+    pub bearer_token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub scrape_timeout: Duration,
+    pub interval: Duration,
+    pub listen: SocketAddr,
+    pub no_ebpf: bool,
+    pub kernel: KernelArgs,
+    pub analysis: AnalysisConfig,
+    pub metric_names: MetricNames,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+
+fn load_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+impl SidecarArgs {
+    pub fn resolve(&self) -> Result<SidecarConfig> {
+        let file = match &self.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let selector = match self.target.selector()? {
+            Some(s) => s,
+            None => {
+                let from_file = TargetArgs {
+                    pid: file.pid,
+                    match_: file.match_.clone(),
+                };
+                match from_file.selector()? {
+                    Some(s) => s,
+                    None => bail!(
+                        "no target: give --pid N or --match REGEX (or pid/match in the config file)"
+                    ),
+                }
+            }
+        };
+        let mut analysis = file.analysis.unwrap_or_default();
+        if let Some(side) = self.side.or(file.side) {
+            analysis.side = match side {
+                SideArg::Server => crate::analysis::Side::Server,
+                SideArg::Agent => crate::analysis::Side::Agent,
+                SideArg::Auto => crate::analysis::Side::Auto,
+            };
+        }
+        let metrics_url = self.metrics_url.clone().or(file.metrics_url);
+        if let Some(url) = &metrics_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("--metrics-url {url:?} must start with http:// or https://");
+            }
+        }
+        Ok(SidecarConfig {
+            selector,
+            name: self.name.clone().or(file.name),
+            metrics_url,
+            bearer_token_file: self.bearer_token_file.clone().or(file.bearer_token_file),
+            ca_file: self.ca_file.clone().or(file.ca_file),
+            scrape_timeout: self
+                .scrape_timeout
+                .or(file.scrape_timeout)
+                .unwrap_or(Duration::from_secs(5)),
+            interval: self
+                .interval
+                .or(file.interval)
+                .unwrap_or(Duration::from_secs(1)),
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            no_ebpf: self.kernel.no_ebpf || file.no_ebpf.unwrap_or(false),
+            kernel: self.kernel.clone(),
+            analysis,
+            metric_names: file.metric_names.unwrap_or_default(),
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! The engine: one tick = collect a snapshot, analyse it, publish the result. Shared by `watch`, `check`
+//! and `verify`, which differ only in how long they run and what they report.
+use std::{
+    sync::{Arc, Mutex, RwLock},
+    time::Instant,
+};
+
+use crate::{
+    analysis::Analyzer,
+    collect::{Collector, KernelMode, TargetEvent},
+    outputs::{
+        http::{Shared, StatusDoc},
+        log::log_change,
+        metrics::{Derived, LeakwatchMetrics},
+    },
+    sample::{ScrapeOutcome, Snapshot},
+    verdict::{Verdict, VerdictChange},
+};
+
+/// A verdict as it was raised, with when it was raised (detection time, as opposed to `since`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Raised {
+    pub verdict: Verdict,
+    pub raised_t: f64,
+    pub raised_unix: f64,
+}
+
+pub struct Engine {
+    pub collector: Collector,
+    pub analyzer: Analyzer,
+    pub shared: Shared,
+    target_name: String,
+    restarts: u64,
+    /// Every verdict raised during the run, for one-shot reports.
+    pub raised: Vec<Raised>,
+    pub last: Option<Snapshot>,
+}
+
+impl Engine {
+    pub fn new(
+        collector: Collector,
+        analyzer: Analyzer,
+        target_name: &str,
+        stale_after: std::time::Duration,
+    ) -> Self {
+        let status = StatusDoc {
+            target: target_name.to_string(),
+            mode: mode_name(collector.mode()),
+            ..StatusDoc::default()
+        };
+        let shared = Shared {
+            metrics: Arc::new(Mutex::new(LeakwatchMetrics::new(target_name))),
+            status: Arc::new(RwLock::new(status)),
+            last_tick: Arc::new(Mutex::new(Instant::now())),
+            stale_after,
+        };
+        Self {
+            collector,
+            analyzer,
+            shared,
+            target_name: target_name.to_string(),
+            restarts: 0,
+            raised: Vec::new(),
+            last: None,
+        }
+    }
+
+    pub async fn step(&mut self) -> Vec<VerdictChange> {
+        let (snap, target_events) = self.collector.tick().await;
+        for e in &target_events {
+            if let TargetEvent::Restarted { .. } = e {
+                self.restarts += 1;
+                if let Ok(m) = self.shared.metrics.lock() {
+                    m.target_restarted();
+                }
+            }
+        }
+        let changes = self.analyzer.observe(&snap);
+        for c in &changes {
+            log_change(c);
+            if let VerdictChange::Raised(v) = c {
+                self.raised.push(Raised {
+                    verdict: v.clone(),
+                    raised_t: snap.t,
+                    raised_unix: snap.unix,
+                });
+                if let Ok(m) = self.shared.metrics.lock() {
+                    m.verdict_raised(v.kind);
+                }
+            }
+        }
+        let active = self.analyzer.active();
+        let derived = self.derived();
+        if let Ok(mut m) = self.shared.metrics.lock() {
+            if let ScrapeOutcome::Failed { reason } = &snap.app {
+                m.scrape_failed(crate::sources::scrape::error_class(reason));
+            }
+            m.update(
+                &snap,
+                self.collector.mode(),
+                &self.collector.costs,
+                &active,
+                &derived,
+            );
+        }
+        if let Ok(mut s) = self.shared.status.write() {
+            *s = StatusDoc {
+                target: self.target_name.clone(),
+                mode: mode_name(self.collector.mode()),
+                verdicts: active,
+                snapshot: Some(snap.clone()),
+                restarts: self.restarts,
+                notes: self.notes(&snap),
+            };
+        }
+        if let Ok(mut t) = self.shared.last_tick.lock() {
+            *t = Instant::now();
+        }
+        self.last = Some(snap);
+        changes
+    }
+
+    fn derived(&self) -> Derived {
+        let d = self.analyzer.derived();
+        Derived {
+            app_live_by_clientkey: d.app_live_by_clientkey.clone(),
+            unbacked_connections: d.unbacked_connections,
+            fd_exhaustion_seconds: d.fd_exhaustion_seconds,
+        }
+    }
+
+    fn notes(&self, snap: &Snapshot) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let KernelMode::ProcfsOnly(reason) = self.collector.mode() {
+            notes.push(format!("procfs-only mode: {reason}"));
+        }
+        match &snap.app {
+            ScrapeOutcome::Ok(app) if !app.remotedialer_present => notes.push(
+                "the target exports no remotedialer session_server_* metrics (Rancher registers them only with \
+                 CATTLE_PROMETHEUS_METRICS=true); ledger checks are off, kernel checks still run"
+                    .into(),
+            ),
+            ScrapeOutcome::Failed { reason } => notes.push(format!("scrape failed: {reason}")),
+            _ => {}
+        }
+        if snap.target.is_none() {
+            notes.push("target process not found".into());
+        }
+        notes
+    }
+}
+
+pub fn mode_name(mode: &KernelMode) -> String {
+    match mode {
+        KernelMode::Ebpf => "ebpf".into(),
+        KernelMode::ProcfsOnly(_) => "procfs-only".into(),
+    }
+}

@@ -1,0 +1,94 @@
+//! /metrics, /status and /healthz. Served on loopback by default: the status document names sockets and
+//! peers of the watched process.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use super::metrics::LeakwatchMetrics;
+use crate::{sample::Snapshot, verdict::Verdict};
+
+/// What /status returns.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StatusDoc {
+    pub target: String,
+    pub mode: String,
+    pub verdicts: Vec<Verdict>,
+    pub snapshot: Option<Snapshot>,
+    pub restarts: u64,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Shared {
+    pub metrics: Arc<Mutex<LeakwatchMetrics>>,
+    pub status: Arc<RwLock<StatusDoc>>,
+    pub last_tick: Arc<Mutex<Instant>>,
+    /// /healthz fails when no tick completed for this long (the loop is stuck).
+    pub stale_after: Duration,
+}
+
+async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+    let body = s.metrics.lock().map(|m| m.encode()).unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+async fn status(State(s): State<Shared>) -> impl IntoResponse {
+    let doc = s.status.read().map(|d| d.clone()).unwrap_or_default();
+    Json(doc)
+}
+
+async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
+    let age = s
+        .last_tick
+        .lock()
+        .map(|t| t.elapsed())
+        .unwrap_or(Duration::MAX);
+    if age <= s.stale_after {
+        (StatusCode::OK, "ok\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("sampling loop stalled for {:.0}s\n", age.as_secs_f64()),
+        )
+    }
+}
+
+pub fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/healthz", get(healthz))
+        .with_state(shared)
+}
+
+/// Binds first (so a bad address fails start-up with a clear error), then serves in the background.
+pub async fn serve(addr: SocketAddr, shared: Shared) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(shared)).await {
+            tracing::error!("HTTP server stopped: {e}");
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,442 @@
+//! The procfs sampler: the target's fds, its sockets joined with the namespace's TCP tables, threads,
+//! memory and fd limit. Everything is read with a size bound and parsed by small pure functions (fuzzed);
+//! the target vanishing mid-scan is an expected outcome ([`ProcError::Gone`]), not a failure.
+use std::{
+    collections::HashSet,
+    fs,
+    io::{self, BufRead, BufReader, Read},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+use crate::sample::{ProcSample, TargetId};
+
+/// /proc/<pid>/net/tcp can be large on a busy node, but not unbounded.
+const MAX_TABLE_BYTES: u64 = 256 << 20;
+const MAX_SMALL_FILE: u64 = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum ProcError {
+    #[error("the process is gone")]
+    Gone,
+    #[error("permission denied reading {0} (needs CAP_SYS_PTRACE or the same user as the target)")]
+    Permission(String),
+    #[error("reading {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("unexpected content in {path}: {what}")]
+    Parse { path: String, what: String },
+}
+
+fn io_err(path: &Path, e: io::Error) -> ProcError {
+    match e.kind() {
+        io::ErrorKind::NotFound => ProcError::Gone,
+        io::ErrorKind::PermissionDenied => ProcError::Permission(path.display().to_string()),
+        // ESRCH: the process exited while we read its files.
+        _ if e.raw_os_error() == Some(libc::ESRCH) => ProcError::Gone,
+        _ => ProcError::Io {
+            path: path.display().to_string(),
+            source: e,
+        },
+    }
+}
+
+fn read_bounded(path: &Path, limit: u64) -> Result<String, ProcError> {
+    let f = fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let mut s = String::new();
+    f.take(limit)
+        .read_to_string(&mut s)
+        .map_err(|e| io_err(path, e))?;
+    Ok(s)
+}
+
+/// One line of /proc/net/tcp{,6}.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpEntry {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: u8,
+    pub inode: u64,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("malformed /proc/net/tcp line: {0}")]
+pub struct LineError(pub &'static str);
+
+/// Parses `0100007F:1F90` (IPv4) or the 32-hex-digit IPv6 form. The kernel prints each 32-bit word of the
+/// address in host byte order, hence the per-word swap.
+pub fn parse_hex_addr(s: &str) -> Result<SocketAddr, LineError> {
+    let (ip, port) = s.split_once(':').ok_or(LineError("address without port"))?;
+    let port = u16::from_str_radix(port, 16).map_err(|_| LineError("bad port"))?;
+    let ip = match ip.len() {
+        8 => {
+            let w = u32::from_str_radix(ip, 16).map_err(|_| LineError("bad IPv4 address"))?;
+            IpAddr::V4(Ipv4Addr::from(w.to_le_bytes()))
+        }
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                let word = ip
+                    .get(i * 8..i * 8 + 8)
+                    .ok_or(LineError("bad IPv6 address"))?;
+                let w = u32::from_str_radix(word, 16).map_err(|_| LineError("bad IPv6 address"))?;
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return Err(LineError("address of unexpected length")),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Parses one data line of /proc/net/tcp or tcp6 (not the header).
+pub fn parse_tcp_line(line: &str) -> Result<TcpEntry, LineError> {
+    let mut f = line.split_whitespace();
+    let _slot = f.next().ok_or(LineError("empty line"))?;
+    let local = parse_hex_addr(f.next().ok_or(LineError("no local address"))?)?;
+    let remote = parse_hex_addr(f.next().ok_or(LineError("no remote address"))?)?;
+    let state = u8::from_str_radix(f.next().ok_or(LineError("no state"))?, 16)
+        .map_err(|_| LineError("bad state"))?;
+    // tx_queue:rx_queue, tr:tm->when, retrnsmt, uid, timeout, then the inode.
+    let inode = f
+        .nth(5)
+        .ok_or(LineError("no inode"))?
+        .parse()
+        .map_err(|_| LineError("bad inode"))?;
+    Ok(TcpEntry {
+        local,
+        remote,
+        state,
+        inode,
+    })
+}
+
+/// The inode of a `socket:[12345]` fd link.
+pub fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// `Max open files` soft limit from /proc/<pid>/limits; `None` when unlimited or absent.
+pub fn parse_fd_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?;
+    soft.parse().ok()
+}
+
+/// Fields of /proc/<pid>/stat after the command name, which may itself contain spaces and ')'.
+pub fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().collect())
+}
+
+/// (threads, rss pages, start time in ticks) from /proc/<pid>/stat.
+pub fn parse_stat(stat: &str) -> Option<(u64, u64, u64)> {
+    let f = stat_fields(stat)?;
+    // Field numbers in proc(5) count from 1 with pid and comm first: state is field 3 = index 0 here.
+    let threads = f.get(17)?.parse().ok()?;
+    let start = f.get(19)?.parse().ok()?;
+    let rss = f.get(21)?.parse().ok()?;
+    Some((threads, rss, start))
+}
+
+/// One socket of the target, for /status and for seeding the probes' listener table.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProcSocket {
+    pub inode: u64,
+    pub state: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcfsSampler {
+    root: PathBuf,
+    page_size: u64,
+}
+
+impl Default for ProcfsSampler {
+    fn default() -> Self {
+        Self::new("/proc")
+    }
+}
+
+impl ProcfsSampler {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        Self {
+            root: root.into(),
+            page_size: if page > 0 { page as u64 } else { 4096 },
+        }
+    }
+
+    fn pid_path(&self, pid: u32, rel: &str) -> PathBuf {
+        self.root.join(pid.to_string()).join(rel)
+    }
+
+    /// Identity of the process (pid + start time), `Gone` if it does not exist.
+    pub fn target_id(&self, pid: u32) -> Result<TargetId, ProcError> {
+        let path = self.pid_path(pid, "stat");
+        let stat = read_bounded(&path, MAX_SMALL_FILE)?;
+        let (_, _, start) = parse_stat(&stat).ok_or(ProcError::Parse {
+            path: path.display().to_string(),
+            what: "stat".into(),
+        })?;
+        Ok(TargetId {
+            pid,
+            start_ticks: start,
+        })
+    }
+
+    /// Socket inodes behind the process's fds, and the number of fds.
+    fn fds(&self, pid: u32) -> Result<(u64, HashSet<u64>), ProcError> {
+        let dir = self.pid_path(pid, "fd");
+        let entries = fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?;
+        let mut count = 0;
+        let mut sockets = HashSet::new();
+        for entry in entries {
+            let Ok(entry) = entry else { continue };
+            count += 1;
+            // An fd closed between readdir and readlink is simply no longer there.
+            if let Ok(link) = fs::read_link(entry.path()) {
+                if let Some(inode) = link.to_str().and_then(socket_inode) {
+                    sockets.insert(inode);
+                }
+            }
+        }
+        Ok((count, sockets))
+    }
+
+    /// Streams the namespace's TCP tables, keeping the entries whose inode is in `inodes`.
+    fn tcp_entries(
+        &self,
+        pid: u32,
+        inodes: &HashSet<u64>,
+        mut keep: impl FnMut(TcpEntry),
+    ) -> Result<(), ProcError> {
+        for table in ["net/tcp", "net/tcp6"] {
+            let path = self.pid_path(pid, table);
+            let f = match fs::File::open(&path) {
+                Ok(f) => f,
+                // No IPv6 in this kernel or namespace.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && table == "net/tcp6" => continue,
+                Err(e) => return Err(io_err(&path, e)),
+            };
+            for line in BufReader::new(f.take(MAX_TABLE_BYTES)).lines().skip(1) {
+                let line = line.map_err(|e| io_err(&path, e))?;
+                // Cheap pre-filter: skip lines whose inode is not ours without parsing addresses.
+                let Some(inode) = line
+                    .split_whitespace()
+                    .nth(9)
+                    .and_then(|i| i.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                if !inodes.contains(&inode) {
+                    continue;
+                }
+                if let Ok(entry) = parse_tcp_line(&line) {
+                    keep(entry);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn sample(&self, pid: u32) -> Result<ProcSample, ProcError> {
+        let stat_path = self.pid_path(pid, "stat");
+        let stat = read_bounded(&stat_path, MAX_SMALL_FILE)?;
+        let (threads, rss_pages, _) = parse_stat(&stat).ok_or(ProcError::Parse {
+            path: stat_path.display().to_string(),
+            what: "stat".into(),
+        })?;
+        let (open_fds, inodes) = self.fds(pid)?;
+        let mut tcp_by_state = [0u64; 13];
+        self.tcp_entries(pid, &inodes, |e| {
+            if let Some(slot) = tcp_by_state.get_mut(e.state as usize) {
+                *slot += 1;
+            }
+        })?;
+        let limits = read_bounded(&self.pid_path(pid, "limits"), MAX_SMALL_FILE)?;
+        Ok(ProcSample {
+            open_fds,
+            fd_limit: parse_fd_limit(&limits),
+            socket_fds: inodes.len() as u64,
+            tcp_by_state,
+            threads,
+            rss_bytes: rss_pages * self.page_size,
+        })
+    }
+
+    /// The target's TCP sockets with addresses and states.
+    pub fn sockets(&self, pid: u32) -> Result<Vec<ProcSocket>, ProcError> {
+        let (_, inodes) = self.fds(pid)?;
+        let mut out = Vec::new();
+        self.tcp_entries(pid, &inodes, |e| {
+            out.push(ProcSocket {
+                inode: e.inode,
+                state: e.state,
+                local: e.local,
+                remote: e.remote,
+            })
+        })?;
+        Ok(out)
+    }
+
+    /// (address family, port) of each listening socket of the target.
+    pub fn listening_ports(&self, pid: u32) -> Result<Vec<(u16, u16)>, ProcError> {
+        const AF_INET: u16 = 2;
+        const AF_INET6: u16 = 10;
+        let mut ports: Vec<(u16, u16)> = self
+            .sockets(pid)?
+            .into_iter()
+            .filter(|s| s.state == monitor_ebpf::tcp_state::LISTEN)
+            .map(|s| {
+                (
+                    if s.local.is_ipv4() { AF_INET } else { AF_INET6 },
+                    s.local.port(),
+                )
+            })
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(ports)
+    }
+
+    /// Process name (`comm`).
+    pub fn comm(&self, pid: u32) -> Option<String> {
+        read_bounded(&self.pid_path(pid, "comm"), 4096)
+            .ok()
+            .map(|s| s.trim_end().to_string())
+    }
+
+    /// Command line with NULs turned into spaces.
+    pub fn cmdline(&self, pid: u32) -> Option<String> {
+        let raw = read_bounded(&self.pid_path(pid, "cmdline"), 64 << 10).ok()?;
+        Some(raw.trim_end_matches('\0').replace('\0', " "))
+    }
+
+    /// Pids of all processes.
+    pub fn pids(&self) -> Vec<u32> {
+        fs::read_dir(&self.root)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Parent pid, from /proc/<pid>/stat.
+    pub fn ppid(&self, pid: u32) -> Option<u32> {
+        let stat = read_bounded(&self.pid_path(pid, "stat"), MAX_SMALL_FILE).ok()?;
+        stat_fields(&stat)?.get(1)?.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ipv4_and_ipv6_lines() {
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0";
+        let e = parse_tcp_line(v4).unwrap();
+        assert_eq!(e.local.to_string(), "127.0.0.1:8080");
+        assert_eq!((e.state, e.inode), (10, 12345));
+        let v6 = "   1: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:D431 01 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 20 4 30 10 -1";
+        let e = parse_tcp_line(v6).unwrap();
+        assert_eq!(e.local.to_string(), "[::1]:8080");
+        assert_eq!(e.remote.port(), 0xD431);
+        assert_eq!((e.state, e.inode), (1, 777));
+        let mapped = "   2: 0000000000000000FFFF00000100007F:1F90 0000000000000000FFFF00000100007F:C350 08 00000000:00000000 00:00000000 00000000     0        0 9 1 0 20 4 30 10 -1";
+        let e = parse_tcp_line(mapped).unwrap();
+        assert_eq!(e.local.ip().to_string(), "::ffff:127.0.0.1");
+        assert_eq!(e.state, 8);
+    }
+
+    #[test]
+    fn malformed_lines_are_errors() {
+        for bad in [
+            "",
+            "0:",
+            "0: zz:1 00000000:0000 0A",
+            "0: 0100007F:1F90 00000000:0000 0A 0 0 0 0 0 notanumber",
+            "0: 0100007F 00000000:0000 0A",
+        ] {
+            assert!(parse_tcp_line(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn stat_with_spaces_and_parens_in_comm() {
+        let stat = "42 (we ird) (name)) S 1 42 42 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 7 0 123456 1000000 250 18446744073709551615";
+        assert_eq!(parse_stat(stat), Some((7, 250, 123456)));
+        assert_eq!(stat_fields(stat).unwrap()[1], "1");
+    }
+
+    #[test]
+    fn fd_limit_soft_value_or_unlimited() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n";
+        assert_eq!(parse_fd_limit(limits), Some(1024));
+        assert_eq!(
+            parse_fd_limit(
+                "Max open files            unlimited            unlimited            files\n"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn socket_links() {
+        assert_eq!(socket_inode("socket:[123]"), Some(123));
+        assert_eq!(socket_inode("pipe:[123]"), None);
+        assert_eq!(socket_inode("socket:[x]"), None);
+    }
+
+    #[test]
+    fn a_vanished_process_is_gone_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ProcfsSampler::new(dir.path());
+        assert!(matches!(s.sample(999_999), Err(ProcError::Gone)));
+    }
+
+    #[test]
+    fn fake_proc_root_with_unlimited_fds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("7");
+        fs::create_dir_all(p.join("fd")).unwrap();
+        fs::create_dir_all(p.join("net")).unwrap();
+        fs::write(
+            p.join("stat"),
+            "7 (a) b) S 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 3 0 99 0 10 0",
+        )
+        .unwrap();
+        fs::write(
+            p.join("limits"),
+            "Max open files            unlimited            unlimited            files\n",
+        )
+        .unwrap();
+        fs::write(p.join("net/tcp"), "  sl  local_address rem_address   st\n").unwrap();
+        std::os::unix::fs::symlink("socket:[5]", p.join("fd/3")).unwrap();
+        std::os::unix::fs::symlink("/dev/null", p.join("fd/4")).unwrap();
+        let sample = ProcfsSampler::new(dir.path()).sample(7).unwrap();
+        assert_eq!(
+            (
+                sample.open_fds,
+                sample.socket_fds,
+                sample.threads,
+                sample.fd_limit
+            ),
+            (2, 1, 3, None)
+        );
+        assert_eq!(sample.rss_bytes, 10 * ProcfsSampler::default().page_size);
+    }
+}
