@@ -11,6 +11,9 @@ pub struct Finding {
     pub verdict: Verdict,
     /// How long the condition must hold before it becomes a verdict.
     pub min_duration: f64,
+    /// What the condition is about, stable from tick to tick (the verdict's subject may change as the
+    /// evidence does: which clientkeys grew most, say). One condition per kind and scope.
+    pub scope: &'static str,
 }
 
 #[derive(Debug)]
@@ -23,7 +26,7 @@ struct Condition {
 
 #[derive(Debug, Default)]
 pub struct Conditions {
-    by_key: BTreeMap<(VerdictKind, String), Condition>,
+    by_key: BTreeMap<(VerdictKind, &'static str), Condition>,
 }
 
 impl Conditions {
@@ -36,7 +39,7 @@ impl Conditions {
         let mut changes = Vec::new();
         let mut seen = Vec::new();
         for f in findings {
-            let key = (f.verdict.kind, f.verdict.subject.clone());
+            let key = (f.verdict.kind, f.scope);
             seen.push(key.clone());
             let c = self.by_key.entry(key).or_insert_with(|| Condition {
                 since: t,
@@ -70,7 +73,7 @@ impl Conditions {
                 if c.raised {
                     changes.push(VerdictChange::Cleared {
                         kind: key.0,
-                        subject: key.1,
+                        subject: c.latest.subject,
                         at: t,
                     });
                 }
@@ -85,9 +88,9 @@ impl Conditions {
             .by_key
             .iter()
             .filter(|(_, c)| c.raised)
-            .map(|((kind, subject), _)| VerdictChange::Cleared {
+            .map(|((kind, _), c)| VerdictChange::Cleared {
                 kind: *kind,
-                subject: subject.clone(),
+                subject: c.latest.subject.clone(),
                 at: t,
             })
             .collect();

@@ -140,3 +140,6 @@ impl Analyzer {
         self.quiescence.phase_name()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -204,6 +204,7 @@ impl Quiescence {
             },
             // The settle time already elapsed: no further waiting.
             min_duration: 0.0,
+            scope: "recipe",
         }
     }
 }

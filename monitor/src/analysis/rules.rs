@@ -11,6 +11,7 @@ fn finding(
     evidence: BTreeMap<String, f64>,
     explanation: String,
     min_duration: f64,
+    scope: &'static str,
 ) -> Finding {
     Finding {
         verdict: Verdict {
@@ -22,6 +23,7 @@ fn finding(
             explanation,
         },
         min_duration,
+        scope,
     }
 }
 
@@ -81,6 +83,7 @@ pub fn bookkeeping(s: &Signals, cfg: &AnalysisConfig, t: f64, stale_after: f64) 
             app.unwrap_or(0.0)
         ),
         cfg.unbacked_min_s,
+        "ledger",
     ))
 }
 
@@ -116,6 +119,7 @@ pub fn close_wait(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> 
             "{cw:.0} sockets sit in CLOSE_WAIT: their peers hung up and the process never closed them"
         ),
         cfg.close_wait_min_s,
+        "close_wait",
     ))
 }
 
@@ -149,6 +153,7 @@ pub fn fd_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
             cfg.window_s
         ),
         0.0,
+        "fds",
     ))
 }
 
@@ -189,6 +194,7 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
             s.tasks_source, cfg.window_s
         ),
         0.0,
+        "tasks",
     ))
 }
 
@@ -226,10 +232,12 @@ pub fn heap_growth(s: &Signals, cfg: &AnalysisConfig, t: f64, correlated: bool) 
             cfg.window_s
         ),
         0.0,
+        "heap",
     ))
 }
 
-/// Seconds until the fd limit at the current fd growth rate, when fds are growing.
+/// Seconds until the fd limit at the current leak rate: only fd growth that established connections do
+/// not explain counts (a legitimate ramp of load is capacity planning, not a leak).
 pub fn fd_forecast(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<f64> {
     let limit = s.fd_limit?;
     if s.fds.span(t) < cfg.min_span_s {
@@ -237,10 +245,14 @@ pub fn fd_forecast(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<f64> {
     }
     let slope = s.fds.slope_since(t - cfg.window_s)?;
     let growth = Signals::growth(&s.fds, t, cfg.window_s)?;
-    if slope <= 0.0 || growth < cfg.fd_min_growth / 2.0 {
+    let est_growth = Signals::growth(&s.established, t, cfg.window_s)
+        .unwrap_or(0.0)
+        .max(0.0);
+    if slope <= 0.0 || growth - est_growth < cfg.fd_min_growth / 2.0 {
         return None;
     }
-    Some(((limit - s.fds.last()?) / slope).max(0.0))
+    let leak_share = ((growth - est_growth) / growth).clamp(0.0, 1.0);
+    Some(((limit - s.fds.last()?) / (slope * leak_share)).max(0.0))
 }
 
 pub fn fd_exhaustion(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
@@ -268,5 +280,6 @@ pub fn fd_exhaustion(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Findin
             secs / 60.0
         ),
         0.0,
+        "fd_limit",
     ))
 }
