@@ -46,6 +46,8 @@ pub enum Command {
     /// Run the leak-fix verification recipe against a running tunnel: drive load, wait for quiescence,
     /// report pass/fail per criterion.
     Verify(crate::commands::verify::VerifyArgs),
+    /// Run a recording (`--record`) through the analysis again, offline, optionally with other thresholds.
+    Replay(crate::commands::replay::ReplayArgs),
 }
 
 /// Which process to watch.

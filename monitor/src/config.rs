@@ -54,6 +54,9 @@ pub struct SidecarArgs {
     /// agent (targets' sockets are). `auto` decides from the sockets seen.
     #[arg(long, env = "LEAKWATCH_SIDE", value_enum)]
     pub side: Option<SideArg>,
+    /// Append every snapshot to this file as a JSON line, for `leakwatch replay` (stops at 256 MiB).
+    #[arg(long, env = "LEAKWATCH_RECORD")]
+    pub record: Option<PathBuf>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -83,6 +86,7 @@ struct FileConfig {
     no_ebpf: Option<bool>,
     analysis: Option<AnalysisConfig>,
     metric_names: Option<MetricNames>,
+    record: Option<PathBuf>,
 }
 
 mod opt_duration {
@@ -112,6 +116,7 @@ pub struct SidecarConfig {
     pub kernel: KernelArgs,
     pub analysis: AnalysisConfig,
     pub metric_names: MetricNames,
+    pub record: Option<PathBuf>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
@@ -179,6 +184,7 @@ impl SidecarArgs {
             kernel: self.kernel.clone(),
             analysis,
             metric_names: file.metric_names.unwrap_or_default(),
+            record: self.record.clone().or(file.record),
         })
     }
 }

@@ -12,6 +12,7 @@ use crate::{
         http::{Shared, StatusDoc},
         log::log_change,
         metrics::{Derived, LeakwatchMetrics},
+        record::Recorder,
     },
     sample::{ScrapeOutcome, Snapshot},
     verdict::{Verdict, VerdictChange},
@@ -34,6 +35,8 @@ pub struct Engine {
     /// Every verdict raised during the run, for one-shot reports.
     pub raised: Vec<Raised>,
     pub last: Option<Snapshot>,
+    /// `--record`: every snapshot appended to a file for `leakwatch replay`.
+    pub recorder: Option<Recorder>,
 }
 
 impl Engine {
@@ -62,6 +65,7 @@ impl Engine {
             restarts: 0,
             raised: Vec::new(),
             last: None,
+            recorder: None,
         }
     }
 
@@ -74,6 +78,9 @@ impl Engine {
                     m.target_restarted();
                 }
             }
+        }
+        if let Some(r) = &mut self.recorder {
+            r.write(&snap);
         }
         let changes = self.analyzer.observe(&snap);
         for c in &changes {

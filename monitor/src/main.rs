@@ -44,6 +44,7 @@ fn main() -> ExitCode {
             Command::Watch(a) => commands::watch::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::Check(a) => commands::check::run(a).await,
             Command::Verify(a) => commands::verify::run(a).await,
+            Command::Replay(a) => commands::replay::run(a),
         }
     });
     match result {

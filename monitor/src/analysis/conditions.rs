@@ -40,7 +40,7 @@ impl Conditions {
         let mut seen = Vec::new();
         for f in findings {
             let key = (f.verdict.kind, f.scope);
-            seen.push(key.clone());
+            seen.push(key);
             let c = self.by_key.entry(key).or_insert_with(|| Condition {
                 since: t,
                 raised: false,
@@ -65,7 +65,7 @@ impl Conditions {
             c.absent_ticks += 1;
             // A condition that never became a verdict is forgotten at once: its clock must restart.
             if !c.raised || c.absent_ticks >= clear_after_ticks {
-                gone.push(key.clone());
+                gone.push(*key);
             }
         }
         for key in gone {

@@ -11,7 +11,7 @@ use crate::{
     collect::{Collector, CollectorOptions},
     config::{SidecarArgs, SidecarConfig},
     engine::Engine,
-    outputs::http,
+    outputs::{http, record::Recorder},
     sources::{
         ebpf::ProbeOptions,
         scrape::{ScrapeConfig, Scraper},
@@ -24,6 +24,9 @@ pub struct WatchArgs {
     #[command(flatten)]
     pub sidecar: SidecarArgs,
 }
+
+/// A forgotten `--record` must not fill the disk: about three days at one snapshot a second.
+const RECORD_MAX_BYTES: u64 = 256 << 20;
 
 /// Builds every source and the analyzer from a resolved configuration.
 pub fn build_engine(cfg: &SidecarConfig) -> Result<Engine> {
@@ -56,12 +59,16 @@ pub fn build_engine(cfg: &SidecarConfig) -> Result<Engine> {
         TargetSelector::Match(re) => re.as_str().to_string(),
     });
     let stale_after = (cfg.interval * 5).max(Duration::from_secs(10));
-    Ok(Engine::new(
+    let mut engine = Engine::new(
         collector,
         Analyzer::new(cfg.analysis.clone()),
         &name,
         stale_after,
-    ))
+    );
+    if let Some(path) = &cfg.record {
+        engine.recorder = Some(Recorder::create(path, RECORD_MAX_BYTES)?);
+    }
+    Ok(engine)
 }
 
 pub async fn run(args: WatchArgs) -> Result<()> {
