@@ -116,6 +116,10 @@ impl Collector {
         self.probes.as_ref()
     }
 
+    pub fn scraper(&self) -> Option<&Scraper> {
+        self.scraper.as_ref()
+    }
+
     pub fn socket_table(&self) -> Arc<Mutex<SocketTable>> {
         Arc::clone(&self.table)
     }

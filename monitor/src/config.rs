@@ -54,6 +54,13 @@ pub struct SidecarArgs {
     /// agent (targets' sockets are). `auto` decides from the sockets seen.
     #[arg(long, env = "LEAKWATCH_SIDE", value_enum)]
     pub side: Option<SideArg>,
+    /// Where the target serves Go's goroutine profile (default: /debug/pprof/goroutine?debug=2 next to
+    /// --metrics-url). Fetched once as a baseline and once per task-growth verdict, at most every 5 min.
+    #[arg(long, env = "LEAKWATCH_PPROF_URL")]
+    pub pprof_url: Option<String>,
+    /// Never fetch goroutine profiles from the target.
+    #[arg(long, env = "LEAKWATCH_NO_PPROF")]
+    pub no_pprof: bool,
     /// Append every snapshot to this file as a JSON line, for `leakwatch replay` (stops at 256 MiB).
     #[arg(long, env = "LEAKWATCH_RECORD")]
     pub record: Option<PathBuf>,
@@ -87,6 +94,8 @@ struct FileConfig {
     analysis: Option<AnalysisConfig>,
     metric_names: Option<MetricNames>,
     record: Option<PathBuf>,
+    pprof_url: Option<String>,
+    no_pprof: Option<bool>,
 }
 
 mod opt_duration {
@@ -117,6 +126,8 @@ pub struct SidecarConfig {
     pub analysis: AnalysisConfig,
     pub metric_names: MetricNames,
     pub record: Option<PathBuf>,
+    /// `None` when profiles are off or there is no metrics URL to derive the address from.
+    pub pprof_url: Option<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
@@ -162,6 +173,15 @@ impl SidecarArgs {
                 bail!("--metrics-url {url:?} must start with http:// or https://");
             }
         }
+        let pprof_url = if self.no_pprof || file.no_pprof.unwrap_or(false) {
+            None
+        } else {
+            self.pprof_url.clone().or(file.pprof_url).or_else(|| {
+                metrics_url
+                    .as_deref()
+                    .and_then(crate::sources::goroutines::pprof_url_for)
+            })
+        };
         Ok(SidecarConfig {
             selector,
             name: self.name.clone().or(file.name),
@@ -185,6 +205,7 @@ impl SidecarArgs {
             analysis,
             metric_names: file.metric_names.unwrap_or_default(),
             record: self.record.clone().or(file.record),
+            pprof_url,
         })
     }
 }

@@ -15,7 +15,8 @@ use crate::{
         record::Recorder,
     },
     sample::{ScrapeOutcome, Snapshot},
-    verdict::{Verdict, VerdictChange},
+    sources::goroutines::GoroutineProfiler,
+    verdict::{Verdict, VerdictChange, VerdictKind},
 };
 
 /// A verdict as it was raised, with when it was raised (detection time, as opposed to `since`).
@@ -37,6 +38,10 @@ pub struct Engine {
     pub last: Option<Snapshot>,
     /// `--record`: every snapshot appended to a file for `leakwatch replay`.
     pub recorder: Option<Recorder>,
+    /// Go targets: which goroutine stacks grew, attached to task-growth verdicts.
+    pub profiler: Option<GoroutineProfiler>,
+    /// The last stack growth found, for /status.
+    goroutine_growth: Vec<(String, i64)>,
 }
 
 impl Engine {
@@ -66,6 +71,8 @@ impl Engine {
             raised: Vec::new(),
             last: None,
             recorder: None,
+            profiler: None,
+            goroutine_growth: Vec::new(),
         }
     }
 
@@ -82,7 +89,8 @@ impl Engine {
         if let Some(r) = &mut self.recorder {
             r.write(&snap);
         }
-        let changes = self.analyzer.observe(&snap);
+        let mut changes = self.analyzer.observe(&snap);
+        self.add_stack_evidence(&snap, &mut changes).await;
         for c in &changes {
             log_change(c);
             if let VerdictChange::Raised(v) = c {
@@ -118,6 +126,8 @@ impl Engine {
                 snapshot: Some(snap.clone()),
                 restarts: self.restarts,
                 notes: self.notes(&snap),
+                load_phase: self.analyzer.load_phase().to_string(),
+                goroutine_growth: self.goroutine_growth.clone(),
             };
         }
         if let Ok(mut t) = self.shared.last_tick.lock() {
@@ -125,6 +135,36 @@ impl Engine {
         }
         self.last = Some(snap);
         changes
+    }
+
+    /// On a task-growth verdict, asks the target which goroutine stacks grew (the seed's pprof step).
+    async fn add_stack_evidence(&mut self, snap: &Snapshot, changes: &mut [VerdictChange]) {
+        let (Some(profiler), Some(scraper)) = (self.profiler.as_mut(), self.collector.scraper())
+        else {
+            return;
+        };
+        if matches!(snap.app, ScrapeOutcome::Ok(_)) {
+            profiler.ensure_baseline(scraper).await;
+        }
+        for c in changes.iter_mut() {
+            let VerdictChange::Raised(v) = c else {
+                continue;
+            };
+            if v.kind != VerdictKind::TaskGrowth {
+                continue;
+            }
+            let Some(top) = profiler.growth(scraper).await else {
+                continue;
+            };
+            for (stack, grown) in &top {
+                v.evidence
+                    .insert(format!("pprof.goroutines_grown[{stack}]"), *grown as f64);
+            }
+            if let Some((stack, grown)) = top.first() {
+                v.explanation += &format!("; most grown stack: {stack} (+{grown})");
+            }
+            self.goroutine_growth = top;
+        }
     }
 
     fn derived(&self) -> Derived {

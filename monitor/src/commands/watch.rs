@@ -14,6 +14,7 @@ use crate::{
     outputs::{http, record::Recorder},
     sources::{
         ebpf::ProbeOptions,
+        goroutines::GoroutineProfiler,
         scrape::{ScrapeConfig, Scraper},
     },
     target::TargetSelector,
@@ -65,6 +66,7 @@ pub fn build_engine(cfg: &SidecarConfig) -> Result<Engine> {
         &name,
         stale_after,
     );
+    engine.profiler = cfg.pprof_url.clone().map(GoroutineProfiler::new);
     if let Some(path) = &cfg.record {
         engine.recorder = Some(Recorder::create(path, RECORD_MAX_BYTES)?);
     }

@@ -28,6 +28,10 @@ pub struct StatusDoc {
     pub snapshot: Option<Snapshot>,
     pub restarts: u64,
     pub notes: Vec<String>,
+    /// The quiescence recipe's phase: idle, loaded, settling or stuck.
+    pub load_phase: String,
+    /// Goroutine stacks that grew since the baseline (Go targets serving pprof), most grown first.
+    pub goroutine_growth: Vec<(String, i64)>,
 }
 
 #[derive(Clone)]

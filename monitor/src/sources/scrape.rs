@@ -122,7 +122,7 @@ pub fn error_class(reason: &str) -> &'static str {
 }
 
 pub struct Scraper {
-    cfg: ScrapeConfig,
+    pub cfg: ScrapeConfig,
     client: reqwest::Client,
 }
 
@@ -162,10 +162,15 @@ impl Scraper {
     }
 
     async fn fetch(&self) -> Result<String, ScrapeError> {
+        self.fetch_url(&self.cfg.url).await
+    }
+
+    /// A bounded GET of another path of the same target (same credentials, timeout and size cap).
+    pub async fn fetch_url(&self, url: &str) -> Result<String, ScrapeError> {
         let started = Instant::now();
         let mut req = self
             .client
-            .get(&self.cfg.url)
+            .get(url)
             .header("Accept", "text/plain;version=0.0.4");
         if let Some(path) = &self.cfg.bearer_token_file {
             // Re-read every time: mounted secrets rotate. The token itself never reaches a log line.
