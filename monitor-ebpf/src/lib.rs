@@ -269,6 +269,10 @@ pub mod map_name {
 /// Global set by the loader: non-zero makes forked children of a watched process watched too.
 pub const GLOBAL_FOLLOW_FORKS: &str = "FOLLOW_FORKS";
 
+/// Globals set by the loader: device and inode of leakwatch's pid namespace, zero in the host's.
+pub const GLOBAL_PIDNS_DEV: &str = "PIDNS_DEV";
+pub const GLOBAL_PIDNS_INO: &str = "PIDNS_INO";
+
 const _: () = assert!(core::mem::size_of::<SockEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 24);
 const _: () = assert!(core::mem::size_of::<SockOwner>() == 8);

@@ -1,6 +1,7 @@
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    bindings::bpf_pidns_info,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -58,9 +59,46 @@ fn bump(c: &mut Option<&'static mut Counters>, index: u32) {
     }
 }
 
+/// Set by the loader (rodata) when leakwatch runs in a pid namespace of its own (a pod with
+/// `shareProcessNamespace`): the device and inode of that namespace. The pids userspace puts in `WATCHED`
+/// are then that namespace's, while the kernel's current pid is the host's, so the probes must ask the
+/// kernel for the pid as that namespace sees it. Zero (the host namespace) keeps the cheaper helper.
+#[unsafe(no_mangle)]
+static PIDNS_DEV: u64 = 0;
+#[unsafe(no_mangle)]
+static PIDNS_INO: u64 = 0;
+
 #[inline(always)]
 fn current_tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
+    // SAFETY: rodata globals written by the loader before load.
+    let (dev, ino) = unsafe {
+        (
+            core::ptr::read_volatile(&PIDNS_DEV),
+            core::ptr::read_volatile(&PIDNS_INO),
+        )
+    };
+    if ino == 0 {
+        return (bpf_get_current_pid_tgid() >> 32) as u32;
+    }
+    let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: the helper writes at most `size` bytes into `info`, which lives on this stack frame.
+    let rc = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            dev,
+            ino,
+            &mut info,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    // A task outside leakwatch's namespace (the host's or a sibling pod's) has no pid in it: tgid 0, which
+    // is_watched() never matches.
+    if rc == 0 { info.tgid } else { 0 }
+}
+
+#[inline(always)]
+fn in_pid_namespace() -> bool {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&PIDNS_INO) != 0 }
 }
 
 #[inline(always)]
@@ -315,7 +353,9 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     let child: u32 = read(&ctx, layout::NEWTASK_PID).unwrap_or(0);
     // SAFETY: rodata global written by the loader before load.
     let follow = unsafe { core::ptr::read_volatile(&FOLLOW_FORKS) };
-    if follow != 0 && child != 0 {
+    // The child's pid in the tracepoint is the host's; in a pid namespace it would never match, and
+    // userspace follows forks there by rediscovery instead.
+    if follow != 0 && child != 0 && !in_pid_namespace() {
         add_watched(child);
     }
     emit_process_event(&mut c, tgid, child, event_kind::PROCESS_FORK);

@@ -21,6 +21,23 @@ use crate::{
     target::{TargetSelector, TargetStatus, TargetTracker},
 };
 
+/// Loads and attaches the probes, or says in one line why the kernel will be observed through procfs only.
+pub fn load_kernel(opts: &CollectorOptions) -> (Option<Probes>, KernelMode) {
+    if opts.no_ebpf {
+        return (
+            None,
+            KernelMode::ProcfsOnly("eBPF disabled by --no-ebpf".into()),
+        );
+    }
+    match Probes::load(&opts.probes, opts.bpf_stats) {
+        Ok(p) => (Some(p), KernelMode::Ebpf),
+        Err(e) => {
+            warn!("eBPF unavailable, continuing in procfs-only mode: {e}");
+            (None, KernelMode::ProcfsOnly(e.to_string()))
+        }
+    }
+}
+
 /// How the kernel side is observed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelMode {
@@ -73,23 +90,21 @@ impl Collector {
     /// Sets up every source. Failing to load eBPF is not an error: the collector carries on in
     /// procfs-only mode and says why in one log line.
     pub fn new(opts: CollectorOptions, scraper: Option<Scraper>) -> Self {
+        let kernel = load_kernel(&opts);
+        Self::with_kernel(opts, scraper, kernel)
+    }
+
+    /// Like [`Collector::new`] with probes loaded beforehand ([`load_kernel`]), e.g. before the process
+    /// dropped the capabilities that loading needs.
+    pub fn with_kernel(
+        opts: CollectorOptions,
+        scraper: Option<Scraper>,
+        kernel: (Option<Probes>, KernelMode),
+    ) -> Self {
         let table = Arc::new(Mutex::new(SocketTable::new(
             opts.probes.max_sockets as usize,
         )));
-        let (probes, mode) = if opts.no_ebpf {
-            (
-                None,
-                KernelMode::ProcfsOnly("eBPF disabled by --no-ebpf".into()),
-            )
-        } else {
-            match Probes::load(&opts.probes, opts.bpf_stats) {
-                Ok(p) => (Some(p), KernelMode::Ebpf),
-                Err(e) => {
-                    warn!("eBPF unavailable, continuing in procfs-only mode: {e}");
-                    (None, KernelMode::ProcfsOnly(e.to_string()))
-                }
-            }
-        };
+        let (probes, mode) = kernel;
         let mut collector = Self {
             tracker: TargetTracker::new(opts.selector),
             current: None,

@@ -27,6 +27,21 @@ fn init_logging(cli: &Cli) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    // The probes are loaded and the capabilities dropped while this is the only thread: the runtime's
+    // threads then start with the reduced sets.
+    let prepared = match &cli.command {
+        Command::Watch(a) => Some(commands::prepare(&a.sidecar)),
+        Command::Check(a) => Some(commands::prepare(&a.sidecar)),
+        Command::Verify(a) => Some(commands::prepare(&a.sidecar)),
+        Command::Observe(_) | Command::Replay(_) => None,
+    };
+    let prepared = match prepared.transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("leakwatch: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -41,9 +56,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Observe(a) => commands::observe::run(a).await.map(|()| ExitCode::SUCCESS),
-            Command::Watch(a) => commands::watch::run(a).await.map(|()| ExitCode::SUCCESS),
-            Command::Check(a) => commands::check::run(a).await,
-            Command::Verify(a) => commands::verify::run(a).await,
+            Command::Watch(_) => commands::watch::run(prepared.expect("prepared above"))
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Check(a) => commands::check::run(a, prepared.expect("prepared above")).await,
+            Command::Verify(a) => commands::verify::run(a, prepared.expect("prepared above")).await,
             Command::Replay(a) => commands::replay::run(a),
         }
     });

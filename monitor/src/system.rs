@@ -161,6 +161,11 @@ pub fn enable_bpf_stats() -> io::Result<Option<OwnedFd>> {
     }
 }
 
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Capabilities leakwatch still needs once the probes are attached: reading another process's
 /// `/proc/<pid>/fd` needs ptrace-read access (CAP_SYS_PTRACE when the target has capabilities we lack),
 /// and DAC_READ_SEARCH covers /proc files of other users.
@@ -195,6 +200,18 @@ pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
     caps::set(None, CapSet::Effective, &kept)?;
     caps::set(None, CapSet::Permitted, &kept)?;
     Ok(())
+}
+
+/// Inode of the host's (initial) pid namespace, fixed by the kernel (`PROC_PID_INIT_INO`).
+const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
+
+/// `(dev, ino)` of leakwatch's own pid namespace when it is not the host's, else `None`. In a pod with a
+/// shared process namespace, the pids leakwatch sees (and watches) are that namespace's; the probes need
+/// its identity to translate the kernel's pids (`bpf_get_ns_current_pid_tgid`).
+pub fn own_pid_namespace() -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    (m.ino() != INIT_PID_NS_INO).then(|| (m.dev(), m.ino()))
 }
 
 #[cfg(test)]

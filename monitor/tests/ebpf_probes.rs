@@ -130,3 +130,60 @@ fn process_exit_is_reported_and_unwatched_in_kernel() {
         1
     );
 }
+
+/// In a pod with a shared process namespace, leakwatch sees the tunnel under that namespace's pid while
+/// the kernel runs it under the host's: the probes must translate, or eBPF would see nothing and the ledger
+/// would look unbacked. Both run here under `unshare --pid`, and eBPF must count what procfs sees.
+#[test]
+fn sockets_are_attributed_inside_a_pid_namespace() {
+    if !ebpf_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (n, m, k) = (12u64, 3u64, 2u64);
+    let status = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "bash"])
+        .arg(support::script("pidns_observe.sh"))
+        .arg(env!("CARGO_BIN_EXE_leakwatch"))
+        .arg(support::script("socket_child.py"))
+        .arg(dir.path())
+        .args([n, m, k].map(|v| v.to_string()))
+        .status()
+        .expect("unshare (util-linux) runs");
+    let out = std::fs::read_to_string(dir.path().join("observe.jsonl")).unwrap_or_default();
+    let err = std::fs::read_to_string(dir.path().join("observe.err")).unwrap_or_default();
+    assert!(status.success(), "pid-namespace run failed: {out}\n{err}");
+    assert!(
+        out.contains("mode: ebpf"),
+        "eBPF loaded inside the namespace: {out}\n{err}"
+    );
+    let child_pid: u32 = std::fs::read_to_string(dir.path().join("child.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("child pid");
+    assert!(
+        child_pid < 100,
+        "the child has a namespace pid ({child_pid}), not the host's"
+    );
+    let last: serde_json::Value = out
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("a JSON snapshot");
+    let open_pairs = n - m - k;
+    let kernel = &last["kernel"];
+    assert_eq!(kernel["counters"]["sock_established"], 2 * n, "{last:#}");
+    assert_eq!(kernel["accepted_live"], open_pairs + k, "{last:#}");
+    assert_eq!(kernel["connected_live"], open_pairs, "{last:#}");
+    let procfs_tcp: u64 = last["proc"]["tcp_by_state"]
+        .as_array()
+        .expect("procfs states")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .sum();
+    assert_eq!(
+        procfs_tcp,
+        1 + 2 * open_pairs + k,
+        "procfs agrees: listener + open pairs + CLOSE_WAIT"
+    );
+}

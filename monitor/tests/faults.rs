@@ -290,3 +290,80 @@ fn sigterm_detaches_cleanly_and_leaves_nothing_loaded() {
     child.go();
     child.finish();
 }
+
+/// Least privilege: once the probes are attached, every thread of the sidecar holds only SYS_PTRACE and
+/// DAC_READ_SEARCH (for other processes' /proc), and the kernel numbers keep coming (map reads on open
+/// fds need no capability).
+#[test]
+fn capabilities_are_dropped_after_attaching_and_counting_goes_on() {
+    if !support::ebpf_tests_enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = ScriptedChild::spawn("socket_child.py", &[4, 0, 0, 0]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let lw = Proc::spawn(
+        leakwatch()
+            .args([
+                "watch",
+                "--pid",
+                &child.pid.to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(["--interval", "300ms"])
+            .stderr(Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(&format!("http://127.0.0.1:{port}/healthz")).is_none() {
+        assert!(Instant::now() < deadline, "leakwatch did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // CAP_DAC_READ_SEARCH = 2, CAP_SYS_PTRACE = 19.
+    let kept: u64 = (1 << 2) | (1 << 19);
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", lw.pid()))
+        .expect("leakwatch's threads")
+        .flatten()
+        .collect();
+    assert!(tasks.len() > 1, "the runtime's threads are there too");
+    for task in tasks {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            let value = status
+                .lines()
+                .find_map(|l| l.strip_prefix(set))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("{set} of {:?}", task.path()));
+            assert_eq!(
+                value,
+                kept,
+                "{set} {value:#x} of thread {:?}",
+                task.file_name()
+            );
+        }
+    }
+    child.go();
+    child.wait_for_line("done");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status: serde_json::Value = http_get(&format!("http://127.0.0.1:{port}/status"))
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
+        let kernel = &status["snapshot"]["kernel"];
+        if kernel["counters"]["sock_established"] == 8 && kernel["connected_live"] == 4 {
+            assert_eq!(status["mode"], "ebpf");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kernel counts after the drop: {kernel}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(lw);
+    child.finish();
+}

@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::Args;
 use tokio::time::Instant;
 
-use super::watch::build_engine;
+use super::{Prepared, watch::build_engine};
 use crate::{
     cli::parse_duration, config::SidecarArgs, engine::Raised, outputs::http, verdict::Verdict,
 };
@@ -25,11 +25,11 @@ pub struct CheckArgs {
     pub serve: bool,
 }
 
-pub async fn run(args: CheckArgs) -> Result<ExitCode> {
-    let cfg = args.sidecar.resolve()?;
-    let mut engine = build_engine(&cfg)?;
+pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
+    let (listen, interval) = (prepared.cfg.listen, prepared.cfg.interval);
+    let mut engine = build_engine(prepared)?;
     if args.serve {
-        http::serve(cfg.listen, engine.shared.clone()).await?;
+        http::serve(listen, engine.shared.clone()).await?;
     }
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -41,7 +41,7 @@ pub async fn run(args: CheckArgs) -> Result<ExitCode> {
         crate::engine::mode_name(engine.collector.mode())
     );
     let end = Instant::now() + args.duration;
-    let mut ticker = tokio::time::interval(cfg.interval);
+    let mut ticker = tokio::time::interval(interval);
     while Instant::now() < end {
         tokio::select! {
             _ = ticker.tick() => { engine.step().await; }

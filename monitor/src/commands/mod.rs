@@ -4,3 +4,51 @@ pub mod observe;
 pub mod replay;
 pub mod verify;
 pub mod watch;
+
+use anyhow::Result;
+use tracing::{info, warn};
+
+use crate::{
+    collect::{CollectorOptions, KernelMode, load_kernel},
+    config::{SidecarArgs, SidecarConfig},
+    sources::ebpf::{ProbeOptions, Probes},
+    system,
+};
+
+/// What `watch`, `check` and `verify` start from: the resolved configuration and the kernel side,
+/// set up before the async runtime exists.
+pub struct Prepared {
+    pub cfg: SidecarConfig,
+    pub kernel: (Option<Probes>, KernelMode),
+}
+
+pub fn collector_options(cfg: &SidecarConfig) -> CollectorOptions {
+    CollectorOptions {
+        selector: cfg.selector.clone(),
+        no_ebpf: cfg.no_ebpf,
+        probes: ProbeOptions {
+            max_sockets: cfg.kernel.max_sockets,
+            follow_forks: cfg.kernel.follow_forks,
+            ..ProbeOptions::default()
+        },
+        bpf_stats: false,
+    }
+}
+
+/// Resolves the configuration, loads and attaches the probes, then drops every capability leakwatch
+/// no longer needs. Runs before any other thread exists: capabilities are per thread, and threads
+/// started afterwards (the runtime's workers) inherit the reduced sets.
+pub fn prepare(args: &SidecarArgs) -> Result<Prepared> {
+    let cfg = args.resolve()?;
+    let kernel = load_kernel(&collector_options(&cfg));
+    if system::is_root() {
+        match system::drop_capabilities() {
+            Ok(()) => info!(
+                kept = ?system::KEPT_CAPABILITIES,
+                "probes attached; dropped every other capability (no further BPF loads or mounts possible)"
+            ),
+            Err(e) => warn!("could not drop capabilities after attaching: {e}"),
+        }
+    }
+    Ok(Prepared { cfg, kernel })
+}

@@ -9,7 +9,7 @@ use monitor_ebpf::tcp_state::CLOSE_WAIT;
 use serde::Serialize;
 use tokio::{sync::Semaphore, time::Instant};
 
-use super::watch::build_engine;
+use super::{Prepared, watch::build_engine};
 use crate::{
     cli::parse_duration,
     config::SidecarArgs,
@@ -205,17 +205,17 @@ async fn drive_load(url: &str, requests: u64, concurrency: u64) -> Result<(u64, 
     Ok((ok, failed))
 }
 
-pub async fn run(args: VerifyArgs) -> Result<ExitCode> {
-    let cfg = args.sidecar.resolve()?;
-    if cfg.metrics_url.is_none() {
+pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
+    if prepared.cfg.metrics_url.is_none() {
         bail!(
             "verify needs --metrics-url: the recipe compares the tunnel's own counters with the kernel"
         );
     }
-    let mut engine = build_engine(&cfg)?;
+    let interval = prepared.cfg.interval;
+    let mut engine = build_engine(prepared)?;
     let mut samples = Vec::new();
     eprintln!("verify: measuring the baseline for {:?}", args.baseline);
-    tick_for(&mut engine, cfg.interval, args.baseline, &mut samples).await;
+    tick_for(&mut engine, interval, args.baseline, &mut samples).await;
     let base = baseline_of(&samples);
 
     eprintln!(
@@ -228,7 +228,7 @@ pub async fn run(args: VerifyArgs) -> Result<ExitCode> {
     let (ok, failed) = loop {
         tokio::select! {
             r = &mut load => break r?,
-            _ = tokio::time::sleep(cfg.interval) => { engine.step().await; }
+            _ = tokio::time::sleep(interval) => { engine.step().await; }
             _ = tokio::time::sleep_until(deadline) => bail!("the load did not finish within {:?}", args.max_load_time),
         }
     };
@@ -246,7 +246,7 @@ pub async fn run(args: VerifyArgs) -> Result<ExitCode> {
         if results.iter().all(|c| c.pass != Some(false)) || Instant::now() >= end {
             break;
         }
-        tokio::time::sleep(cfg.interval).await;
+        tokio::time::sleep(interval).await;
     }
     let passed = results.iter().all(|c| c.pass != Some(false));
     if args.json {

@@ -6,14 +6,14 @@ use clap::Args;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
+use super::{Prepared, collector_options};
 use crate::{
     analysis::Analyzer,
-    collect::{Collector, CollectorOptions},
-    config::{SidecarArgs, SidecarConfig},
+    collect::Collector,
+    config::SidecarArgs,
     engine::Engine,
     outputs::{http, record::Recorder},
     sources::{
-        ebpf::ProbeOptions,
         goroutines::GoroutineProfiler,
         scrape::{ScrapeConfig, Scraper},
     },
@@ -29,8 +29,10 @@ pub struct WatchArgs {
 /// A forgotten `--record` must not fill the disk: about three days at one snapshot a second.
 const RECORD_MAX_BYTES: u64 = 256 << 20;
 
-/// Builds every source and the analyzer from a resolved configuration.
-pub fn build_engine(cfg: &SidecarConfig) -> Result<Engine> {
+/// Builds every source and the analyzer from a prepared configuration.
+pub fn build_engine(prepared: Prepared) -> Result<Engine> {
+    let Prepared { cfg, kernel } = prepared;
+    let cfg = &cfg;
     let scraper = match &cfg.metrics_url {
         Some(url) => Some(Scraper::new(ScrapeConfig {
             url: url.clone(),
@@ -42,19 +44,7 @@ pub fn build_engine(cfg: &SidecarConfig) -> Result<Engine> {
         })?),
         None => None,
     };
-    let collector = Collector::new(
-        CollectorOptions {
-            selector: cfg.selector.clone(),
-            no_ebpf: cfg.no_ebpf,
-            probes: ProbeOptions {
-                max_sockets: cfg.kernel.max_sockets,
-                follow_forks: cfg.kernel.follow_forks,
-                ..ProbeOptions::default()
-            },
-            bpf_stats: false,
-        },
-        scraper,
-    );
+    let collector = Collector::with_kernel(collector_options(cfg), scraper, kernel);
     let name = cfg.name.clone().unwrap_or_else(|| match &cfg.selector {
         TargetSelector::Pid(p) => format!("pid-{p}"),
         TargetSelector::Match(re) => re.as_str().to_string(),
@@ -73,16 +63,16 @@ pub fn build_engine(cfg: &SidecarConfig) -> Result<Engine> {
     Ok(engine)
 }
 
-pub async fn run(args: WatchArgs) -> Result<()> {
-    let cfg = args.sidecar.resolve()?;
-    let mut engine = build_engine(&cfg)?;
-    let addr = http::serve(cfg.listen, engine.shared.clone()).await?;
+pub async fn run(prepared: Prepared) -> Result<()> {
+    let (listen, interval) = (prepared.cfg.listen, prepared.cfg.interval);
+    let mut engine = build_engine(prepared)?;
+    let addr = http::serve(listen, engine.shared.clone()).await?;
     info!(
         mode = %crate::engine::mode_name(engine.collector.mode()),
         "leakwatch watching; /metrics, /status and /healthz on http://{addr}"
     );
     let mut term = signal(SignalKind::terminate())?;
-    let mut ticker = tokio::time::interval(cfg.interval);
+    let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -12,8 +12,8 @@ use aya::{
     programs::{ProgramError, TracePoint},
 };
 use monitor_ebpf::{
-    Counters, GLOBAL_FOLLOW_FORKS, MAX_WATCHED, PROGRAMS, ProcessEvent, SockEvent, counter,
-    event_kind, layout, listen_key, map_name, origin, tcp_state,
+    Counters, GLOBAL_FOLLOW_FORKS, GLOBAL_PIDNS_DEV, GLOBAL_PIDNS_INO, MAX_WATCHED, PROGRAMS,
+    ProcessEvent, SockEvent, counter, event_kind, layout, listen_key, map_name, origin, tcp_state,
 };
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
@@ -204,8 +204,11 @@ impl Probes {
         // Only matters on kernels < 5.11; a failure here surfaces as a load error below if it mattered.
         let _ = system::raise_memlock_rlimit();
         let follow = u8::from(opts.follow_forks);
+        let (pidns_dev, pidns_ino) = system::own_pid_namespace().unwrap_or((0, 0));
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FOLLOW_FORKS, &follow, true)
+            .override_global(GLOBAL_PIDNS_DEV, &pidns_dev, true)
+            .override_global(GLOBAL_PIDNS_INO, &pidns_ino, true)
             .map_max_entries(map_name::SOCKS, opts.max_sockets)
             .map_max_entries(map_name::SOCK_FDS, opts.max_sockets)
             .map_max_entries(map_name::EVENTS, opts.ring_bytes)
