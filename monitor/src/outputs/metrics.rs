@@ -41,6 +41,7 @@ pub struct LeakwatchMetrics {
     scrape_duration: GaugeVec,
     scrape_errors: IntCounterVec,
     rd_present: IntGaugeVec,
+    ledger_over_cap: IntGaugeVec,
     app_live: GaugeVec,
     app_goroutines: GaugeVec,
     app_heap: GaugeVec,
@@ -223,6 +224,12 @@ impl LeakwatchMetrics {
                 "1 if remotedialer session_server_* series were found.",
                 t,
             ),
+            ledger_over_cap: gauge(
+                &r,
+                "leakwatch_app_ledger_rows_over_cap",
+                "Ledger rows (clientkey, proto, addr) beyond the cardinality cap in the last scrape, summed into clientkey _other.",
+                t,
+            ),
             app_live: fgauge(
                 &r,
                 "leakwatch_app_live_connections",
@@ -363,6 +370,9 @@ impl LeakwatchMetrics {
                 self.rd_present
                     .with_label_values(&[t])
                     .set(i64::from(app.remotedialer_present));
+                self.ledger_over_cap
+                    .with_label_values(&[t])
+                    .set(app.ledger_rows_dropped as i64);
                 if let Some(g) = app.goroutines {
                     self.app_goroutines.with_label_values(&[t]).set(g);
                 }
