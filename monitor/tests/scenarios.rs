@@ -115,6 +115,9 @@ struct Row {
     detection_s: Option<f64>,
     false_alarms: Vec<String>,
     pass: bool,
+    /// leakwatch's own CPU (% of one core) and peak RSS over the scenario.
+    leakwatch_cpu_percent: f64,
+    leakwatch_peak_rss_mib: f64,
 }
 
 fn record(row: &Row) {
@@ -132,7 +135,7 @@ fn record(row: &Row) {
         let _ = f.write_all(line.as_bytes());
     }
     eprintln!(
-        "SCENARIO {:<28} expected={:?} fired={:?} detection={} false_alarms={:?} {}",
+        "SCENARIO {:<28} expected={:?} fired={:?} detection={} false_alarms={:?} cpu={:.2}% rss={:.1}MiB {}",
         row.scenario,
         row.expected,
         row.fired,
@@ -140,6 +143,8 @@ fn record(row: &Row) {
             .map(|d| format!("{d:.1}s"))
             .unwrap_or_else(|| "-".into()),
         row.false_alarms,
+        row.leakwatch_cpu_percent,
+        row.leakwatch_peak_rss_mib,
         if row.pass { "PASS" } else { "FAIL" }
     );
 }
@@ -187,6 +192,10 @@ fn evaluate(
         detection_s,
         false_alarms,
         pass,
+        leakwatch_cpu_percent: report["leakwatch_cpu_percent"].as_f64().unwrap_or(f64::NAN),
+        leakwatch_peak_rss_mib: report["leakwatch_peak_rss_mib"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
     };
     record(&row);
     row

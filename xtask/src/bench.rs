@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use crate::{
     procs::{Proc, http_get, release_bin, wait_http},
     report,
+    tunnel::{CLIENT, Tunnel, start_tunnel},
     util::{self, workspace_root},
 };
 
@@ -143,17 +144,185 @@ fn churn_cost(rate: u64, seconds: u64) -> Result<Value> {
     }))
 }
 
+/// Value of `leakwatch_sample_duration_seconds{source="..."}` in an exposition.
+fn sample_duration(metrics: &str, source: &str) -> Option<f64> {
+    let prefix = "leakwatch_sample_duration_seconds{";
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(&format!("source=\"{source}\"")))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The cost of one sampling pass with `sockets` open in the target: the eBPF path (counters and the
+/// socket table, flat in the number of sockets) against a full procfs scan (fds joined with
+/// /proc/net/tcp, linear in it). Medians over several ticks of one leakwatch.
+fn sampling_cost(sockets: usize) -> Result<Value> {
+    let mut hold = Proc::spawn(
+        "hold",
+        Command::new(example("loopback_load"))
+            .args(["hold", &(sockets / 2).to_string()])
+            .stdin(Stdio::piped()),
+        false,
+    )?;
+    let pid: u32 = hold
+        .wait_line("", Duration::from_secs(10))?
+        .trim()
+        .parse()
+        .context("hold pid")?;
+    let port = free_port();
+    let _lw = Proc::spawn(
+        "leakwatch",
+        Command::new(release_bin(&workspace_root(), "leakwatch"))
+            .args([
+                "watch",
+                "--pid",
+                &pid.to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(["--interval", "1s", "--max-sockets", "262144"])
+            .stderr(Stdio::null()),
+        false,
+    )?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http(&format!("{url}/healthz"), Duration::from_secs(20))?;
+    // Attached before the sockets exist, so the in-kernel table learns every one of them.
+    hold.child
+        .stdin
+        .as_mut()
+        .context("hold stdin")?
+        .write_all(b"go\n")?;
+    hold.wait_line("ready", Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let (mut ebpf, mut procfs) = (Vec::new(), Vec::new());
+    let mut live = 0.0;
+    for _ in 0..7 {
+        std::thread::sleep(Duration::from_secs(1));
+        let m = http_get(&format!("{url}/metrics")).unwrap_or_default();
+        ebpf.extend(sample_duration(&m, "ebpf"));
+        procfs.extend(sample_duration(&m, "procfs"));
+        live = m
+            .lines()
+            .find(|l| l.starts_with("leakwatch_kernel_live_sockets{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(live);
+    }
+    let (e, p) = (median(ebpf), median(procfs));
+    Ok(json!({
+        "sockets": sockets,
+        "kernel_live_sockets": live,
+        "ebpf_ms": e * 1e3,
+        "procfs_ms": p * 1e3,
+        "procfs_over_ebpf": p / e,
+    }))
+}
+
+/// One run of the load driver through the tunnel: (requests/s, p99 ms, MB/s).
+fn tunnel_load(t: &Tunnel, path: &str, requests: u64, concurrency: u64) -> Result<(f64, f64, f64)> {
+    let load = Proc::spawn(
+        "load",
+        Command::new(release_bin(&workspace_root(), "reftunnel")).args([
+            "load",
+            "--url",
+            &format!("http://{}/proxy/{CLIENT}/{path}", t.addr),
+            "--requests",
+            &requests.to_string(),
+            "--rate",
+            "0",
+            "--concurrency",
+            &concurrency.to_string(),
+            "--json",
+        ]),
+        false,
+    )?;
+    let (status, out) = load.collect(Duration::from_secs(300))?;
+    if !status.success() {
+        bail!("load driver failed: {out}");
+    }
+    let v: Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("load driver JSON: {out}"))?;
+    Ok((
+        v["rate_rps"].as_f64().unwrap_or(f64::NAN),
+        v["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
+        v["mb_per_s"].as_f64().unwrap_or(f64::NAN),
+    ))
+}
+
+/// Tunnel throughput and p99 with leakwatch attached (eBPF + procfs + scraping every second) against the
+/// same tunnel unwatched, in alternating rounds of one run, so drift on a shared machine hits both sides.
+fn tunnel_overhead(rounds: usize) -> Result<Value> {
+    let t = start_tunnel(None)?;
+    tunnel_load(&t, "", 300, 8)?; // warm-up
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let mut lw_cpu = Vec::new();
+    for _ in 0..rounds {
+        off.push(tunnel_load(&t, "", 2000, 8)?);
+        let port = free_port();
+        let lw = Proc::spawn(
+            "leakwatch",
+            Command::new(release_bin(&workspace_root(), "leakwatch"))
+                .args([
+                    "watch",
+                    "--pid",
+                    &t.server.pid().to_string(),
+                    "--side",
+                    "server",
+                ])
+                .args(["--metrics-url", &format!("http://{}/metrics", t.addr)])
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--interval", "1s"])
+                .stderr(Stdio::null()),
+            false,
+        )?;
+        wait_http(
+            &format!("http://127.0.0.1:{port}/healthz"),
+            Duration::from_secs(20),
+        )?;
+        let (c0, _) = cpu_and_peak(lw.pid()).context("leakwatch /proc")?;
+        let start = Instant::now();
+        on.push(tunnel_load(&t, "", 2000, 8)?);
+        let (c1, _) = cpu_and_peak(lw.pid()).context("leakwatch /proc")?;
+        lw_cpu.push((c1 - c0) as f64 / clk_tck() / start.elapsed().as_secs_f64() * 100.0);
+        drop(lw);
+    }
+    let col =
+        |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| median(v.iter().map(f).collect());
+    let (rps_off, rps_on) = (col(&off, |r| r.0), col(&on, |r| r.0));
+    let (p99_off, p99_on) = (col(&off, |r| r.1), col(&on, |r| r.1));
+    let big = tunnel_load(&t, "bytes/1048576", 200, 4)?;
+    Ok(json!({
+        "rounds": rounds,
+        "requests_per_s_unwatched": rps_off,
+        "requests_per_s_watched": rps_on,
+        "throughput_ratio": rps_on / rps_off,
+        "p99_ms_unwatched": p99_off,
+        "p99_ms_watched": p99_on,
+        "p99_ratio": p99_off / p99_on,
+        "leakwatch_cpu_percent_during_load": median(lw_cpu),
+        "mb_per_s_1mib_responses": big.2,
+    }))
+}
+
 pub fn run() -> Result<()> {
     util::cargo(&["build", "--release", "-p", "monitor", "--examples"])?;
     let mut out = json!({});
     eprintln!("bench: eBPF cost per event under a 20k-connection loopback storm");
     out["ebpf_cost"] = ebpf_cost()?;
+    eprintln!(
+        "bench: tunnel throughput and p99 with leakwatch attached vs not (alternating rounds)"
+    );
+    out["tunnel"] = tunnel_overhead(5)?;
     let mut churn = Vec::new();
     for rate in [100, 1000, 10_000] {
         eprintln!("bench: leakwatch watching {rate} connections/s of churn");
         churn.push(churn_cost(rate, 20)?);
     }
     out["churn"] = Value::Array(churn);
+    let mut sampling = Vec::new();
+    for sockets in [1_000, 10_000, 100_000] {
+        eprintln!("bench: cost of one sampling pass with {sockets} sockets open in the target");
+        sampling.push(sampling_cost(sockets)?);
+    }
+    out["sampling"] = Value::Array(sampling);
     out["scenarios"] = Value::Array(report::scenario_rows(
         &workspace_root().join("target/leakwatch-results"),
     ));
@@ -190,6 +359,32 @@ fn print_table(out: &Value) {
             );
         }
     }
+    let t = &out["tunnel"];
+    let ratio = t["throughput_ratio"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "| tunnel throughput watched / unwatched ({:.0} vs {:.0} req/s, medians of {} rounds) | {ratio:.3} | >= 0.98: {} |",
+        t["requests_per_s_watched"].as_f64().unwrap_or(f64::NAN),
+        t["requests_per_s_unwatched"].as_f64().unwrap_or(f64::NAN),
+        t["rounds"],
+        goal(ratio >= 0.98)
+    );
+    let p99 = t["p99_ratio"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "| tunnel p99 unwatched / watched ({:.2} vs {:.2} ms) | {p99:.3} | >= 0.98: {} |",
+        t["p99_ms_unwatched"].as_f64().unwrap_or(f64::NAN),
+        t["p99_ms_watched"].as_f64().unwrap_or(f64::NAN),
+        goal(p99 >= 0.98)
+    );
+    println!(
+        "| leakwatch CPU while the tunnel is under full load | {:.2}% of a core | - |",
+        t["leakwatch_cpu_percent_during_load"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    );
+    println!(
+        "| tunnel throughput, 1 MiB responses | {:.1} MB/s | - |",
+        t["mb_per_s_1mib_responses"].as_f64().unwrap_or(f64::NAN)
+    );
     for c in out["churn"].as_array().into_iter().flatten() {
         let cpu = c["cpu_percent_of_one_core"].as_f64().unwrap_or(f64::NAN);
         let rss = c["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
@@ -208,5 +403,14 @@ fn print_table(out: &Value) {
             goal(rss <= 25.0)
         );
     }
-    let _ = median(vec![]);
+    for c in out["sampling"].as_array().into_iter().flatten() {
+        println!(
+            "| one sampling pass, {} sockets open (eBPF table saw {}) | eBPF {:.2} ms vs procfs {:.2} ms ({:.0}x) | eBPF flat: see the three rows |",
+            c["sockets"],
+            c["kernel_live_sockets"],
+            c["ebpf_ms"].as_f64().unwrap_or(f64::NAN),
+            c["procfs_ms"].as_f64().unwrap_or(f64::NAN),
+            c["procfs_over_ebpf"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
 }

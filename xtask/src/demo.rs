@@ -12,65 +12,11 @@ use serde_json::Value;
 
 use crate::{
     procs::{Proc, http_get, release_bin, wait_http},
+    tunnel::{CLIENT, Tunnel, start_tunnel},
     util::workspace_root,
 };
 
-const TOKEN: &str = "demo-token";
-const CLIENT: &str = "downstream-1";
 const LEAKWATCH: &str = "127.0.0.1:9477";
-
-struct Tunnel {
-    _backend: Proc,
-    server: Proc,
-    _agent: Proc,
-    addr: String,
-}
-
-fn start_tunnel(leak: Option<&str>) -> Result<Tunnel> {
-    let bin = release_bin(&workspace_root(), "reftunnel");
-    let backend = Proc::spawn(
-        "backend",
-        Command::new(&bin).args(["backend", "--listen", "127.0.0.1:0"]),
-        false,
-    )?;
-    let backend_addr = backend.listening_addr()?;
-    let mut server_cmd = Command::new(&bin);
-    server_cmd.args([
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--token",
-        TOKEN,
-        "--remotedialer-metrics",
-        "--backend",
-        &backend_addr,
-    ]);
-    if let Some(mode) = leak {
-        server_cmd.args(["--leak", mode]);
-    }
-    let server = Proc::spawn("server", &mut server_cmd, false)?;
-    let addr = server.listening_addr()?;
-    let agent = Proc::spawn(
-        "agent",
-        Command::new(&bin).args([
-            "agent",
-            "--server",
-            &format!("ws://{addr}/connect"),
-            "--token",
-            TOKEN,
-            "--id",
-            CLIENT,
-        ]),
-        false,
-    )?;
-    server.wait_line(CLIENT, Duration::from_secs(20))?;
-    Ok(Tunnel {
-        _backend: backend,
-        server,
-        _agent: agent,
-        addr,
-    })
-}
 
 fn start_leakwatch(t: &Tunnel) -> Result<Proc> {
     let bin = release_bin(&workspace_root(), "leakwatch");

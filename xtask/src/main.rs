@@ -6,6 +6,7 @@ mod fuzz;
 mod procs;
 mod report;
 mod setup;
+mod tunnel;
 mod util;
 
 use anyhow::Result;

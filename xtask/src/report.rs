@@ -18,9 +18,9 @@ pub fn print_scenarios(results: &Path) {
     }
     println!("\nScenario suite (real reference tunnel, real leakwatch, eBPF on):");
     println!(
-        "| scenario | expected | fired (s after leak start) | detection | false alarms | result |"
+        "| scenario | expected | fired (s after leak start) | detection | false alarms | leakwatch CPU | leakwatch peak RSS | result |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in rows {
         let list = |v: &Value| {
             v.as_array()
@@ -33,7 +33,7 @@ pub fn print_scenarios(results: &Path) {
                 .unwrap_or_default()
         };
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2}% | {:.1} MiB | {} |",
             r["scenario"].as_str().unwrap_or("?"),
             list(&r["expected"]).if_empty("nothing"),
             list(&r["fired"]).if_empty("nothing"),
@@ -42,6 +42,8 @@ pub fn print_scenarios(results: &Path) {
                 .map(|d| format!("{d:.1} s"))
                 .unwrap_or_else(|| "-".into()),
             r["false_alarms"].as_array().map(|a| a.len()).unwrap_or(0),
+            r["leakwatch_cpu_percent"].as_f64().unwrap_or(f64::NAN),
+            r["leakwatch_peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
             if r["pass"].as_bool() == Some(true) {
                 "pass"
             } else {

@@ -48,7 +48,10 @@ pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
+    let (cpu_s, peak_rss) = crate::system::own_usage().unwrap_or((f64::NAN, 0));
     let report = Report {
+        leakwatch_cpu_percent: cpu_s / args.duration.as_secs_f64().max(1e-3) * 100.0,
+        leakwatch_peak_rss_mib: peak_rss as f64 / 1048576.0,
         started_unix,
         mode: crate::engine::mode_name(engine.collector.mode()),
         verdicts: engine.raised.clone(),
@@ -68,6 +71,9 @@ pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
 
 #[derive(serde::Serialize)]
 struct Report {
+    /// leakwatch's own cost over the check: CPU as % of one core, and peak resident memory.
+    leakwatch_cpu_percent: f64,
+    leakwatch_peak_rss_mib: f64,
     started_unix: f64,
     mode: String,
     verdicts: Vec<Raised>,
@@ -75,9 +81,16 @@ struct Report {
 }
 
 impl Report {
+    fn cost_line(&self) -> String {
+        format!(
+            "leakwatch's own cost: {:.2}% of one core, peak RSS {:.1} MiB\n",
+            self.leakwatch_cpu_percent, self.leakwatch_peak_rss_mib
+        )
+    }
+
     fn render(&self) -> String {
         if self.verdicts.is_empty() {
-            return "leakwatch check: no leak found\n".into();
+            return format!("leakwatch check: no leak found\n{}", self.cost_line());
         }
         let mut out = format!(
             "leakwatch check: {} verdict(s) raised\n",
@@ -99,6 +112,7 @@ impl Report {
             }
         }
         out += &format!("still active at the end: {}\n", self.active_at_end.len());
+        out += &self.cost_line();
         out
     }
 }
