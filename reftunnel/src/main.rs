@@ -1,1 +1,250 @@
-fn main() {}
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use reftunnel::leak::{AgentLeak, ServerLeak};
+use reftunnel::{agent, backend, load, server};
+
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Reference remotedialer tunnel (server, agent, HTTP backend, load driver) with switchable
+/// leak modes for testing leakwatch.
+///
+/// Typical run: `reftunnel backend --listen 127.0.0.1:0`, then `reftunnel server --listen
+/// 127.0.0.1:0 --token T --backend <backend addr> --remotedialer-metrics`, then `reftunnel agent
+/// --server ws://<server addr>/connect --token T --id downstream-1`, then `reftunnel load --url
+/// http://<server addr>/proxy/downstream-1/ --requests 1000 --rate 200 --concurrency 16`.
+/// Servers print `... listening on <ADDR>` on stdout; the server prints `agent <id> connected`
+/// when a session is up. Logs go to stderr (RUST_LOG, default info).
+#[derive(Parser)]
+#[command(name = "reftunnel", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Small HTTP backend: `/` (short text), `/bytes/<n>`, `/slow/<ms>`; closes every
+    /// connection after its response.
+    Backend {
+        /// Address to listen on (port 0 picks one; the chosen address is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// Tunnel server: agents connect on `/connect`; `GET /proxy/<clientid>/<path>` goes through
+    /// that agent to `--backend`; `/metrics` and `/debug/tasks` on the same listener.
+    Server {
+        /// Address to listen on (port 0 picks one; the chosen address is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Token agents must send in X-API-Tunnel-Token.
+        #[arg(long, env = "REFTUNNEL_TOKEN")]
+        token: String,
+        /// Target (host:port) the agent dials for `/proxy/...` requests.
+        #[arg(long)]
+        backend: String,
+        /// Register remotedialer's session_server_* counters (as CATTLE_PROMETHEUS_METRICS=true).
+        #[arg(long, env = "CATTLE_PROMETHEUS_METRICS", value_parser = parse_boolish, default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+        remotedialer_metrics: bool,
+        /// Deliberate server-side leak: skip-remove or stuck-pipe (no-close is an agent mode).
+        #[arg(long, value_enum)]
+        leak: Option<ServerLeak>,
+        /// One connection in N takes the leak path.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        leak_every: u64,
+    },
+    /// Tunnel agent: connects to the server, dials targets for it, reconnects on loss.
+    Agent {
+        /// Server websocket URL, e.g. ws://127.0.0.1:8123/connect.
+        #[arg(long)]
+        server: String,
+        /// Token sent in X-API-Tunnel-Token.
+        #[arg(long, env = "REFTUNNEL_TOKEN")]
+        token: String,
+        /// Client id sent in X-API-Tunnel-ID (the server's clientkey).
+        #[arg(long)]
+        id: String,
+        /// Deliberate agent-side leak: no-close (skip-remove and stuck-pipe are server modes).
+        #[arg(long, value_enum)]
+        leak: Option<AgentLeak>,
+        /// One connection in N takes the leak path.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        leak_every: u64,
+        /// Extra exact host:port targets to allow besides loopback (repeatable).
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Dial any target the server asks for.
+        #[arg(long)]
+        allow_any: bool,
+        /// SyncConnections interval (remotedialer: 60s); 0s disables.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        sync_interval: Duration,
+        /// First reconnect delay; doubles up to --backoff-max, reset after a session.
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        backoff_min: Duration,
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        backoff_max: Duration,
+        /// Serve the agent's own /metrics and /debug/tasks here.
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// Count session_server_* metrics on the agent too (clientkey "client", as in Go).
+        #[arg(long, env = "CATTLE_PROMETHEUS_METRICS", value_parser = parse_boolish, default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+        remotedialer_metrics: bool,
+    },
+    /// Load driver: GETs over fresh connections (one request = one socket), loopback only.
+    Load {
+        /// Target URL, e.g. http://127.0.0.1:8123/proxy/downstream-1/.
+        #[arg(long)]
+        url: String,
+        /// Number of requests.
+        #[arg(long, default_value_t = 100)]
+        requests: u64,
+        /// At most this many requests per second (0 = unlimited).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// At most this many requests in flight.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Per-request timeout.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Stop issuing requests after this long (outstanding ones finish or time out).
+        #[arg(long, default_value = "5min", value_parser = humantime::parse_duration)]
+        duration_limit: Duration,
+        /// Exit non-zero if (errors + not sent) / requests exceeds this.
+        #[arg(long, default_value_t = 0.01)]
+        max_error_ratio: f64,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_boolish(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("expected true or false, got {s}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("reftunnel: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(run(cli.cmd));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("reftunnel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Backend { listen } => backend::run(&listen).await?,
+        Cmd::Server {
+            listen,
+            token,
+            backend,
+            remotedialer_metrics,
+            leak,
+            leak_every,
+        } => {
+            server::run(server::ServerConfig {
+                listen,
+                token,
+                backend,
+                remotedialer_metrics,
+                leak: leak.map(Into::into),
+                leak_every,
+            })
+            .await?
+        }
+        Cmd::Agent {
+            server,
+            token,
+            id,
+            leak,
+            leak_every,
+            allow,
+            allow_any,
+            sync_interval,
+            backoff_min,
+            backoff_max,
+            metrics_listen,
+            remotedialer_metrics,
+        } => {
+            agent::run(agent::AgentConfig {
+                server,
+                token,
+                id,
+                leak: leak.map(Into::into),
+                leak_every,
+                allow,
+                allow_any,
+                sync_interval,
+                backoff_min,
+                backoff_max: backoff_max.max(backoff_min),
+                metrics_listen,
+                remotedialer_metrics,
+            })
+            .await?
+        }
+        Cmd::Load {
+            url,
+            requests,
+            rate,
+            concurrency,
+            timeout,
+            duration_limit,
+            max_error_ratio,
+            json,
+        } => {
+            let summary = load::run(load::LoadConfig {
+                url,
+                requests,
+                rate,
+                concurrency,
+                timeout,
+                duration_limit,
+            })
+            .await?;
+            if json {
+                reftunnel::say!("{}", serde_json::to_string(&summary)?);
+            } else {
+                print!("{}", summary.render());
+            }
+            if summary.error_ratio() > max_error_ratio {
+                eprintln!(
+                    "reftunnel load: error ratio {:.4} above --max-error-ratio {max_error_ratio}",
+                    summary.error_ratio()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
