@@ -297,7 +297,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: std::sync::Ar
             let Ok((req, _)) = crate::http::read_request(&mut sock).await else {
                 return;
             };
-            let _ = match req.path.as_str() {
+            let _ = match req.path.split('?').next().unwrap_or("") {
                 "/metrics" => {
                     let body = hub.render();
                     crate::http::respond(
@@ -311,6 +311,10 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: std::sync::Ar
                 "/debug/tasks" => {
                     crate::http::respond(&mut sock, 200, "text/plain", tasks::render().as_bytes())
                         .await
+                }
+                "/debug/pprof/goroutine" => {
+                    let dump = tasks::render_goroutine_dump();
+                    crate::http::respond(&mut sock, 200, "text/plain", dump.as_bytes()).await
                 }
                 _ => crate::http::respond(&mut sock, 404, "text/plain", b"not found\n").await,
             };

@@ -130,6 +130,10 @@ async fn handle(state: Arc<State>, mut sock: TcpStream, peer: SocketAddr) {
         "/debug/tasks" => {
             http::respond(&mut sock, 200, "text/plain", tasks::render().as_bytes()).await
         }
+        "/debug/pprof/goroutine" => {
+            let dump = tasks::render_goroutine_dump();
+            http::respond(&mut sock, 200, "text/plain", dump.as_bytes()).await
+        }
         "/healthz" => http::respond(&mut sock, 200, "text/plain", b"ok\n").await,
         p if p.starts_with("/proxy/") => return proxy(state, sock, req, rest).await,
         _ => http::respond(&mut sock, 404, "text/plain", b"not found\n").await,

@@ -77,3 +77,45 @@ pub fn render() -> String {
     }
     out
 }
+
+/// The live tasks in the text layout of Go's `/debug/pprof/goroutine?debug=2`, one block per live task
+/// with its kind as the only frame, so tools built for Go targets (leakwatch's stack evidence) can read it.
+/// Tokio keeps no stacks: the "stack" is the code path that spawned the task, and there is no source
+/// location (the indented line says so rather than inventing one).
+pub fn render_goroutine_dump() -> String {
+    let mut out = String::new();
+    let mut n = 1u64;
+    for (kind, c) in snapshot() {
+        for _ in 0..c.live.max(0) {
+            out.push_str(&format!(
+                "goroutine {n} [tokio task]:\nreftunnel.{kind}()\n\t(reftunnel task registry: no source location)\n\n"
+            ));
+            n += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn goroutine_dump_has_one_block_per_live_task() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let h = spawn("test.parked", async move {
+            let _ = rx.await;
+        });
+        let dump = render_goroutine_dump();
+        assert_eq!(dump.matches("reftunnel.test.parked()").count(), 1, "{dump}");
+        assert!(dump.starts_with("goroutine 1 ["));
+        let _ = tx.send(());
+        h.await.unwrap();
+        assert_eq!(
+            render_goroutine_dump()
+                .matches("reftunnel.test.parked()")
+                .count(),
+            0
+        );
+    }
+}

@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the story of the Rancher v2.10.3 tunnel leak, on one machine. The reference tunnel
 //! runs with remotedialer's v2.10.3 symptom switched on (`--leak skip-remove`), load goes through it, and
-//! leakwatch reports the leak live; then the same with a healthy tunnel, which stays green, and the
-//! verification recipe of the fix passes.
+//! leakwatch reports the leak live; then stuck pipes (`--leak stuck-pipe`: tasks and CLOSE_WAIT sockets held
+//! for callers that left, with the task stacks that grew); then a healthy tunnel under the same load stays
+//! green, and the verification recipe of the fix passes.
 use std::{
     process::Command,
     time::{Duration, Instant},
@@ -63,7 +64,14 @@ fn start_load(t: &Tunnel, requests: u64, rate: u64) -> Result<Proc> {
     )
 }
 
-/// One line of what leakwatch's /status says right now.
+fn num(v: &Value) -> String {
+    v.as_f64()
+        .map(|v| format!("{v:.0}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// One line of what leakwatch's /status says right now: the tunnel's own ledger next to what the kernel
+/// holds, then tasks, heap and the verdicts.
 fn status_line(t0: Instant) -> (String, Vec<String>) {
     let doc: Value = http_get(&format!("http://{LEAKWATCH}/status"))
         .and_then(|b| serde_json::from_str(&b).ok())
@@ -88,22 +96,17 @@ fn status_line(t0: Instant) -> (String, Vec<String>) {
         })
         .collect();
     let line = format!(
-        "t={:>3}s  tunnel add={:<5} remove={:<5} live(app)={:<5} kernel sockets={:<4} tasks={:<5} heap={:>6.1}MiB  verdicts: {}",
+        "t={:>3}s  ledger add={:<5} remove={:<5} live={:<5}| kernel: callers={:<4} CLOSE_WAIT={:<4}| tasks={:<5} heap={:>5.1}MiB | {}",
         t0.elapsed().as_secs(),
         added,
         removed,
         added - removed,
-        snap["kernel"]["live_sockets"]
-            .as_u64()
-            .map(|v| v.to_string())
-            .unwrap_or("-".into()),
-        app["goroutines"]
-            .as_f64()
-            .map(|v| v.to_string())
-            .unwrap_or("-".into()),
+        num(&snap["kernel"]["accepted_live"]),
+        num(&snap["kernel"]["sockets_by_state"][8]),
+        num(&app["goroutines"]),
         app["heap_inuse_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         if kinds.is_empty() {
-            "none (green)".to_string()
+            "no verdict (green)".to_string()
         } else {
             kinds.join(", ")
         }
@@ -111,9 +114,10 @@ fn status_line(t0: Instant) -> (String, Vec<String>) {
     (line, kinds)
 }
 
-fn watch_phase(seconds: u64) -> Vec<String> {
+/// Prints /status lines every 3 s for `seconds`; returns every verdict seen, and the explanations.
+fn watch_phase(seconds: u64) -> (Vec<String>, Vec<String>) {
     let t0 = Instant::now();
-    let mut seen = Vec::new();
+    let (mut seen, mut explained) = (Vec::new(), Vec::new());
     while t0.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_secs(3));
         let (line, kinds) = status_line(t0);
@@ -123,40 +127,67 @@ fn watch_phase(seconds: u64) -> Vec<String> {
                 seen.push(k);
             }
         }
+        let doc: Value = http_get(&format!("http://{LEAKWATCH}/status"))
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
+        for v in doc["verdicts"].as_array().into_iter().flatten() {
+            let kind = v["kind"].as_str().unwrap_or("?");
+            if !explained.iter().any(|e: &String| e.starts_with(kind)) {
+                explained.push(format!(
+                    "{kind}: {}",
+                    v["explanation"].as_str().unwrap_or("")
+                ));
+            }
+        }
     }
-    seen
+    (seen, explained)
+}
+
+fn leak_phase(title: &str, mode: &str, expect: &str, seconds: u64) -> Result<()> {
+    println!("{title}");
+    let leaky = start_tunnel(Some(mode))?;
+    let mut lw = start_leakwatch(&leaky)?;
+    let _load = start_load(&leaky, 20 * seconds, 20)?;
+    let (seen, explained) = watch_phase(seconds);
+    lw.terminate();
+    if !seen.iter().any(|k| k.starts_with(expect)) {
+        bail!("leakwatch did not report {expect} during the demo (saw: {seen:?})");
+    }
+    println!("\nleakwatch caught it: {}", seen.join(", "));
+    for e in explained {
+        println!("  - {e}");
+    }
+    println!();
+    Ok(())
 }
 
 pub fn run() -> Result<()> {
-    println!(
-        "\n=== 1/3  The v2.10.3 leak: reftunnel server with --leak skip-remove, 20 requests/s through the tunnel ==="
-    );
-    println!(
-        "leakwatch watches the server process (eBPF + procfs) and scrapes its remotedialer metrics.\n"
-    );
-    let leaky = start_tunnel(Some("skip-remove"))?;
-    let mut lw = start_leakwatch(&leaky)?;
-    let _load = start_load(&leaky, 900, 20)?;
-    let seen = watch_phase(45);
-    lw.terminate();
-    drop(leaky);
-    if !seen.iter().any(|k| k.starts_with("bookkeeping_leak")) {
-        bail!("leakwatch did not report the bookkeeping leak during the demo (saw: {seen:?})");
-    }
-    println!("\nleakwatch caught it: {}\n", seen.join(", "));
+    leak_phase(
+        "\n=== 1/4  The v2.10.3 leak: reftunnel server with --leak skip-remove, 20 requests/s through the tunnel ===\n\
+         leakwatch watches the server process (eBPF + procfs) and scrapes its remotedialer metrics.\n",
+        "skip-remove",
+        "bookkeeping_leak",
+        45,
+    )?;
+    leak_phase(
+        "=== 2/4  Stuck pipes: reftunnel server with --leak stuck-pipe (tasks held for callers that left) ===\n",
+        "stuck-pipe",
+        "task_growth",
+        30,
+    )?;
 
-    println!("=== 2/3  The v2.10.5 fix: the same load through a healthy tunnel ===\n");
+    println!("=== 3/4  The v2.10.5 fix: the same load through a healthy tunnel ===\n");
     let healthy = start_tunnel(None)?;
     let mut lw = start_leakwatch(&healthy)?;
     let _load = start_load(&healthy, 600, 20)?;
-    let seen = watch_phase(36);
+    let (seen, _) = watch_phase(36);
     lw.terminate();
     if !seen.is_empty() {
         bail!("leakwatch raised {seen:?} on a healthy tunnel");
     }
     println!("\nhealthy tunnel: no verdict, as it should be.\n");
 
-    println!("=== 3/3  The fix's verification recipe, automated: leakwatch verify ===\n");
+    println!("=== 4/4  The fix's verification recipe, automated: leakwatch verify ===\n");
     let bin = release_bin(&workspace_root(), "leakwatch");
     let status = Command::new(bin)
         .args([
