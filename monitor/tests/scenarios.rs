@@ -330,6 +330,28 @@ fn stuck_pipe_is_task_growth() {
         ),
         &report,
     );
+    // The reference tunnel serves its task registry in Go's goroutine-profile layout: the task-growth
+    // verdict names the code path that holds the tasks, as pprof named remotedialer's pipe for the seed.
+    let stacks: Vec<String> = report["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["verdict"]["kind"] == "task_growth")
+        .flat_map(|r| {
+            r["verdict"]["evidence"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|(k, v)| {
+            k.starts_with("pprof.goroutines_grown[") && v.as_f64().unwrap_or(0.0) > 20.0
+        })
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        stacks.iter().any(|k| k.contains("reftunnel.server.conn")),
+        "the stuck code path is named in the evidence: {stacks:?}"
+    );
 }
 
 #[test]

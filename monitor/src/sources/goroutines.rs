@@ -109,6 +109,8 @@ pub fn pprof_url_for(metrics_url: &str) -> Option<String> {
 pub struct GoroutineProfiler {
     url: String,
     baseline: Option<StackProfile>,
+    baseline_tried: bool,
+    /// When the last verdict-time profile was taken (the baseline does not count).
     last_fetch: Option<Instant>,
     min_interval: Duration,
     /// Set when the target turned out to serve no profiles: asking again would only add load.
@@ -120,6 +122,7 @@ impl GoroutineProfiler {
         Self {
             url,
             baseline: None,
+            baseline_tried: false,
             last_fetch: None,
             min_interval: Duration::from_secs(300),
             disabled: false,
@@ -127,7 +130,6 @@ impl GoroutineProfiler {
     }
 
     async fn fetch(&mut self, scraper: &Scraper) -> Option<StackProfile> {
-        self.last_fetch = Some(Instant::now());
         match scraper.fetch_url(&self.url).await {
             Ok(body) => {
                 let p = parse_goroutine_dump(&body);
@@ -148,7 +150,8 @@ impl GoroutineProfiler {
 
     /// Takes the baseline the first time it is called (the sidecar calls it once the target is scraped).
     pub async fn ensure_baseline(&mut self, scraper: &Scraper) {
-        if self.baseline.is_none() && !self.disabled && self.last_fetch.is_none() {
+        if !self.baseline_tried && !self.disabled {
+            self.baseline_tried = true;
             self.baseline = self.fetch(scraper).await;
         }
     }
@@ -162,6 +165,7 @@ impl GoroutineProfiler {
         {
             return None;
         }
+        self.last_fetch = Some(Instant::now());
         let now = self.fetch(scraper).await?;
         let base = self.baseline.clone().unwrap_or_default();
         let top = top_growth(&base, &now, 5);
