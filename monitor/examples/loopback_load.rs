@@ -79,13 +79,21 @@ fn hold(pairs: usize) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let num = |i: usize, d: u64| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
-    // Enough fds for the largest hold (2 per pair plus slack).
-    let lim = libc::rlimit {
+    // Enough fds for the largest hold (2 per pair plus slack): ask for a million, and where the hard limit
+    // cannot be raised (no CAP_SYS_RESOURCE, e.g. in a container) take the hard limit.
+    let mut lim = libc::rlimit {
         rlim_cur: 1 << 20,
         rlim_max: 1 << 20,
     };
-    // SAFETY: plain setrlimit; failure just leaves the old limit.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    // SAFETY: plain get/setrlimit on a local struct.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0
+            && libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0
+        {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
     match args.get(1).map(String::as_str) {
         Some("churn") => churn(num(2, 1000).max(1), num(3, 10).min(600)),
         Some("hold") => hold(num(2, 1000).min(200_000) as usize),

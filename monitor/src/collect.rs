@@ -11,7 +11,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
-    sample::{KernelSample, ScrapeOutcome, Snapshot, TargetId},
+    sample::{KernelSample, ProcSample, ScrapeOutcome, Snapshot, TargetId},
     sources::{
         ebpf::{self, ProbeEvent, ProbeOptions, Probes, RawCounters},
         procfs::{ProcError, ProcfsSampler},
@@ -60,6 +60,9 @@ pub struct SourceCosts {
     pub ebpf: f64,
     pub procfs: f64,
     pub scrape: f64,
+    /// The last full procfs pass (fds joined with /proc/<pid>/net/tcp{,6}); in eBPF mode it runs only
+    /// every `procfs_scan_interval`, so `procfs` is usually the light pass.
+    pub procfs_full: f64,
 }
 
 pub struct CollectorOptions {
@@ -69,6 +72,8 @@ pub struct CollectorOptions {
     pub probes: ProbeOptions,
     /// Keep kernel BPF run-time statistics on (for the cost report).
     pub bpf_stats: bool,
+    /// With eBPF counting sockets, how often procfs joins the fds with the namespace's TCP tables.
+    pub procfs_scan_interval: Duration,
 }
 
 pub struct Collector {
@@ -84,6 +89,9 @@ pub struct Collector {
     started: Instant,
     pub costs: SourceCosts,
     last_counters: Option<RawCounters>,
+    procfs_scan_interval: Duration,
+    /// The last full procfs sample: whose it was and when it was taken.
+    last_full_proc: Option<(TargetId, ProcSample, Instant)>,
 }
 
 impl Collector {
@@ -118,6 +126,8 @@ impl Collector {
             started: Instant::now(),
             costs: SourceCosts::default(),
             last_counters: None,
+            procfs_scan_interval: opts.procfs_scan_interval,
+            last_full_proc: None,
         };
         collector.start_pump();
         collector
@@ -155,6 +165,37 @@ impl Collector {
         self.pump = Some(tokio::spawn(run_pump(ring, table, tx)));
     }
 
+    /// The procfs part of a tick: full (with the TCP-table join) in procfs-only mode, for a new target, and
+    /// every `procfs_scan_interval`; otherwise the light pass with the last join carried over.
+    fn proc_sample(&mut self) -> Option<ProcSample> {
+        let id = self.current.clone()?;
+        let light_ok = self.mode == KernelMode::Ebpf;
+        let result = match &self.last_full_proc {
+            Some((who, last, at))
+                if light_ok && *who == id && at.elapsed() < self.procfs_scan_interval =>
+            {
+                self.procfs.sample_light(id.pid, last)
+            }
+            _ => {
+                let t0 = Instant::now();
+                let full = self.procfs.sample(id.pid);
+                self.costs.procfs_full = t0.elapsed().as_secs_f64();
+                if let Ok(s) = &full {
+                    self.last_full_proc = Some((id.clone(), s.clone(), Instant::now()));
+                }
+                full
+            }
+        };
+        match result {
+            Ok(s) => Some(s),
+            Err(ProcError::Gone) => None,
+            Err(e) => {
+                warn!(pid = id.pid, "procfs sample failed: {e}");
+                None
+            }
+        }
+    }
+
     /// One pass over every source.
     pub async fn tick(&mut self) -> (Snapshot, Vec<TargetEvent>) {
         let events = self.follow_target();
@@ -169,17 +210,7 @@ impl Collector {
         self.costs.ebpf = t0.elapsed().as_secs_f64();
 
         let t0 = Instant::now();
-        let proc = match &self.current {
-            Some(id) => match self.procfs.sample(id.pid) {
-                Ok(s) => Some(s),
-                Err(ProcError::Gone) => None,
-                Err(e) => {
-                    warn!(pid = id.pid, "procfs sample failed: {e}");
-                    None
-                }
-            },
-            None => None,
-        };
+        let proc = self.proc_sample();
         self.costs.procfs = t0.elapsed().as_secs_f64();
 
         let t0 = Instant::now();

@@ -241,17 +241,34 @@ fn ready() -> Option<std::sync::MutexGuard<'static, ()>> {
 fn skip_remove_is_a_bookkeeping_leak() {
     let Some(_guard) = ready() else { return };
     let tunnel = Tunnel::start(Leak::mode("skip-remove", 1), Leak::none());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recording = dir.path().join("skip-remove.jsonl");
+    let recording_arg = recording.display().to_string();
     let watch = leakwatch_check(
         tunnel.server.pid(),
         Some(&tunnel.metrics_url()),
         "server",
         45,
-        &[],
+        &["--record", &recording_arg],
     );
     std::thread::sleep(Duration::from_secs(3));
     let leak_start = now_unix();
     let _load = tunnel.load_bg("/", 800, 20, 4);
     let report = watch.report();
+
+    // The recording replays offline to the same verdict: the analysis is a pure function of the series.
+    let replay = Command::new(env!("CARGO_BIN_EXE_leakwatch"))
+        .args(["replay", &recording_arg, "--side", "server", "--json"])
+        .output()
+        .expect("run leakwatch replay");
+    let replayed = String::from_utf8_lossy(&replay.stdout);
+    assert_eq!(
+        replay.status.code(),
+        Some(1),
+        "replay finds the leak: {replayed}"
+    );
+    assert!(replayed.contains("\"bookkeeping_leak\""), "{replayed}");
+
     assert_row(
         evaluate(
             "skip-remove (server, 1/1)",

@@ -32,6 +32,7 @@ pub fn collector_options(cfg: &SidecarConfig) -> CollectorOptions {
             ..ProbeOptions::default()
         },
         bpf_stats: false,
+        procfs_scan_interval: cfg.kernel.procfs_scan_interval,
     }
 }
 

@@ -22,6 +22,7 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
             ..ProbeOptions::default()
         },
         bpf_stats: false,
+        procfs_scan_interval: args.kernel.procfs_scan_interval,
     };
     let mut collector = Collector::new(opts, None);
     if let KernelMode::ProcfsOnly(reason) = collector.mode() {

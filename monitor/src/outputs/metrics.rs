@@ -395,6 +395,9 @@ impl LeakwatchMetrics {
         self.sample_duration
             .with_label_values(&[t, "scrape"])
             .set(costs.scrape);
+        self.sample_duration
+            .with_label_values(&[t, "procfs_full"])
+            .set(costs.procfs_full);
 
         // Clientkeys that disappeared must not linger as stale series.
         let current: HashSet<String> = derived.app_live_by_clientkey.keys().cloned().collect();

@@ -195,6 +195,13 @@ impl ProcfsSampler {
         })
     }
 
+    /// The number of open fds alone: one readdir, no readlink per fd.
+    fn fd_count(&self, pid: u32) -> Result<u64, ProcError> {
+        let dir = self.pid_path(pid, "fd");
+        let entries = fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?;
+        Ok(entries.count() as u64)
+    }
+
     /// Socket inodes behind the process's fds, and the number of fds.
     fn fds(&self, pid: u32) -> Result<(u64, HashSet<u64>), ProcError> {
         let dir = self.pid_path(pid, "fd");
@@ -248,6 +255,25 @@ impl ProcfsSampler {
             }
         }
         Ok(())
+    }
+
+    /// The cheap part of a sample (threads, RSS, fd count), with the socket join carried over from `last`
+    /// (a full sample of the same process). `/proc/<pid>/net/tcp` lists every socket of the network
+    /// namespace, TIME_WAIT included: on a busy node that is tens of thousands of lines the kernel formats
+    /// on every read, so with eBPF counting the sockets the join runs only now and then.
+    pub fn sample_light(&self, pid: u32, last: &ProcSample) -> Result<ProcSample, ProcError> {
+        let stat_path = self.pid_path(pid, "stat");
+        let stat = read_bounded(&stat_path, MAX_SMALL_FILE)?;
+        let (threads, rss_pages, _) = parse_stat(&stat).ok_or(ProcError::Parse {
+            path: stat_path.display().to_string(),
+            what: "stat".into(),
+        })?;
+        Ok(ProcSample {
+            open_fds: self.fd_count(pid)?,
+            threads,
+            rss_bytes: rss_pages * self.page_size,
+            ..last.clone()
+        })
     }
 
     pub fn sample(&self, pid: u32) -> Result<ProcSample, ProcError> {
