@@ -228,6 +228,23 @@ fn attribute(ctx: &TracePointContext, old: u8, new: u8) -> Option<u32> {
     None
 }
 
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
+
+/// Wake the reader only once a quarter of the ring is waiting. Waking it per record costs an irq_work
+/// here and an epoll wake-up plus a task switch in userspace, for records it would happily read in a
+/// batch: userspace also drains on a short timer, so a quiet ring is never left unread for long.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) > EVENTS.query(BPF_RB_RING_SIZE) / 4 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 fn emit_sock_event(
     ctx: &TracePointContext,
@@ -270,7 +287,7 @@ fn emit_sock_event(
         }
     }
     entry.write(ev);
-    entry.submit(0);
+    entry.submit(wakeup_flags());
 }
 
 #[inline(always)]
@@ -420,7 +437,7 @@ fn emit_process_event(c: &mut Option<&'static mut Counters>, tgid: u32, pid: u32
         pid,
         ..ProcessEvent::default()
     };
-    if EVENTS.output::<ProcessEvent>(&ev, 0).is_err() {
+    if EVENTS.output::<ProcessEvent>(&ev, wakeup_flags()).is_err() {
         bump(c, counter::EVENTS_LOST);
     }
 }

@@ -356,7 +356,9 @@ pub fn drain_ring(ring: &mut RingBuf<MapData>, mut on_event: impl FnMut(ProbeEve
     n
 }
 
-/// Waits until the ring buffer has records (or `timeout` passes), then drains it.
+/// Waits until the probes wake the reader (a quarter of the ring is full) or `timeout` passes, then drains
+/// the ring. The probes do not wake the reader per record, so the timeout is what bounds the latency of a
+/// quiet ring: keep it short.
 pub async fn pump_ring(
     ring: &mut AsyncFd<RingBuf<MapData>>,
     timeout: Duration,
