@@ -95,7 +95,7 @@ pub struct KernelArgs {
     pub follow_forks: bool,
     /// With eBPF on, how often procfs joins the target's fds with /proc/<pid>/net/tcp{,6} (that file lists
     /// every socket of the network namespace, TIME_WAIT included, and is costly on busy nodes). fds,
-    /// threads and RSS are still read every interval; without eBPF the join runs every interval.
+    /// threads and RSS are still read every interval; without eBPF (and in `observe`) the join runs every interval.
     #[arg(long, env = "LEAKWATCH_PROCFS_SCAN_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub procfs_scan_interval: Duration,
 }

@@ -22,7 +22,8 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
             ..ProbeOptions::default()
         },
         bpf_stats: false,
-        procfs_scan_interval: args.kernel.procfs_scan_interval,
+        // The raw view shows kernel and procfs side by side: both fresh on every line.
+        procfs_scan_interval: std::time::Duration::ZERO,
     };
     let mut collector = Collector::new(opts, None);
     if let KernelMode::ProcfsOnly(reason) = collector.mode() {
