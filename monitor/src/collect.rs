@@ -38,6 +38,9 @@ pub fn load_kernel(opts: &CollectorOptions) -> (Option<Probes>, KernelMode) {
     }
 }
 
+/// Peers listed per snapshot for CLOSE_WAIT sockets: enough to name the culprit, small enough to record.
+const CLOSE_WAIT_PEER_GROUPS: usize = 5;
+
 /// How the kernel side is observed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelMode {
@@ -249,7 +252,10 @@ impl Collector {
                 return None;
             }
         };
-        let sample = counters.to_kernel_sample();
+        let mut sample = counters.to_kernel_sample();
+        if let Ok(t) = self.table.lock() {
+            sample.close_wait_peers = t.close_wait_by_peer(CLOSE_WAIT_PEER_GROUPS);
+        }
         self.last_counters = Some(counters);
         Some(sample)
     }

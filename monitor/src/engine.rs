@@ -9,7 +9,7 @@ use crate::{
     analysis::Analyzer,
     collect::{Collector, KernelMode, TargetEvent},
     outputs::{
-        http::{Shared, StatusDoc},
+        http::{Shared, SocketView, StatusDoc},
         log::log_change,
         metrics::{Derived, LeakwatchMetrics},
         record::Recorder,
@@ -127,6 +127,7 @@ impl Engine {
                 restarts: self.restarts,
                 notes: self.notes(&snap),
                 load_phase: self.analyzer.load_phase().to_string(),
+                oldest_sockets: self.oldest_sockets(),
                 goroutine_growth: self.goroutine_growth.clone(),
             };
         }
@@ -165,6 +166,26 @@ impl Engine {
             }
             self.goroutine_growth = top;
         }
+    }
+
+    /// The ten longest-held sockets of the target, for /status.
+    fn oldest_sockets(&self) -> Vec<SocketView> {
+        let table = self.collector.socket_table();
+        let Ok(table) = table.lock() else {
+            return Vec::new();
+        };
+        let now = crate::system::monotonic_ns();
+        table
+            .oldest(10)
+            .into_iter()
+            .map(|e| SocketView {
+                state: monitor_ebpf::tcp_state::name(e.state).to_string(),
+                origin: format!("{:?}", e.origin).to_lowercase(),
+                local: e.local.to_string(),
+                remote: e.remote.to_string(),
+                age_s: now.saturating_sub(e.first_seen_ns) as f64 / 1e9,
+            })
+            .collect()
     }
 
     fn derived(&self) -> Derived {

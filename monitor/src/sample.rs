@@ -46,6 +46,10 @@ pub struct KernelSample {
     pub accepted_live: u64,
     /// Live sockets the target connected out (targets, on a tunnel agent).
     pub connected_live: u64,
+    /// CLOSE_WAIT sockets grouped by peer (from the socket table), most first, capped: who hung up on
+    /// sockets the process never closed.
+    #[serde(default)]
+    pub close_wait_peers: Vec<(String, u64)>,
 }
 
 impl KernelSample {

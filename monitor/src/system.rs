@@ -202,6 +202,17 @@ pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
     Ok(())
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the probes' `bpf_ktime_get_ns` timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// leakwatch's own CPU time (user + system, seconds) and peak RSS (bytes), for reports on its cost.
 pub fn own_usage() -> Option<(f64, u64)> {
     let stat = fs::read_to_string("/proc/self/stat").ok()?;

@@ -14,6 +14,33 @@ use support::{ScriptedChild, http_get, tunnel::Proc};
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// `leakwatch watch` on `pid` with its own port, once it serves /healthz.
+fn start_watch(pid: u32, extra: &[&str]) -> (Proc, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let lw = Proc::spawn(
+        leakwatch()
+            .args([
+                "watch",
+                "--pid",
+                &pid.to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(extra)
+            .stderr(Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(&format!("http://127.0.0.1:{port}/healthz")).is_none() {
+        assert!(Instant::now() < deadline, "leakwatch did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (lw, port)
+}
+
 fn leakwatch() -> Command {
     Command::new(env!("CARGO_BIN_EXE_leakwatch"))
 }
@@ -246,27 +273,7 @@ fn sigterm_detaches_cleanly_and_leaves_nothing_loaded() {
     };
     let before = count();
     let mut child = ScriptedChild::spawn("socket_child.py", &[1, 0, 0, 0]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut lw = Proc::spawn(
-        leakwatch()
-            .args([
-                "watch",
-                "--pid",
-                &child.pid.to_string(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .stderr(Stdio::null()),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(&format!("http://127.0.0.1:{port}/healthz")).is_none() {
-        assert!(Instant::now() < deadline, "leakwatch did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (mut lw, _) = start_watch(child.pid, &[]);
     assert_eq!(
         count(),
         before + monitor_ebpf::PROGRAMS.len(),
@@ -301,28 +308,7 @@ fn capabilities_are_dropped_after_attaching_and_counting_goes_on() {
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut child = ScriptedChild::spawn("socket_child.py", &[4, 0, 0, 0]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let lw = Proc::spawn(
-        leakwatch()
-            .args([
-                "watch",
-                "--pid",
-                &child.pid.to_string(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(["--interval", "300ms"])
-            .stderr(Stdio::null()),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(&format!("http://127.0.0.1:{port}/healthz")).is_none() {
-        assert!(Instant::now() < deadline, "leakwatch did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (lw, port) = start_watch(child.pid, &["--interval", "300ms"]);
     // CAP_DAC_READ_SEARCH = 2, CAP_SYS_PTRACE = 19.
     let kept: u64 = (1 << 2) | (1 << 19);
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", lw.pid()))

@@ -394,6 +394,18 @@ fn no_close_on_the_agent_is_a_socket_leak() {
         ),
         &report,
     );
+    // The socket table names who hung up: the backend the agent dialed for every tunneled connection.
+    let peer = format!("peer={}", tunnel.backend_addr);
+    assert!(
+        report["verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["verdict"]["subject"]
+                .as_str()
+                .is_some_and(|s| s.contains(&peer))),
+        "a CLOSE_WAIT verdict names {peer}: {report:#}"
+    );
 }
 
 #[test]

@@ -79,6 +79,30 @@ fn ebpf_cost() -> Result<Value> {
     Ok(out)
 }
 
+/// Starts a release `leakwatch watch` on `pid` (1 s interval, its own port) and waits until it serves;
+/// returns it and its base URL.
+fn watch_pid(pid: u32, extra: &[&str]) -> Result<(Proc, String)> {
+    let port = free_port();
+    let lw = Proc::spawn(
+        "leakwatch",
+        Command::new(release_bin(&workspace_root(), "leakwatch"))
+            .args([
+                "watch",
+                "--pid",
+                &pid.to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(["--interval", "1s"])
+            .args(extra)
+            .stderr(Stdio::null()),
+        false,
+    )?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http(&format!("{url}/healthz"), Duration::from_secs(20))?;
+    Ok((lw, url))
+}
+
 /// leakwatch's CPU and peak RSS while it watches a process churning `rate` connections per second.
 fn churn_cost(rate: u64, seconds: u64) -> Result<Value> {
     let mut churn = Proc::spawn(
@@ -93,26 +117,7 @@ fn churn_cost(rate: u64, seconds: u64) -> Result<Value> {
         .trim()
         .parse()
         .context("churn pid")?;
-    let port = free_port();
-    let lw = Proc::spawn(
-        "leakwatch",
-        Command::new(release_bin(&workspace_root(), "leakwatch"))
-            .args([
-                "watch",
-                "--pid",
-                &pid.to_string(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--interval",
-                "1s",
-            ])
-            .stderr(Stdio::null()),
-        false,
-    )?;
-    wait_http(
-        &format!("http://127.0.0.1:{port}/healthz"),
-        Duration::from_secs(20),
-    )?;
+    let (lw, url) = watch_pid(pid, &[])?;
     let (t0, _) = cpu_and_peak(lw.pid()).context("leakwatch /proc")?;
     let start = Instant::now();
     churn
@@ -124,7 +129,7 @@ fn churn_cost(rate: u64, seconds: u64) -> Result<Value> {
     let done = churn.wait_line("done", Duration::from_secs(seconds + 60))?;
     let elapsed = start.elapsed().as_secs_f64();
     let (t1, hwm) = cpu_and_peak(lw.pid()).context("leakwatch /proc")?;
-    let status: Value = http_get(&format!("http://127.0.0.1:{port}/status"))
+    let status: Value = http_get(&format!("{url}/status"))
         .and_then(|b| serde_json::from_str(&b).ok())
         .unwrap_or_default();
     let counters = &status["snapshot"]["kernel"]["counters"];
@@ -181,30 +186,10 @@ fn sampling_cost(sockets: usize) -> Result<Value> {
         .trim()
         .parse()
         .context("hold pid")?;
-    let port = free_port();
-    let _lw = Proc::spawn(
-        "leakwatch",
-        Command::new(release_bin(&workspace_root(), "leakwatch"))
-            .args([
-                "watch",
-                "--pid",
-                &pid.to_string(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args([
-                "--interval",
-                "1s",
-                "--max-sockets",
-                "262144",
-                "--procfs-scan-interval",
-                "1s",
-            ])
-            .stderr(Stdio::null()),
-        false,
+    let (_lw, url) = watch_pid(
+        pid,
+        &["--max-sockets", "262144", "--procfs-scan-interval", "1s"],
     )?;
-    let url = format!("http://127.0.0.1:{port}");
-    wait_http(&format!("{url}/healthz"), Duration::from_secs(20))?;
     // Attached before the sockets exist, so the in-kernel table learns every one of them.
     hold.child
         .stdin
@@ -276,25 +261,10 @@ fn tunnel_overhead(rounds: usize) -> Result<Value> {
     let mut lw_cpu = Vec::new();
     for _ in 0..rounds {
         off.push(tunnel_load(&t, "", 2000, 8)?);
-        let port = free_port();
-        let lw = Proc::spawn(
-            "leakwatch",
-            Command::new(release_bin(&workspace_root(), "leakwatch"))
-                .args([
-                    "watch",
-                    "--pid",
-                    &t.server.pid().to_string(),
-                    "--side",
-                    "server",
-                ])
-                .args(["--metrics-url", &format!("http://{}/metrics", t.addr)])
-                .args(["--listen", &format!("127.0.0.1:{port}"), "--interval", "1s"])
-                .stderr(Stdio::null()),
-            false,
-        )?;
-        wait_http(
-            &format!("http://127.0.0.1:{port}/healthz"),
-            Duration::from_secs(20),
+        let metrics = format!("http://{}/metrics", t.addr);
+        let (lw, _) = watch_pid(
+            t.server.pid(),
+            &["--side", "server", "--metrics-url", &metrics],
         )?;
         let (c0, _) = cpu_and_peak(lw.pid()).context("leakwatch /proc")?;
         let start = Instant::now();

@@ -104,19 +104,30 @@ pub fn close_wait(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> 
     } else {
         Severity::Warning
     };
+    let mut evidence = ev(&[
+        ("kernel.close_wait_sockets", Some(cw)),
+        ("kernel.close_wait_growth_in_window", growth),
+        ("kernel.established_sockets", s.established.last()),
+        ("app.live_connections", s.app_live.last()),
+        ("procfs.open_fds", s.fds.last()),
+    ]);
+    for (peer, n) in &s.close_wait_peers {
+        evidence.insert(format!("kernel.close_wait_peer[{peer}]"), *n as f64);
+    }
+    let (subject, whom) = match s.close_wait_peers.first() {
+        Some((peer, n)) => (
+            format!("state=CLOSE_WAIT peer={peer}"),
+            format!("; most from {peer} ({n})"),
+        ),
+        None => ("state=CLOSE_WAIT".to_string(), String::new()),
+    };
     Some(finding(
         VerdictKind::SocketLeak,
         severity,
-        "state=CLOSE_WAIT".into(),
-        ev(&[
-            ("kernel.close_wait_sockets", Some(cw)),
-            ("kernel.close_wait_growth_in_window", growth),
-            ("kernel.established_sockets", s.established.last()),
-            ("app.live_connections", s.app_live.last()),
-            ("procfs.open_fds", s.fds.last()),
-        ]),
+        subject,
+        evidence,
         format!(
-            "{cw:.0} sockets sit in CLOSE_WAIT: their peers hung up and the process never closed them"
+            "{cw:.0} sockets sit in CLOSE_WAIT: their peers hung up and the process never closed them{whom}"
         ),
         cfg.close_wait_min_s,
         "close_wait",

@@ -21,6 +21,8 @@ pub struct Signals {
     /// Sockets still ESTABLISHED: what legitimately justifies tasks.
     pub established: Series,
     pub close_wait: Series,
+    /// The latest CLOSE_WAIT sockets per peer (from the kernel side's socket table).
+    pub close_wait_peers: Vec<(String, u64)>,
     pub fds: Series,
     pub fd_limit: Option<f64>,
     pub tasks: Series,

@@ -79,6 +79,12 @@ impl Tunnel {
                 live_sockets: self.established + self.close_wait,
                 sockets_by_state: by_state,
                 accepted_live: self.accepted,
+                // On the agent side, the dialed backend is who hangs up.
+                close_wait_peers: if self.close_wait > 0 {
+                    vec![("127.0.0.1:8080".to_string(), self.close_wait)]
+                } else {
+                    Vec::new()
+                },
                 ..KernelSample::default()
             }),
             proc: Some(ProcSample {

@@ -32,6 +32,19 @@ pub struct StatusDoc {
     pub load_phase: String,
     /// Goroutine stacks that grew since the baseline (Go targets serving pprof), most grown first.
     pub goroutine_growth: Vec<(String, i64)>,
+    /// The target's longest-held sockets (eBPF socket table), oldest first.
+    pub oldest_sockets: Vec<SocketView>,
+}
+
+/// One socket of the target as /status shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SocketView {
+    pub state: String,
+    pub origin: String,
+    pub local: String,
+    pub remote: String,
+    /// Seconds since the probes first saw it.
+    pub age_s: f64,
 }
 
 #[derive(Clone)]

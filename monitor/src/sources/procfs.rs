@@ -181,14 +181,19 @@ impl ProcfsSampler {
         self.root.join(pid.to_string()).join(rel)
     }
 
-    /// Identity of the process (pid + start time), `Gone` if it does not exist.
-    pub fn target_id(&self, pid: u32) -> Result<TargetId, ProcError> {
+    /// (threads, RSS pages, start time) from `/proc/<pid>/stat`.
+    fn stat(&self, pid: u32) -> Result<(u64, u64, u64), ProcError> {
         let path = self.pid_path(pid, "stat");
         let stat = read_bounded(&path, MAX_SMALL_FILE)?;
-        let (_, _, start) = parse_stat(&stat).ok_or(ProcError::Parse {
+        parse_stat(&stat).ok_or(ProcError::Parse {
             path: path.display().to_string(),
             what: "stat".into(),
-        })?;
+        })
+    }
+
+    /// Identity of the process (pid + start time), `Gone` if it does not exist.
+    pub fn target_id(&self, pid: u32) -> Result<TargetId, ProcError> {
+        let (_, _, start) = self.stat(pid)?;
         Ok(TargetId {
             pid,
             start_ticks: start,
@@ -262,12 +267,7 @@ impl ProcfsSampler {
     /// namespace, TIME_WAIT included: on a busy node that is tens of thousands of lines the kernel formats
     /// on every read, so with eBPF counting the sockets the join runs only now and then.
     pub fn sample_light(&self, pid: u32, last: &ProcSample) -> Result<ProcSample, ProcError> {
-        let stat_path = self.pid_path(pid, "stat");
-        let stat = read_bounded(&stat_path, MAX_SMALL_FILE)?;
-        let (threads, rss_pages, _) = parse_stat(&stat).ok_or(ProcError::Parse {
-            path: stat_path.display().to_string(),
-            what: "stat".into(),
-        })?;
+        let (threads, rss_pages, _) = self.stat(pid)?;
         Ok(ProcSample {
             open_fds: self.fd_count(pid)?,
             threads,
@@ -277,12 +277,7 @@ impl ProcfsSampler {
     }
 
     pub fn sample(&self, pid: u32) -> Result<ProcSample, ProcError> {
-        let stat_path = self.pid_path(pid, "stat");
-        let stat = read_bounded(&stat_path, MAX_SMALL_FILE)?;
-        let (threads, rss_pages, _) = parse_stat(&stat).ok_or(ProcError::Parse {
-            path: stat_path.display().to_string(),
-            what: "stat".into(),
-        })?;
+        let (threads, rss_pages, _) = self.stat(pid)?;
         let (open_fds, inodes) = self.fds(pid)?;
         let mut tcp_by_state = [0u64; 13];
         self.tcp_entries(pid, &inodes, |e| {

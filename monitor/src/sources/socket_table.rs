@@ -104,6 +104,40 @@ impl SocketTable {
         self.entries.values()
     }
 
+    /// CLOSE_WAIT sockets grouped by who hung up, most first, at most `max` groups. A caller (accepted
+    /// socket) is named by its address alone, its port being ephemeral; a target the process dialed is
+    /// named by address and port, which is the service.
+    pub fn close_wait_by_peer(&self, max: usize) -> Vec<(String, u64)> {
+        let mut groups: HashMap<String, u64> = HashMap::new();
+        for e in self
+            .entries
+            .values()
+            .filter(|e| e.state == tcp_state::CLOSE_WAIT)
+        {
+            let peer = match e.origin {
+                Origin::Connected => e.remote.to_string(),
+                _ => format!("{} (callers)", e.remote.ip()),
+            };
+            *groups.entry(peer).or_default() += 1;
+        }
+        let mut v: Vec<(String, u64)> = groups.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(max);
+        v
+    }
+
+    /// The `n` oldest sockets that are not listeners, oldest first: what has been held longest.
+    pub fn oldest(&self, n: usize) -> Vec<&SocketEntry> {
+        let mut v: Vec<&SocketEntry> = self
+            .entries
+            .values()
+            .filter(|e| e.state != tcp_state::LISTEN)
+            .collect();
+        v.sort_by_key(|e| e.first_seen_ns);
+        v.truncate(n);
+        v
+    }
+
     /// Live entries per TCP state (for cross-checking against the in-kernel counts).
     pub fn count_by_state(&self) -> [u64; 13] {
         let mut by_state = [0; 13];
@@ -208,5 +242,54 @@ mod tests {
         t.apply(&ev(1, CLOSE, SYN_SENT));
         t.forget_process(42);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn close_wait_is_grouped_by_peer_and_oldest_come_first() {
+        let mut t = SocketTable::new(64);
+        // Three dialed targets on port 2000 and one caller hung up; one dialed socket is still open.
+        for sk in 10..13 {
+            for (i, (old, new)) in [
+                (CLOSE, SYN_SENT),
+                (SYN_SENT, ESTABLISHED),
+                (ESTABLISHED, CLOSE_WAIT),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                t.apply(&SockEvent {
+                    ts_ns: sk * 100 + i as u64,
+                    ..ev(sk, old, new)
+                });
+            }
+        }
+        for (old, new) in [
+            (LISTEN, SYN_RECV),
+            (SYN_RECV, ESTABLISHED),
+            (ESTABLISHED, CLOSE_WAIT),
+        ] {
+            t.apply(&SockEvent {
+                ts_ns: 5,
+                ..ev(20, old, new)
+            });
+        }
+        t.apply(&SockEvent {
+            ts_ns: 1,
+            ..ev(30, CLOSE, SYN_SENT)
+        });
+        t.apply(&SockEvent {
+            ts_ns: 2,
+            ..ev(31, CLOSE, LISTEN)
+        });
+        assert_eq!(
+            t.close_wait_by_peer(5),
+            vec![
+                ("127.0.0.1:2000".to_string(), 3),
+                ("127.0.0.1 (callers)".to_string(), 1)
+            ]
+        );
+        assert_eq!(t.close_wait_by_peer(1).len(), 1, "capped");
+        let oldest: Vec<u64> = t.oldest(3).iter().map(|e| e.first_seen_ns).collect();
+        assert_eq!(oldest, vec![1, 5, 1000], "oldest first, listeners left out");
     }
 }
