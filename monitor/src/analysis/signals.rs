@@ -91,6 +91,7 @@ impl Signals {
                 .push(t, k.in_state(ESTABLISHED) as f64, horizon);
             self.close_wait
                 .push(t, k.in_state(CLOSE_WAIT) as f64, horizon);
+            self.close_wait_peers.clone_from(&k.close_wait_peers);
             if !self.remotedialer_present {
                 // No ledger: the kernel's count of sockets opened is the activity signal.
                 self.opened_total = k.counters.sock_tracked as f64;

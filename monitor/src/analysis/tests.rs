@@ -491,6 +491,19 @@ fn agent_side_close_wait_without_a_ledger_is_a_socket_leak() {
             .any(|(k, _)| *k == VerdictKind::BookkeepingLeak),
         "{kinds:?}"
     );
+    let cw = an
+        .active()
+        .into_iter()
+        .find(|v| v.subject.starts_with("state=CLOSE_WAIT"))
+        .expect("CLOSE_WAIT verdict");
+    assert_eq!(
+        cw.subject, "state=CLOSE_WAIT peer=127.0.0.1:8080",
+        "names who hung up"
+    );
+    assert_eq!(
+        cw.evidence["kernel.close_wait_peer[127.0.0.1:8080]"],
+        tun.close_wait as f64
+    );
 }
 
 #[test]
