@@ -81,6 +81,11 @@ impl Engine {
         for e in &target_events {
             if let TargetEvent::Restarted { .. } = e {
                 self.restarts += 1;
+                // A new process: its goroutines are compared with its own baseline, not the old one's.
+                self.goroutine_growth.clear();
+                if let Some(p) = &mut self.profiler {
+                    p.reset();
+                }
                 if let Ok(m) = self.shared.metrics.lock() {
                     m.target_restarted();
                 }
@@ -104,7 +109,7 @@ impl Engine {
                 }
             }
         }
-        let active = self.analyzer.active();
+        let active = self.active();
         let derived = self.derived();
         if let Ok(mut m) = self.shared.metrics.lock() {
             if let ScrapeOutcome::Failed { reason } = &snap.app {
@@ -136,6 +141,25 @@ impl Engine {
         }
         self.last = Some(snap);
         changes
+    }
+
+    /// Verdicts active now. The stacks found when a task-growth verdict was raised stay part of it while
+    /// it is active (the analysis re-derives its verdicts every tick and knows nothing of profiles).
+    pub fn active(&self) -> Vec<Verdict> {
+        let mut active = self.analyzer.active();
+        for v in active
+            .iter_mut()
+            .filter(|v| v.kind == VerdictKind::TaskGrowth)
+        {
+            for (stack, grown) in &self.goroutine_growth {
+                v.evidence
+                    .insert(format!("pprof.goroutines_grown[{stack}]"), *grown as f64);
+            }
+            if let Some((stack, grown)) = self.goroutine_growth.first() {
+                v.explanation += &format!("; most grown stack: {stack} (+{grown})");
+            }
+        }
+        active
     }
 
     /// On a task-growth verdict, asks the target which goroutine stacks grew (the seed's pprof step).

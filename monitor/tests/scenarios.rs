@@ -369,6 +369,20 @@ fn stuck_pipe_is_task_growth() {
         stacks.iter().any(|k| k.contains("reftunnel.server.conn")),
         "the stuck code path is named in the evidence: {stacks:?}"
     );
+    // ...and stays in the verdict while it is active (what /status and the log of later ticks show).
+    let active_stacks = report["active_at_end"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["kind"] == "task_growth")
+        .filter_map(|v| v["evidence"].as_object())
+        .flat_map(|e| e.keys().cloned().collect::<Vec<_>>())
+        .filter(|k| k.contains("reftunnel.server.conn"))
+        .count();
+    assert!(
+        active_stacks > 0,
+        "active task-growth verdict keeps the stack evidence: {report:#}"
+    );
 }
 
 #[test]

@@ -55,7 +55,7 @@ pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
         started_unix,
         mode: crate::engine::mode_name(engine.collector.mode()),
         verdicts: engine.raised.clone(),
-        active_at_end: engine.analyzer.active(),
+        active_at_end: engine.active(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -148,6 +148,12 @@ impl GoroutineProfiler {
         }
     }
 
+    /// Forgets the baseline (the target restarted); the next call to `ensure_baseline` takes a new one.
+    pub fn reset(&mut self) {
+        self.baseline = None;
+        self.baseline_tried = false;
+    }
+
     /// Takes the baseline the first time it is called (the sidecar calls it once the target is scraped).
     pub async fn ensure_baseline(&mut self, scraper: &Scraper) {
         if !self.baseline_tried && !self.disabled {
