@@ -151,13 +151,7 @@ impl Engine {
             .iter_mut()
             .filter(|v| v.kind == VerdictKind::TaskGrowth)
         {
-            for (stack, grown) in &self.goroutine_growth {
-                v.evidence
-                    .insert(format!("pprof.goroutines_grown[{stack}]"), *grown as f64);
-            }
-            if let Some((stack, grown)) = self.goroutine_growth.first() {
-                v.explanation += &format!("; most grown stack: {stack} (+{grown})");
-            }
+            attach_stacks(v, &self.goroutine_growth);
         }
         active
     }
@@ -181,13 +175,7 @@ impl Engine {
             let Some(top) = profiler.growth(scraper).await else {
                 continue;
             };
-            for (stack, grown) in &top {
-                v.evidence
-                    .insert(format!("pprof.goroutines_grown[{stack}]"), *grown as f64);
-            }
-            if let Some((stack, grown)) = top.first() {
-                v.explanation += &format!("; most grown stack: {stack} (+{grown})");
-            }
+            attach_stacks(v, &top);
             self.goroutine_growth = top;
         }
     }
@@ -239,6 +227,17 @@ impl Engine {
             notes.push("target process not found".into());
         }
         notes
+    }
+}
+
+/// Puts the goroutine stacks that grew (most grown first) into a task-growth verdict.
+fn attach_stacks(v: &mut Verdict, top: &[(String, i64)]) {
+    for (stack, grown) in top {
+        v.evidence
+            .insert(format!("pprof.goroutines_grown[{stack}]"), *grown as f64);
+    }
+    if let Some((stack, grown)) = top.first() {
+        v.explanation += &format!("; most grown stack: {stack} (+{grown})");
     }
 }
 

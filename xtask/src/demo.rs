@@ -72,10 +72,7 @@ fn num(v: &Value) -> String {
 
 /// One line of what leakwatch's /status says right now: the tunnel's own ledger next to what the kernel
 /// holds, then tasks, heap and the verdicts.
-fn status_line(t0: Instant) -> (String, Vec<String>) {
-    let doc: Value = http_get(&format!("http://{LEAKWATCH}/status"))
-        .and_then(|b| serde_json::from_str(&b).ok())
-        .unwrap_or_default();
+fn status_line(t0: Instant, doc: &Value) -> (String, Vec<String>) {
     let snap = &doc["snapshot"];
     let app = &snap["app"]["Ok"];
     let (mut added, mut removed) = (0.0, 0.0);
@@ -120,16 +117,16 @@ fn watch_phase(seconds: u64) -> (Vec<String>, Vec<String>) {
     let (mut seen, mut explained) = (Vec::new(), Vec::new());
     while t0.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_secs(3));
-        let (line, kinds) = status_line(t0);
+        let doc: Value = http_get(&format!("http://{LEAKWATCH}/status"))
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
+        let (line, kinds) = status_line(t0, &doc);
         println!("{line}");
         for k in kinds {
             if !seen.contains(&k) {
                 seen.push(k);
             }
         }
-        let doc: Value = http_get(&format!("http://{LEAKWATCH}/status"))
-            .and_then(|b| serde_json::from_str(&b).ok())
-            .unwrap_or_default();
         for v in doc["verdicts"].as_array().into_iter().flatten() {
             let kind = v["kind"].as_str().unwrap_or("?");
             if !explained.iter().any(|e: &String| e.starts_with(kind)) {
