@@ -30,6 +30,20 @@ pub struct DerivedNow {
     pub fd_exhaustion_seconds: Option<f64>,
 }
 
+/// Tells the debouncer whether a growth verdict's level is still up (see [`conditions::HoldCheck`]).
+struct Held<'a> {
+    signals: &'a Signals,
+    cfg: &'a AnalysisConfig,
+    t: f64,
+    stale_after: f64,
+}
+
+impl conditions::HoldCheck for Held<'_> {
+    fn level(&self, scope: &str) -> Option<(f64, f64)> {
+        rules::held_level(self.signals, self.cfg, scope, self.t, self.stale_after)
+    }
+}
+
 pub struct Analyzer {
     cfg: AnalysisConfig,
     signals: Signals,
@@ -83,12 +97,21 @@ impl Analyzer {
                 None => self.target = Some(id.clone()),
             }
         }
-        self.signals.update(snap, self.cfg.side, self.horizon());
+        self.signals.update(snap, &self.cfg, self.horizon());
         let findings = self.findings(t);
-        changes.extend(
-            self.conditions
-                .update(t, findings, self.cfg.clear_after_ticks),
-        );
+        let hold = Held {
+            signals: &self.signals,
+            cfg: &self.cfg,
+            t,
+            stale_after: self.stale_after(),
+        };
+        changes.extend(self.conditions.update(
+            t,
+            findings,
+            self.cfg.clear_after_ticks,
+            self.cfg.clear_after_s,
+            &hold,
+        ));
         self.derived = DerivedNow {
             app_live_by_clientkey: self.signals.app_live_by_key.clone(),
             unbacked_connections: self.signals.unbacked.last_fresh(t, self.stale_after()),
@@ -106,6 +129,7 @@ impl Analyzer {
         let (s, cfg) = (&self.signals, &self.cfg);
         let mut out: Vec<_> = [
             rules::bookkeeping(s, cfg, t, self.stale_after()),
+            rules::idle_connections(s, cfg, t),
             rules::close_wait(s, cfg, t),
             rules::fd_growth(s, cfg, t),
             rules::task_growth(s, cfg, t),
@@ -114,13 +138,13 @@ impl Analyzer {
         .into_iter()
         .flatten()
         .collect();
-        let correlated = out.iter().any(|f| {
-            matches!(
-                f.verdict.kind,
-                VerdictKind::TaskGrowth | VerdictKind::BookkeepingLeak
-            )
-        }) || self.conditions.holding(VerdictKind::TaskGrowth)
-            || self.conditions.holding(VerdictKind::BookkeepingLeak);
+        const HEAP_HOLDERS: [VerdictKind; 3] = [
+            VerdictKind::TaskGrowth,
+            VerdictKind::BookkeepingLeak,
+            VerdictKind::IdleConnectionLeak,
+        ];
+        let correlated = out.iter().any(|f| HEAP_HOLDERS.contains(&f.verdict.kind))
+            || HEAP_HOLDERS.iter().any(|k| self.conditions.holding(*k));
         out.extend(rules::heap_growth(s, cfg, t, correlated));
         out.extend(self.quiescence.update(&self.signals, &self.cfg, t));
         out
