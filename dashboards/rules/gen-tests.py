@@ -47,6 +47,7 @@ tests = []
 # --- leak verdicts: one group per kind -----------------------------------------------------------------
 kinds = {
     "bookkeeping_leak": "LeakwatchBookkeepingLeak",
+    "idle_connection_leak": "LeakwatchIdleConnectionLeak",
     "socket_leak": "LeakwatchSocketLeak",
     "task_growth": "LeakwatchTaskGrowth",
     "heap_growth": "LeakwatchHeapGrowth",

@@ -11,7 +11,7 @@ use crate::{
     outputs::{
         http::{Shared, SocketView, StatusDoc},
         log::log_change,
-        metrics::{Derived, LeakwatchMetrics},
+        metrics::LeakwatchMetrics,
         record::Recorder,
     },
     sample::{ScrapeOutcome, Snapshot},
@@ -110,7 +110,7 @@ impl Engine {
             }
         }
         let active = self.active();
-        let derived = self.derived();
+        let derived = self.analyzer.derived().clone();
         if let Ok(mut m) = self.shared.metrics.lock() {
             if let ScrapeOutcome::Failed { reason } = &snap.app {
                 m.scrape_failed(crate::sources::scrape::error_class(reason));
@@ -198,15 +198,6 @@ impl Engine {
                 age_s: now.saturating_sub(e.first_seen_ns) as f64 / 1e9,
             })
             .collect()
-    }
-
-    fn derived(&self) -> Derived {
-        let d = self.analyzer.derived();
-        Derived {
-            app_live_by_clientkey: d.app_live_by_clientkey.clone(),
-            unbacked_connections: d.unbacked_connections,
-            fd_exhaustion_seconds: d.fd_exhaustion_seconds,
-        }
     }
 
     fn notes(&self, snap: &Snapshot) -> Vec<String> {

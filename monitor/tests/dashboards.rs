@@ -19,8 +19,9 @@ use std::{
 };
 
 use leakwatch::{
+    analysis::Derived,
     collect::{KernelMode, SourceCosts},
-    outputs::metrics::{Derived, LeakwatchMetrics},
+    outputs::metrics::LeakwatchMetrics,
     sample::{AppSample, KernelSample, ProcSample, ScrapeOutcome, Snapshot, TargetId},
     verdict::VerdictKind,
 };
@@ -292,6 +293,7 @@ fn exporter_names() -> BTreeSet<String> {
     let derived = Derived {
         app_live_by_clientkey: [("c1".to_string(), 1.0)].into(),
         unbacked_connections: Some(0.0),
+        idle_beyond_horizon: Some(0.0),
         fd_exhaustion_seconds: Some(60.0),
     };
     m.update(

@@ -24,9 +24,13 @@ use crate::{
 
 /// Numbers the analysis derives that are worth exporting (the cross-check at a glance).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct DerivedNow {
+pub struct Derived {
     pub app_live_by_clientkey: BTreeMap<String, f64>,
+    /// App-live connections minus the kernel connections that could back them (callers on a server,
+    /// targets on an agent): idle pooled connections and leaks alike, an at-a-glance gauge.
     pub unbacked_connections: Option<f64>,
+    /// Tunneled connections idle past the idle horizon that no caller explains (the idle rule's number).
+    pub idle_beyond_horizon: Option<f64>,
     pub fd_exhaustion_seconds: Option<f64>,
 }
 
@@ -50,7 +54,7 @@ pub struct Analyzer {
     conditions: Conditions,
     quiescence: Quiescence,
     target: Option<TargetId>,
-    derived: DerivedNow,
+    derived: Derived,
 }
 
 impl Analyzer {
@@ -61,7 +65,7 @@ impl Analyzer {
             conditions: Conditions::default(),
             quiescence: Quiescence::default(),
             target: None,
-            derived: DerivedNow::default(),
+            derived: Derived::default(),
         }
     }
 
@@ -112,9 +116,13 @@ impl Analyzer {
             self.cfg.clear_after_s,
             &hold,
         ));
-        self.derived = DerivedNow {
+        self.derived = Derived {
             app_live_by_clientkey: self.signals.app_live_by_key.clone(),
             unbacked_connections: self.signals.unbacked.last_fresh(t, self.stale_after()),
+            idle_beyond_horizon: self
+                .signals
+                .idle_excess(t, self.cfg.idle_horizon_s())
+                .map(|x| x.excess),
             fd_exhaustion_seconds: rules::fd_forecast(&self.signals, &self.cfg, t),
         };
         changes
@@ -155,7 +163,7 @@ impl Analyzer {
         self.conditions.active()
     }
 
-    pub fn derived(&self) -> &DerivedNow {
+    pub fn derived(&self) -> &Derived {
         &self.derived
     }
 
