@@ -444,6 +444,32 @@ fn promtool_checks_and_unit_tests_pass() {
     eprintln!("{check}{test}");
 }
 
+/// The promtool cases are generated from the rules' templates: a committed file that the generator would
+/// no longer produce tests yesterday's rules.
+#[test]
+fn the_rule_tests_are_what_the_generator_makes_now() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fresh = dir.path().join("leakwatch-rules.test.yml");
+    let generator = rules_path()
+        .parent()
+        .expect("rules dir")
+        .join("gen-tests.py");
+    let out = Command::new("python3")
+        .arg(&generator)
+        .arg(&fresh)
+        .output()
+        .expect("python3 runs (cargo xtask setup installs it, with PyYAML)");
+    assert!(
+        out.status.success(),
+        "gen-tests.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        read(&fresh) == read(&rules_test_path()),
+        "dashboards/rules/leakwatch-rules.test.yml is stale: run `python3 dashboards/rules/gen-tests.py`"
+    );
+}
+
 #[test]
 fn every_alert_is_complete_and_unit_tested() {
     let tests = read(&rules_test_path());
