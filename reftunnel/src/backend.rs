@@ -46,8 +46,14 @@ pub async fn run(listen: &str) -> anyhow::Result<()> {
 async fn serve(mut sock: TcpStream) {
     let _ = sock.set_nodelay(true);
     let mut buf = BytesMut::new();
+    let mut first = true;
     loop {
-        let req = match http::read_next_request(&mut sock, &mut buf).await {
+        let next = if std::mem::take(&mut first) {
+            http::read_first_request(&mut sock, &mut buf).await
+        } else {
+            http::read_next_request(&mut sock, &mut buf).await
+        };
+        let req = match next {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {

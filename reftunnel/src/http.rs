@@ -88,10 +88,32 @@ pub async fn read_next_request<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
 ) -> Result<Option<Request>, HeadError> {
+    read_next_request_within(r, buf, None).await
+}
+
+/// [`read_next_request`] for a connection's first request, which must begin within `first`:
+/// a socket that never sends a request is closed, as before keep-alive existed here.
+pub async fn read_first_request<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<Request>, HeadError> {
+    read_next_request_within(r, buf, Some(HEAD_TIMEOUT)).await
+}
+
+async fn read_next_request_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    first_byte: Option<Duration>,
+) -> Result<Option<Request>, HeadError> {
     if buf.is_empty() {
         buf.reserve(1024);
         crate::tasks::wait("IO wait");
-        let n = r.read_buf(buf).await;
+        let n = match first_byte {
+            Some(t) => tokio::time::timeout(t, r.read_buf(buf))
+                .await
+                .map_err(|_| HeadError::Timeout)?,
+            None => r.read_buf(buf).await,
+        };
         crate::tasks::run();
         if n? == 0 {
             return Ok(None);

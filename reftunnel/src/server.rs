@@ -165,8 +165,14 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
 
 async fn handle(state: Arc<State>, mut sock: TcpStream, peer: SocketAddr) {
     let mut buf = BytesMut::new();
+    let mut first = true;
     loop {
-        let req = match http::read_next_request(&mut sock, &mut buf).await {
+        let next = if std::mem::take(&mut first) {
+            http::read_first_request(&mut sock, &mut buf).await
+        } else {
+            http::read_next_request(&mut sock, &mut buf).await
+        };
+        let req = match next {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
@@ -384,6 +390,12 @@ async fn proxy_pooled(
             return Ok(false);
         }
     };
+    if state.sessions.get(&client).is_none() {
+        // Before any pool exists: a clientid from the URL must not create state.
+        let msg = format!("failed to find Session for client {client}\n");
+        http::respond_maybe_keep(sock, keep, 503, "text/plain", msg.as_bytes()).await?;
+        return Ok(keep);
+    }
     let Ok(method) = ::http::Method::from_bytes(req.method.as_bytes()) else {
         http::respond(sock, 400, "text/plain", b"bad method\n").await?;
         return Ok(false);
