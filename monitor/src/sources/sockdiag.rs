@@ -39,7 +39,14 @@
 //! ([`TcpDump::over_cap`]) is exact. A receive timeout ([`RECV_TIMEOUT`]) bounds a dump that never ends.
 //! Nothing the kernel sends can make this panic: a message that does not parse is counted
 //! ([`TcpDump::malformed`]) and skipped, and only a framing error that loses the message boundaries ends
-//! the dump with an error.
+//! the dump with an error. [`dump_tcp`] blocks for the whole dump: from async code, call it on a blocking
+//! thread.
+//!
+//! The cost is the kernel describing every socket of the namespace, so it grows with the namespace, not
+//! with the target: a dump took 2.3 ms with 1,000 ESTABLISHED sockets in the namespace and 38 ms with
+//! 10,000 (27 ms of which remain when only one socket is kept), against 42 and 217 ms for the procfs join
+//! of the same sockets (release build, medians of 9, this project's 2-core VM; `dump_cost` in
+//! `tests/sockdiag.rs`).
 use std::{
     collections::{HashMap, HashSet},
     io,
