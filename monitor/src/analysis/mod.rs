@@ -138,6 +138,7 @@ impl Analyzer {
         let mut out: Vec<_> = [
             rules::bookkeeping(s, cfg, t, self.stale_after()),
             rules::idle_connections(s, cfg, t),
+            rules::idle_sockets(s, cfg),
             rules::close_wait(s, cfg, t),
             rules::fd_growth(s, cfg, t),
             rules::task_growth(s, cfg, t),

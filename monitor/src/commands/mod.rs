@@ -33,6 +33,7 @@ pub fn collector_options(cfg: &SidecarConfig) -> CollectorOptions {
         },
         bpf_stats: false,
         procfs_scan_interval: cfg.kernel.procfs_scan_interval,
+        idle_horizon: std::time::Duration::from_secs_f64(cfg.analysis.idle_horizon_s()),
     }
 }
 
