@@ -663,6 +663,20 @@ fn the_bug(with_noise: bool) {
         &report,
     );
     assert_names_idle_rows(&report, &tunnel.backend_addr);
+    // The tunnel's goroutine dump (Go's layout, with blocked ages) confirms the connections are idle.
+    let confirmed = report["active_at_end"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["kind"] == "idle_connection_leak")
+        .filter_map(|v| {
+            v["evidence"]["pprof.connection_goroutines_blocked_beyond_horizon"].as_f64()
+        })
+        .fold(0.0, f64::max);
+    assert!(
+        confirmed > 0.0,
+        "goroutines blocked past the horizon confirm the verdict: {report:#}"
+    );
 }
 
 #[test]
