@@ -102,6 +102,8 @@ pub struct Collector {
     idle_horizon: Duration,
     /// Set once sock_diag turned out to be unavailable here (said once, not retried every pass).
     sockdiag_off: bool,
+    /// When "no process matches" was last logged.
+    not_found_said: Option<Instant>,
     /// The last full procfs sample: whose it was and when it was taken.
     last_full_proc: Option<(TargetId, ProcSample, Instant)>,
 }
@@ -141,6 +143,7 @@ impl Collector {
             procfs_scan_interval: opts.procfs_scan_interval,
             idle_horizon: opts.idle_horizon,
             sockdiag_off: false,
+            not_found_said: None,
             last_full_proc: None,
         };
         collector.start_pump();
@@ -317,6 +320,7 @@ impl Collector {
         let mut events = Vec::new();
         match self.tracker.poll() {
             TargetStatus::Found(id) => {
+                self.not_found_said = None;
                 info!(pid = id.pid, "target found");
                 self.attach(&id);
                 events.push(TargetEvent::Found(id.clone()));
@@ -349,7 +353,20 @@ impl Collector {
                     events.push(TargetEvent::Lost(last));
                 }
             }
-            TargetStatus::NotFound => {}
+            TargetStatus::NotFound => {
+                // Said once, and again every minute: a sidecar started before its target (or pointed at
+                // the wrong one) must not look like one watching a healthy process.
+                if self
+                    .not_found_said
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+                {
+                    warn!(
+                        "no process matches {}; waiting for one to appear",
+                        self.tracker.describe()
+                    );
+                    self.not_found_said = Some(Instant::now());
+                }
+            }
         }
         events
     }

@@ -43,6 +43,7 @@ pub struct Engine {
     pub shared: Shared,
     target_name: String,
     pub stats: RunStats,
+    scrape_failing: bool,
     /// Every verdict raised during the run, for one-shot reports.
     pub raised: Vec<Raised>,
     pub last: Option<Snapshot>,
@@ -90,6 +91,7 @@ impl Engine {
             shared,
             target_name: target_name.to_string(),
             stats: RunStats::default(),
+            scrape_failing: false,
             raised: Vec::new(),
             last: None,
             recorder: None,
@@ -103,8 +105,23 @@ impl Engine {
         let (snap, target_events) = self.collector.tick().await;
         self.stats.ticks += 1;
         match &snap.app {
-            ScrapeOutcome::Ok(_) => self.stats.scrapes_ok += 1,
-            ScrapeOutcome::Failed { .. } => self.stats.scrapes_failed += 1,
+            ScrapeOutcome::Ok(_) => {
+                if self.scrape_failing {
+                    tracing::info!("the tunnel's metrics are readable again");
+                }
+                self.scrape_failing = false;
+                self.stats.scrapes_ok += 1;
+            }
+            ScrapeOutcome::Failed { reason } => {
+                // Logged when it starts failing, not every tick: the metric counts every failure.
+                if !self.scrape_failing {
+                    tracing::warn!(
+                        "cannot read the tunnel's metrics: {reason}; ledger checks pause, kernel checks go on"
+                    );
+                }
+                self.scrape_failing = true;
+                self.stats.scrapes_failed += 1;
+            }
             ScrapeOutcome::NotConfigured => {}
         }
         for e in &target_events {
@@ -127,7 +144,7 @@ impl Engine {
         let mut changes = self.analyzer.observe(&snap);
         self.add_stack_evidence(&snap, &mut changes).await;
         for c in &changes {
-            log_change(c);
+            log_change(c, snap.unix - snap.t);
             if let VerdictChange::Raised(v) = c {
                 self.raised.push(Raised {
                     verdict: v.clone(),
