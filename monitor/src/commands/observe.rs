@@ -17,7 +17,7 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
         selector,
         no_ebpf: args.kernel.no_ebpf,
         probes: ProbeOptions {
-            max_sockets: args.kernel.max_sockets,
+            max_sockets: args.kernel.max_sockets(),
             follow_forks: args.kernel.follow_forks,
             ..ProbeOptions::default()
         },
