@@ -886,3 +886,19 @@ fn agent_sockets_idle_past_the_horizon_are_named_with_their_ages() {
     }
     assert_eq!(raised(&changes), vec![]);
 }
+
+#[test]
+fn a_ledger_that_is_not_decremented_is_not_also_called_idle_connections() {
+    let (mut an, mut tun) = (analyzer(), Tunnel::new());
+    replay(&mut an, &mut tun, 20, |t, i| {
+        healthy_traffic(t, 0.0, (i % 2) as u64)
+    });
+    // Past the idle horizon, the never-removed connections look old too; they hold nothing.
+    let changes = replay(&mut an, &mut tun, 200, |t, _| t.added += 5.0);
+    let kinds: Vec<_> = raised(&changes).into_iter().map(|(k, _)| k).collect();
+    assert!(kinds.contains(&VerdictKind::BookkeepingLeak), "{kinds:?}");
+    assert!(
+        !kinds.contains(&VerdictKind::IdleConnectionLeak),
+        "{kinds:?}"
+    );
+}
