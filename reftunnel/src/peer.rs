@@ -304,10 +304,35 @@ struct PeerDialer {
     sessions: Weak<SessionManager>,
 }
 
+/// Frames of the two tasks of a peered connection in the goroutine dump (innermost first): Go's
+/// `clientDial` goroutine, copying the far connection into the peer's, and the goroutine `pipe`
+/// starts for the other direction; both block in remotedialer's `readBuffer.Read`.
+const CLIENT_DIAL_FRAMES: &[&str] = &[
+    "sync.(*Cond).Wait",
+    "github.com/rancher/remotedialer.(*readBuffer).Read",
+    "github.com/rancher/remotedialer.(*connection).Read",
+    "io.copyBuffer",
+    "io.Copy",
+    "github.com/rancher/remotedialer.pipe",
+    "github.com/rancher/remotedialer.clientDial",
+];
+const PIPE_COPY_FRAMES: &[&str] = &[
+    "sync.(*Cond).Wait",
+    "github.com/rancher/remotedialer.(*readBuffer).Read",
+    "github.com/rancher/remotedialer.(*connection).Read",
+    "io.copyBuffer",
+    "io.Copy",
+    "github.com/rancher/remotedialer.pipe.func2",
+];
+
 impl ConnectHandler for PeerDialer {
     fn on_connect(&self, conn: TunnelConn) {
         let sessions = self.sessions.clone();
-        tasks::spawn("server.peer_pipe", peer_dial(sessions, conn));
+        tasks::spawn_with_frames(
+            "server.peer_pipe",
+            CLIENT_DIAL_FRAMES,
+            peer_dial(sessions, conn),
+        );
     }
 }
 
@@ -330,37 +355,44 @@ async fn peer_dial(sessions: Weak<SessionManager>, conn: TunnelConn) {
                 .await;
         }
     };
-    let reason = relay(&conn, &far).await;
-    // Go's pipe: the far connection is closed (EOF to the agent), the peer's gets the error.
-    far.close(CloseReason::Eof, Origin::Local).await;
-    conn.close(reason, Origin::Local).await;
+    // Go's pipe: one goroutine per direction; the first to end closes both connections (no
+    // half-close in remotedialer), which ends the other.
+    let other = {
+        let (conn, far) = (conn.clone(), far.clone());
+        tasks::spawn_with_frames("server.peer_pipe_copy", PIPE_COPY_FRAMES, async move {
+            let end = copy(&conn, &far).await;
+            close_pipe(&conn, &far, end).await;
+        })
+        .0
+    };
+    let end = copy(&far, &conn).await;
+    close_pipe(&conn, &far, end).await;
+    let _ = other.await;
 }
 
-/// Copies both ways between two tunneled connections until either ends (remotedialer
-/// connections have no half-close: the first end closes both).
-async fn relay(a: &TunnelConn, b: &TunnelConn) -> CloseReason {
-    async fn copy(from: &TunnelConn, to: &TunnelConn) -> CloseReason {
-        loop {
-            match from.read().await {
-                Ok(Some(data)) => {
-                    tasks::run();
-                    if let Err(e) = to.write(data).await {
-                        return CloseReason::Error(e);
-                    }
-                    tasks::wait("select");
+/// Go's `closePipe`: the far connection gets EOF (`server.Close()`), the peer's the reason.
+/// Closing an already closed connection again neither counts nor sends anything.
+async fn close_pipe(peer: &TunnelConn, far: &TunnelConn, end: CloseReason) {
+    tasks::run();
+    far.close(CloseReason::Eof, Origin::Local).await;
+    peer.close(end, Origin::Local).await;
+}
+
+/// Copies `from` into `to` until `from` ends or a write fails.
+async fn copy(from: &TunnelConn, to: &TunnelConn) -> CloseReason {
+    loop {
+        tasks::wait("sync.Cond.Wait");
+        match from.read().await {
+            Ok(Some(data)) => {
+                tasks::run();
+                if let Err(e) = to.write(data).await {
+                    return CloseReason::Error(e);
                 }
-                Ok(None) => return CloseReason::Eof,
-                Err(e) => return CloseReason::Error(e),
             }
+            Ok(None) => return CloseReason::Eof,
+            Err(e) => return CloseReason::Error(e),
         }
     }
-    tasks::wait("select");
-    let end = tokio::select! {
-        r = copy(a, b) => r,
-        r = copy(b, a) => r,
-    };
-    tasks::run();
-    end
 }
 
 #[cfg(test)]

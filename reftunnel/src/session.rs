@@ -832,6 +832,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn server_sessions_learn_announced_clients_and_end_on_bad_ones() {
+        let hub = Arc::new(MetricsHub::new(false).expect("hub"));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let ws_s = WebSocketStream::from_raw_socket(a, Role::Server, Some(ws_config())).await;
+        let ws_c = WebSocketStream::from_raw_socket(b, Role::Client, Some(ws_config())).await;
+        let off = Arc::new(LeakPolicy::off());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (server, s_stream) =
+            Session::start(ws_s, "server-a".into(), hub.clone(), off.clone(), None);
+        let (client, c_stream) =
+            Session::start(ws_c, "client".into(), hub, off, Some(Arc::new(Grab(tx))));
+        let s2 = server.clone();
+        let served = tokio::spawn(async move { s2.serve(s_stream).await });
+        let c2 = client.clone();
+        tokio::spawn(async move { c2.serve(c_stream).await });
+        let announce = |b: Body| client.send_frame(Frame::new(next_message_id(), 0, b));
+        announce(Body::AddClient("c1/7".into()))
+            .await
+            .expect("send");
+        announce(Body::AddClient("c1/8".into()))
+            .await
+            .expect("send");
+        within(async {
+            while !server.has_remote_client("c1") {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert_eq!(server.remote_clients(), vec!["c1".to_owned()]);
+        // A client session keeps no such map (Go's nil remoteClientKeys).
+        assert!(!client.has_remote_client("c1"));
+        announce(Body::RemoveClient("c1/7".into()))
+            .await
+            .expect("send");
+        announce(Body::RemoveClient("c1/8".into()))
+            .await
+            .expect("send");
+        within(async {
+            while server.has_remote_client("c1") {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        // parseAddress fails: the session ends, as newServerMessage errors do in Go.
+        announce(Body::AddClient("no-session-key".into()))
+            .await
+            .expect("send");
+        let end = within(served).await.expect("join");
+        assert!(
+            matches!(&end, SessionEnd::InvalidRemoteSession(a) if a == "no-session-key"),
+            "{end}"
+        );
+    }
+
+    #[tokio::test]
     async fn connect_without_handler_is_refused_per_connection() {
         let hub = Arc::new(MetricsHub::new(false).expect("hub"));
         let (server, _accepted) = pair(hub.clone(), false).await;

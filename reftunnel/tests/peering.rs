@@ -291,32 +291,42 @@ fn long_lived_callers_on_b_are_live_rows_on_a_without_callers_on_a() {
     // Accepted on A before: the agent's websocket and B's peer websocket.
     assert_eq!(accepted_on_port(p.a.pid(), a_port), 2);
     let load = Command::new(BIN)
-        .args(["load", "--url", &p.b_url("/slow/4000"), "--requests", "4"])
+        .args(["load", "--url", &p.b_url("/slow/6000"), "--requests", "4"])
         .args(["--rate", "0", "--concurrency", "4", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("load");
     let mut last = String::new();
+    let mut seen = Vec::new();
     let live = eventually(SETTLE, || {
         let (a, b) = (p.a(), p.b());
         let live = |(add, rem): (f64, f64)| add - rem;
-        last = format!(
-            "B live {} A peer live {} A agent live {} A accepted {} B accepted {}",
+        // Each value read once: /proc/net/tcp is not a snapshot, two reads can differ.
+        let now = (
             live(conn_rows(&b, "server-a", PEERED)),
             live(conn_rows(&a, "client", PEERED)),
             live(conn_rows(&a, CLIENT, "tcp")),
             accepted_on_port(p.a.pid(), a_port),
             accepted_on_port(p.b.pid(), b_port),
+            // Go's clientDial and pipe goroutines on A, for each peered connection.
+            series(&a, "reftunnel_tasks", &[("kind", "server.peer_pipe")])
+                + series(&a, "reftunnel_tasks", &[("kind", "server.peer_pipe_copy")]),
         );
-        live(conn_rows(&b, "server-a", PEERED)) == 4.0
-            && live(conn_rows(&a, "client", PEERED)) == 4.0
-            && live(conn_rows(&a, CLIENT, "tcp")) == 4.0
-            // The callers are B's: A still only has the two websockets.
-            && accepted_on_port(p.a.pid(), a_port) == 2
-            && accepted_on_port(p.b.pid(), b_port) >= 5
+        last = format!(
+            "B live {} A peer live {} A agent live {} A accepted {} B accepted {} A relay tasks {}",
+            now.0, now.1, now.2, now.3, now.4, now.5
+        );
+        if seen.last() != Some(&last) {
+            seen.push(last.clone());
+        }
+        // The callers are B's: A still only has the two websockets.
+        now.0 == 4.0 && now.1 == 4.0 && now.2 == 4.0 && now.3 == 2 && now.4 >= 5 && now.5 == 8.0
     });
-    assert!(live, "slow callers on B not live on A: {last}");
+    assert!(
+        live,
+        "slow callers on B not live on A: {last}; before: {seen:#?}"
+    );
     let out = load.wait_with_output().expect("load");
     assert!(
         out.status.success(),
