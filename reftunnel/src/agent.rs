@@ -198,7 +198,7 @@ async fn connect_once(
 }
 
 /// remotedialer's client pings (every 5 s) and SyncConnections (every 60 s by default).
-async fn keepalive(session: Arc<Session>, sync_interval: Duration) {
+pub(crate) async fn keepalive(session: Arc<Session>, sync_interval: Duration) {
     let mut ping = tokio::time::interval(PING_INTERVAL);
     let sync_on = !sync_interval.is_zero();
     let mut sync = tokio::time::interval(if sync_on {

@@ -68,6 +68,23 @@ enum Cmd {
         /// the pooled transports, off with `pipe` (one request per caller socket, as before).
         #[arg(long, value_parser = parse_boolish, num_args = 0..=1, default_missing_value = "true")]
         caller_keep_alive: Option<bool>,
+        /// This server's id towards its peers (remotedialer's Server.PeerID), sent in
+        /// X-API-Tunnel-ID when it dials a peer. Peering needs it and --peer-token.
+        #[arg(long, env = "REFTUNNEL_PEER_ID", default_value = "")]
+        peer_id: String,
+        /// This server's peer token (Server.PeerToken), sent in X-API-Tunnel-Token to its peers.
+        #[arg(long, env = "REFTUNNEL_PEER_TOKEN", default_value = "")]
+        peer_token: String,
+        /// Peers to keep a websocket to, as `id:token:url` (remotedialer's example server
+        /// `-peers`), comma-separated or repeated; `token` is the one that peer sends us, `url`
+        /// its `ws://HOST:PORT/connect`. A peer's websocket to us is accepted as a peer's only
+        /// if it is listed here (or added with `POST /peers`).
+        #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+        peers: Vec<reftunnel::peer::PeerSpec>,
+        /// Delay before redialing a peer after a failed dial or a lost session (remotedialer
+        /// sleeps 5s).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        peer_reconnect_delay: Duration,
     },
     /// Tunnel agent: connects to the server, dials targets for it, reconnects on loss.
     Agent {
@@ -163,6 +180,10 @@ fn parse_transport(s: &str) -> Result<ProxyTransport, String> {
         .map_err(|e: reftunnel::transport::ParseTransportError| e.to_string())
 }
 
+fn parse_peer(s: &str) -> Result<reftunnel::peer::PeerSpec, String> {
+    s.parse()
+}
+
 fn parse_boolish(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
@@ -213,6 +234,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             leak_every,
             proxy_transport,
             caller_keep_alive,
+            peer_id,
+            peer_token,
+            peers,
+            peer_reconnect_delay,
         } => {
             if proxy_transport.pooled() && leak == Some(ServerLeak::StuckPipe) {
                 anyhow::bail!(
@@ -228,6 +253,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 leak_every,
                 transport: proxy_transport,
                 caller_keep_alive: caller_keep_alive.unwrap_or(proxy_transport.pooled()),
+                peer_id,
+                peer_token,
+                peers,
+                peer_reconnect_delay,
             })
             .await?
         }

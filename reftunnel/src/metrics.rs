@@ -8,7 +8,8 @@ use prometheus::{
 
 use crate::{runtime_stats, tasks};
 
-/// The seven session counters remotedialer keeps, with its names, help texts and labels.
+/// The ten counters of remotedialer's `metrics/session_manager.go`, with its names, help texts
+/// and labels: seven per session, three per peer.
 struct SessionCounters {
     add_ws: CounterVec,
     remove_ws: CounterVec,
@@ -17,6 +18,10 @@ struct SessionCounters {
     transmit: CounterVec,
     transmit_error: CounterVec,
     receive: CounterVec,
+    peer_attempt: CounterVec,
+    peer_connected: CounterVec,
+    /// Registered as in Go, where nothing ever increments it: it never has a series.
+    peer_disconnected: CounterVec,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<CounterVec> {
@@ -61,6 +66,21 @@ impl SessionCounters {
                 "Total bytes received",
                 &["clientkey"],
             )?,
+            peer_attempt: counter(
+                "total_peer_ws_attempt",
+                "Total count of attempts to establish websocket session to other rancher-server",
+                &["peer"],
+            )?,
+            peer_connected: counter(
+                "total_peer_ws_connected",
+                "Total count of connected websocket sessions to other rancher-server",
+                &["peer"],
+            )?,
+            peer_disconnected: counter(
+                "total_peer_ws_disconnected",
+                "Total count of disconnected websocket sessions from other rancher-server",
+                &["peer"],
+            )?,
         })
     }
 
@@ -73,6 +93,9 @@ impl SessionCounters {
             &self.transmit,
             &self.transmit_error,
             &self.receive,
+            &self.peer_attempt,
+            &self.peer_connected,
+            &self.peer_disconnected,
         ] {
             r.register(Box::new(c.clone()))?;
         }
@@ -134,6 +157,18 @@ impl TunnelMetrics {
     pub fn receive(&self, clientkey: &str, n: usize) {
         if let Some(c) = &self.session {
             c.receive.with_label_values(&[clientkey]).inc_by(n as f64);
+        }
+    }
+    /// A dial of a peer's websocket is about to start (`IncSMTotalAddPeerAttempt`).
+    pub fn peer_attempt(&self, peer: &str) {
+        if let Some(c) = &self.session {
+            c.peer_attempt.with_label_values(&[peer]).inc();
+        }
+    }
+    /// A peer's websocket was dialed successfully (`IncSMTotalPeerConnected`).
+    pub fn peer_connected(&self, peer: &str) {
+        if let Some(c) = &self.session {
+            c.peer_connected.with_label_values(&[peer]).inc();
         }
     }
     /// Counts a leak that actually happened (not merely one that was scheduled).

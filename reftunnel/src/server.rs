@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use bytes::BytesMut;
@@ -20,8 +20,10 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use crate::http::{self, Request};
 use crate::leak::{LeakMode, LeakPolicy};
 use crate::metrics::MetricsHub;
+use crate::peer::{PeerSpec, Peers};
 use crate::pipe::{self, PipeEnd};
 use crate::session::{CloseReason, Origin, Session, ws_config};
+use crate::session_manager::{Route, SessionManager};
 use crate::transport::{ProxyRequest, ProxyTransport, Transport, TransportError};
 use crate::{say, tasks};
 
@@ -40,41 +42,15 @@ pub struct ServerConfig {
     /// Serve further requests on a caller's connection (HTTP keep-alive) for every path but the
     /// piped proxy. Off keeps the one-request-per-socket behaviour of the `pipe` transport.
     pub caller_keep_alive: bool,
-}
-
-/// Sessions by client key; the first session of a key serves its dials (remotedialer's
-/// sessionManager without peers).
-#[derive(Default)]
-struct Sessions(Mutex<HashMap<String, Vec<Arc<Session>>>>);
-
-impl Sessions {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<Arc<Session>>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn add(&self, s: &Arc<Session>) {
-        self.lock()
-            .entry(s.client_key.clone())
-            .or_default()
-            .push(s.clone());
-    }
-    fn remove(&self, s: &Arc<Session>) {
-        let mut m = self.lock();
-        if let Some(v) = m.get_mut(&s.client_key) {
-            v.retain(|x| x.session_key != s.session_key);
-            if v.is_empty() {
-                m.remove(&s.client_key);
-            }
-        }
-    }
-    fn get(&self, key: &str) -> Option<Arc<Session>> {
-        self.lock().get(key).and_then(|v| v.first().cloned())
-    }
-    fn totals(&self) -> (usize, usize) {
-        let m = self.lock();
-        let sessions = m.values().map(Vec::len).sum();
-        let conns = m.values().flatten().map(|s| s.connection_count()).sum();
-        (sessions, conns)
-    }
+    /// This server's identity towards its peers (remotedialer's `PeerID`/`PeerToken`); peering
+    /// is off unless both are set.
+    pub peer_id: String,
+    pub peer_token: String,
+    /// Peers to keep a session to from the start (`AddPeer`); more can be added at run time
+    /// with `POST /peers`.
+    pub peers: Vec<PeerSpec>,
+    /// Delay before redialing a peer after a failure or a lost session (remotedialer: 5 s).
+    pub peer_reconnect_delay: std::time::Duration,
 }
 
 struct State {
@@ -82,7 +58,8 @@ struct State {
     backend: String,
     hub: Arc<MetricsHub>,
     leak: Arc<LeakPolicy>,
-    sessions: Sessions,
+    sessions: Arc<SessionManager>,
+    peers: Peers,
     transport: ProxyTransport,
     caller_keep_alive: bool,
     /// The `shared` transport's pools, one per clientkey.
@@ -119,11 +96,9 @@ impl State {
                 let state = state
                     .upgrade()
                     .ok_or_else(|| TransportError::NoSession(client.clone()))?;
-                let session = state
-                    .sessions
-                    .get(&client)
-                    .ok_or(TransportError::NoSession(client))?;
-                session
+                state
+                    .route(&client)
+                    .ok_or(TransportError::NoSession(client))?
                     .dial("tcp", &state.backend)
                     .await
                     .map_err(|e| TransportError::Dial(e.to_string()))
@@ -132,22 +107,57 @@ impl State {
     }
 }
 
+impl Route {
+    /// Dials through the route's session: `proto` to the client's own session, `client::proto`
+    /// through a peer's (remotedialer's `toDialer`).
+    async fn dial(
+        &self,
+        proto: &str,
+        address: &str,
+    ) -> Result<crate::session::TunnelConn, crate::session::SessionEnd> {
+        self.session.dial(&self.proto(proto), address).await
+    }
+}
+
+impl State {
+    /// remotedialer's `getDialer`: the client's own session first, then a peer that has it.
+    fn route(&self, client: &str) -> Option<Route> {
+        self.sessions.route(client)
+    }
+}
+
 pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let hub = Arc::new(MetricsHub::new(cfg.remotedialer_metrics)?);
+    let sessions = Arc::new(SessionManager::new(hub.clone()));
+    let peers = Peers::new(
+        cfg.peer_id,
+        cfg.peer_token,
+        cfg.peer_reconnect_delay,
+        sessions.clone(),
+        hub.clone(),
+    );
+    if !cfg.peers.is_empty() && !peers.enabled() {
+        anyhow::bail!("--peers needs --peer-id and --peer-token");
+    }
     let state = Arc::new(State {
         token: cfg.token,
         backend: cfg.backend,
-        hub: Arc::new(MetricsHub::new(cfg.remotedialer_metrics)?),
+        hub,
         leak: Arc::new(LeakPolicy::new(cfg.leak, cfg.leak_every)),
-        sessions: Sessions::default(),
+        sessions,
+        peers,
         transport: cfg.transport,
         caller_keep_alive: cfg.caller_keep_alive,
         shared: Mutex::new(HashMap::new()),
     });
     say!("server listening on {addr}");
+    for p in cfg.peers {
+        state.peers.add(p);
+    }
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -221,6 +231,22 @@ async fn handle(state: Arc<State>, mut sock: TcpStream, peer: SocketAddr) {
             "/healthz" => {
                 http::respond_maybe_keep(&mut sock, keep, 200, "text/plain", b"ok\n").await
             }
+            "/peers" => match peers_endpoint(&state, &mut sock, &mut buf, &req).await {
+                Ok((status, body)) => {
+                    http::respond_maybe_keep(&mut sock, keep, status, "text/plain", body.as_bytes())
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+            p if p.starts_with("/debug/sessions/") && req.method == "DELETE" => {
+                let key = p.trim_start_matches("/debug/sessions/");
+                let all = state.sessions.sessions_of(key);
+                for s in &all {
+                    s.shutdown().await;
+                }
+                let body = format!("closed {} session(s) of {key}\n", all.len());
+                http::respond_maybe_keep(&mut sock, keep, 200, "text/plain", body.as_bytes()).await
+            }
             _ => http::respond_maybe_keep(&mut sock, keep, 404, "text/plain", b"not found\n").await,
         };
         if let Err(e) = r {
@@ -239,8 +265,62 @@ fn refresh_gauges(state: &State) {
     state.hub.live_connections.set(conns as i64);
 }
 
+/// `GET /peers`: this server's peers and what their sessions announced. `POST /peers` with body
+/// `id:token:url` adds a peer (remotedialer's `AddPeer`, which Rancher calls as replicas come and
+/// go); `POST /peers` with body `-id` removes one (`RemovePeer`). Changes need this server's peer
+/// token in `X-API-Tunnel-Token`.
+async fn peers_endpoint(
+    state: &Arc<State>,
+    sock: &mut TcpStream,
+    buf: &mut BytesMut,
+    req: &Request,
+) -> std::io::Result<(u16, String)> {
+    if req.method == "GET" {
+        let mut out = String::new();
+        for (id, url) in state.peers.list() {
+            out.push_str(&format!("peer {id} {url}\n"));
+        }
+        for (id, key, clients) in state.sessions.peer_sessions() {
+            out.push_str(&format!(
+                "session {id} {key} clients {}\n",
+                clients.join(",")
+            ));
+        }
+        return Ok((200, out));
+    }
+    if req.method != "POST" {
+        return Ok((405, "GET or POST\n".into()));
+    }
+    let body = match read_body(sock, buf, req).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err((status, msg)) => return Ok((status, msg)),
+    };
+    if !state.peers.enabled() {
+        return Ok((409, "peering is off: --peer-id and --peer-token\n".into()));
+    }
+    let given = req.header(TOKEN_HEADER).unwrap_or("");
+    if !token_ok(given, state.peers.own_token()) {
+        return Ok((401, "failed authentication\n".into()));
+    }
+    if let Some(id) = body.strip_prefix('-') {
+        return Ok(if state.peers.remove(id) {
+            (200, format!("removed peer {id}\n"))
+        } else {
+            (404, format!("no peer {id}\n"))
+        });
+    }
+    match body.parse::<PeerSpec>() {
+        Ok(spec) => {
+            let id = spec.id.clone();
+            state.peers.add(spec);
+            Ok((200, format!("added peer {id}\n")))
+        }
+        Err(e) => Ok((400, format!("{e}\n"))),
+    }
+}
+
 /// Constant-time comparison, so the token cannot be guessed byte by byte from response timing.
-fn token_ok(given: &str, want: &str) -> bool {
+pub(crate) fn token_ok(given: &str, want: &str) -> bool {
     let (a, b) = (given.as_bytes(), want.as_bytes());
     if a.len() != b.len() {
         return false;
@@ -248,10 +328,13 @@ fn token_ok(given: &str, want: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `Server.ServeHTTP`: a peer's websocket (its peer id and token, if it is one of our peers) or
+/// an agent's (the authorizer: a client id and `--token`).
 async fn accept_agent(state: Arc<State>, mut sock: TcpStream, req: Request, rest: BytesMut) {
     let id = req.header(ID_HEADER).unwrap_or("").to_owned();
     let token = req.header(TOKEN_HEADER).unwrap_or("");
-    if id.is_empty() || !token_ok(token, &state.token) {
+    let peer = state.peers.authenticate(&id, token);
+    if !peer && (id.is_empty() || !token_ok(token, &state.token)) {
         tracing::info!(client = %id, "refused agent: failed authentication");
         let _ = http::respond(&mut sock, 401, "text/plain", b"failed authentication").await;
         return;
@@ -275,13 +358,12 @@ async fn accept_agent(state: Arc<State>, mut sock: TcpStream, req: Request, rest
             .await;
     let (session, stream) =
         Session::start(ws, id.clone(), state.hub.clone(), state.leak.clone(), None);
-    state.sessions.add(&session);
-    state.hub.tunnel.add_ws(&id, false);
-    say!("agent {id} connected (session {})", session.session_key);
+    state.sessions.add(&session, peer);
+    let who = if peer { "peer" } else { "agent" };
+    say!("{who} {id} connected (session {})", session.session_key);
     let end = session.serve(stream).await;
     state.sessions.remove(&session);
-    state.hub.tunnel.remove_ws(&id, false);
-    say!("agent {id} disconnected: {end}");
+    say!("{who} {id} disconnected: {end}");
 }
 
 /// `/proxy/<clientid>/<rest>`: one caller socket = one tunneled connection to the backend, piped
@@ -292,12 +374,12 @@ async fn proxy(state: Arc<State>, mut sock: TcpStream, req: Request, rest: Bytes
         Some((c, p)) => (c, format!("/{p}")),
         None => (tail, "/".to_owned()),
     };
-    let Some(session) = state.sessions.get(client) else {
+    let Some(route) = state.route(client) else {
         let msg = format!("failed to find Session for client {client}\n");
         let _ = http::respond(&mut sock, 503, "text/plain", msg.as_bytes()).await;
         return;
     };
-    let conn = match session.dial("tcp", &state.backend).await {
+    let conn = match route.dial("tcp", &state.backend).await {
         Ok(c) => c,
         Err(e) => {
             let _ = http::respond(&mut sock, 502, "text/plain", e.to_string().as_bytes()).await;
@@ -390,7 +472,7 @@ async fn proxy_pooled(
             return Ok(false);
         }
     };
-    if state.sessions.get(&client).is_none() {
+    if state.route(&client).is_none() {
         // Before any pool exists: a clientid from the URL must not create state.
         let msg = format!("failed to find Session for client {client}\n");
         http::respond_maybe_keep(sock, keep, 503, "text/plain", msg.as_bytes()).await?;

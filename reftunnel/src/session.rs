@@ -8,7 +8,7 @@
 //! * Closing a connection locally sends `Error("EOF")` (or the error text) to the peer; a
 //!   received `Error` closes it without echoing. Each connection is counted as removed once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -48,7 +48,7 @@ pub fn ws_config() -> WebSocketConfig {
 static MESSAGE_ID: AtomicI64 = AtomicI64::new(0);
 
 /// Message ids only appear in logs; remotedialer starts them at a random value, so do we.
-fn next_message_id() -> i64 {
+pub(crate) fn next_message_id() -> i64 {
     let id = MESSAGE_ID.fetch_add(1, Ordering::Relaxed);
     if id == 0 {
         let seed = std::time::SystemTime::now()
@@ -178,6 +178,11 @@ pub struct Session {
     handler: Option<Arc<dyn ConnectHandler>>,
     stop: watch::Sender<bool>,
     closed: AtomicBool,
+    /// remotedialer's `remoteClientKeys`: the clients a peer announced with AddClient, each with
+    /// the session keys it holds for it. Only server-side sessions keep it (Go's client sessions
+    /// have a nil map and ignore AddClient); it is what `getDialer` searches for a client that is
+    /// not connected here.
+    remote_clients: Option<Mutex<HashMap<String, HashSet<i64>>>>,
 }
 
 /// A tunneled connection as seen by its owner (a pipe task).
@@ -201,6 +206,18 @@ pub enum SessionEnd {
     Frame(#[from] FrameError),
     #[error("session writer is gone")]
     WriterGone,
+    #[error("invalid remote Session {0}")]
+    InvalidRemoteSession(String),
+    #[error("session closed locally")]
+    ClosedLocally,
+}
+
+/// Go's `parseAddress` for AddClient/RemoveClient payloads: `clientKey/sessionKey`.
+fn parse_remote_client(address: &str) -> Result<(&str, i64), SessionEnd> {
+    let bad = || SessionEnd::InvalidRemoteSession(address.to_owned());
+    let (key, session) = address.split_once('/').ok_or_else(bad)?;
+    let session = session.parse::<i64>().map_err(|_| bad())?;
+    Ok((key, session))
 }
 
 impl Session {
@@ -220,6 +237,8 @@ impl Session {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let (stop, stop_rx) = watch::channel(false);
         crate::tasks::spawn("session.writer", write_loop(sink, rx, stop_rx));
+        // Server-side sessions (no Connect handler) learn their peer's clients.
+        let remote_clients = handler.is_none().then(|| Mutex::new(HashMap::new()));
         let s = Arc::new(Self {
             client_key,
             session_key: random_key(),
@@ -231,6 +250,7 @@ impl Session {
             handler,
             stop,
             closed: AtomicBool::new(false),
+            remote_clients,
         });
         (s, stream)
     }
@@ -247,6 +267,62 @@ impl Session {
         let mut ids: Vec<i64> = self.conns().keys().copied().collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// Whether the peer announced `client` (remotedialer's `getSessionKeys` being non-empty).
+    pub fn has_remote_client(&self, client: &str) -> bool {
+        self.remote_clients.as_ref().is_some_and(|m| {
+            m.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(client)
+                .is_some_and(|keys| !keys.is_empty())
+        })
+    }
+
+    /// The clients the peer announced, sorted.
+    pub fn remote_clients(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .remote_clients
+            .as_ref()
+            .map(|m| {
+                m.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn add_remote_client(&self, address: &str) -> Result<(), SessionEnd> {
+        // Go returns before parsing when the session keeps no map.
+        let Some(m) = &self.remote_clients else {
+            return Ok(());
+        };
+        let (key, session) = parse_remote_client(address)?;
+        m.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_owned())
+            .or_default()
+            .insert(session);
+        Ok(())
+    }
+
+    fn remove_remote_client(&self, address: &str) -> Result<(), SessionEnd> {
+        // Go parses first, whatever the session.
+        let (key, session) = parse_remote_client(address)?;
+        if let Some(m) = &self.remote_clients {
+            let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(keys) = m.get_mut(key) {
+                keys.remove(&session);
+                if keys.is_empty() {
+                    m.remove(key);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn record_leak(&self, mode: LeakMode) {
@@ -357,8 +433,14 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let mut stop = self.stop.subscribe();
         let end = loop {
-            let next = match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+            let next = tokio::select! {
+                n = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => n,
+                // Session::shutdown from elsewhere (a closed peer, a debug close).
+                _ = stop.wait_for(|s| *s) => break SessionEnd::ClosedLocally,
+            };
+            let next = match next {
                 Err(_) => break SessionEnd::Idle(IDLE_TIMEOUT),
                 Ok(None) => break SessionEnd::Closed,
                 Ok(Some(Err(e))) => break SessionEnd::Ws(e),
@@ -427,10 +509,9 @@ impl Session {
                 }
             }
             Body::SyncConnections(ids) => self.sync_connections(ids).await,
-            // Only relevant between peered servers, which reftunnel does not implement.
-            Body::AddClient(k) | Body::RemoveClient(k) => {
-                tracing::debug!(client = %k, "ignoring peer client notification");
-            }
+            // A peer announcing which clients it can reach (peering, see server.rs).
+            Body::AddClient(k) => self.add_remote_client(&k)?,
+            Body::RemoveClient(k) => self.remove_remote_client(&k)?,
         }
         Ok(())
     }
@@ -748,6 +829,61 @@ mod tests {
         assert_eq!(server.connection_count(), 0);
         let text = hub.render();
         assert!(text.contains("session_server_total_remove_connections{addr=\"127.0.0.1:1\",clientkey=\"downstream-1\",proto=\"tcp\"} 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn server_sessions_learn_announced_clients_and_end_on_bad_ones() {
+        let hub = Arc::new(MetricsHub::new(false).expect("hub"));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let ws_s = WebSocketStream::from_raw_socket(a, Role::Server, Some(ws_config())).await;
+        let ws_c = WebSocketStream::from_raw_socket(b, Role::Client, Some(ws_config())).await;
+        let off = Arc::new(LeakPolicy::off());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (server, s_stream) =
+            Session::start(ws_s, "server-a".into(), hub.clone(), off.clone(), None);
+        let (client, c_stream) =
+            Session::start(ws_c, "client".into(), hub, off, Some(Arc::new(Grab(tx))));
+        let s2 = server.clone();
+        let served = tokio::spawn(async move { s2.serve(s_stream).await });
+        let c2 = client.clone();
+        tokio::spawn(async move { c2.serve(c_stream).await });
+        let announce = |b: Body| client.send_frame(Frame::new(next_message_id(), 0, b));
+        announce(Body::AddClient("c1/7".into()))
+            .await
+            .expect("send");
+        announce(Body::AddClient("c1/8".into()))
+            .await
+            .expect("send");
+        within(async {
+            while !server.has_remote_client("c1") {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert_eq!(server.remote_clients(), vec!["c1".to_owned()]);
+        // A client session keeps no such map (Go's nil remoteClientKeys).
+        assert!(!client.has_remote_client("c1"));
+        announce(Body::RemoveClient("c1/7".into()))
+            .await
+            .expect("send");
+        announce(Body::RemoveClient("c1/8".into()))
+            .await
+            .expect("send");
+        within(async {
+            while server.has_remote_client("c1") {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        // parseAddress fails: the session ends, as newServerMessage errors do in Go.
+        announce(Body::AddClient("no-session-key".into()))
+            .await
+            .expect("send");
+        let end = within(served).await.expect("join");
+        assert!(
+            matches!(&end, SessionEnd::InvalidRemoteSession(a) if a == "no-session-key"),
+            "{end}"
+        );
     }
 
     #[tokio::test]

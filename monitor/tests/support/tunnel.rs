@@ -3,7 +3,7 @@ use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Mutex, mpsc},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -190,7 +190,16 @@ pub struct Tunnel {
     server_leak: Leak,
     /// Extra server arguments (a proxy transport, say), kept for restarts.
     server_extra: Vec<String>,
+    /// The token peered servers authenticate with (`--peer-token`); the server's peer id is
+    /// [`PEER_ID`]. Not derived by appending to `token`, so that a peer's command line does not
+    /// match [`Tunnel::server_pattern`].
+    pub peer_token: String,
+    /// `id:token:url` of every server started by [`Tunnel::start_peer_server`], kept for restarts.
+    peers: Mutex<Vec<String>>,
 }
+
+/// The first server's peer id (remotedialer's `PeerID`).
+pub const PEER_ID: &str = "server-a";
 
 impl Tunnel {
     pub fn start(server_leak: Leak, agent_leak: Leak) -> Self {
@@ -212,12 +221,15 @@ impl Tunnel {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         );
+        let peer_token = format!("ptk{}", &token[3..]);
         let server = Self::spawn_server(
             &backend_addr,
             &server_leak,
             "127.0.0.1:0",
             &token,
             &server_extra,
+            &peer_token,
+            &[],
         );
         let server_addr = server.listening_addr();
         let agent = Self::spawn_agent(&server_addr, &agent_leak, &token);
@@ -231,16 +243,34 @@ impl Tunnel {
             token,
             server_leak,
             server_extra,
+            peer_token,
+            peers: Mutex::new(Vec::new()),
         }
     }
 
+    /// The first server: peering is on (a peer id and token) so that peers can be added later,
+    /// with `peers` (`id:token:url`) to dial from the start (after a restart).
     fn spawn_server(
         backend: &str,
         leak: &Leak,
         listen: &str,
         token: &str,
         extra: &[String],
+        peer_token: &str,
+        peers: &[String],
     ) -> Proc {
+        let mut peer_args = vec![
+            "--peer-id".to_string(),
+            PEER_ID.to_string(),
+            "--peer-token".to_string(),
+            peer_token.to_string(),
+            "--peer-reconnect-delay".to_string(),
+            "200ms".to_string(),
+        ];
+        if !peers.is_empty() {
+            peer_args.push("--peers".into());
+            peer_args.push(peers.join(","));
+        }
         let bin = workspace_bin("reftunnel");
         Proc::spawn(
             Command::new(bin)
@@ -255,8 +285,73 @@ impl Tunnel {
                     backend,
                 ])
                 .args(leak.args())
-                .args(extra),
+                .args(extra)
+                .args(peer_args),
         )
+    }
+
+    /// A second server peered with the first, as in Rancher HA: same backend, no agent of its
+    /// own, the first server's transport (`server_extra`) and no leak. Requests to
+    /// `http://<addr>/proxy/downstream-1/...` reach the agent through the first server
+    /// (`downstream-1::tcp` rows on both). Returns once the new server can route to the agent.
+    pub fn start_peer_server(&self) -> (Proc, String) {
+        let extra: Vec<&str> = self.server_extra.iter().map(String::as_str).collect();
+        self.start_peer_server_with(&Leak::none(), &extra)
+    }
+
+    /// [`Tunnel::start_peer_server`] with the peer's own leak and extra `reftunnel server`
+    /// arguments (say, `["--proxy-transport", "per-request"]`).
+    pub fn start_peer_server_with(&self, leak: &Leak, extra: &[&str]) -> (Proc, String) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let id = format!("server-b{}", peers.len() + 1);
+        // Its own agent token: its command line must not match `server_pattern()`.
+        let own_token = format!("btk{}", &self.token[3..]);
+        let first = format!(
+            "{PEER_ID}:{}:ws://{}/connect",
+            self.peer_token, self.server_addr
+        );
+        let proc = Proc::spawn(
+            Command::new(workspace_bin("reftunnel"))
+                .args(["server", "--listen", "127.0.0.1:0", "--token", &own_token])
+                .args(["--remotedialer-metrics", "--backend", &self.backend_addr])
+                .args(["--peer-id", &id, "--peer-token", &self.peer_token])
+                .args(["--peers", &first, "--peer-reconnect-delay", "200ms"])
+                .args(leak.args())
+                .args(extra),
+        );
+        let addr = proc.listening_addr();
+        // remotedialer's AddPeer on the first server, as Rancher's peer manager does when a
+        // replica appears: the first server then dials the new one and announces its agents.
+        let spec = format!("{id}:{}:ws://{addr}/connect", self.peer_token);
+        let reply = post(
+            &self.server_addr,
+            "/peers",
+            &[("X-API-Tunnel-Token", self.peer_token.as_str())],
+            &spec,
+        );
+        assert!(
+            reply
+                .as_deref()
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+            "POST /peers to the first server: {reply:?}"
+        );
+        peers.push(spec);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let routes = super::http_get(&format!("http://{addr}/peers")).unwrap_or_default();
+            if routes
+                .lines()
+                .any(|l| l.starts_with(&format!("session {PEER_ID} ")) && l.contains(CLIENT))
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "peer {id} never learnt {CLIENT} from the first server: {routes}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (proc, addr)
     }
 
     fn spawn_agent(server_addr: &str, leak: &Leak, token: &str) -> Proc {
@@ -307,15 +402,26 @@ impl Tunnel {
     /// then waits for the agent to reconnect.
     pub fn restart_server(&mut self) {
         self.server.kill();
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.server = Self::spawn_server(
             &self.backend_addr,
             &self.server_leak.clone(),
             &self.server_addr,
             &self.token,
             &self.server_extra,
+            &self.peer_token,
+            &peers,
         );
         self.server.listening_addr();
         self.server.wait_line(CLIENT, Duration::from_secs(30));
+    }
+
+    /// The proxy URL of `path` on another server (a peer from [`Tunnel::start_peer_server`]).
+    pub fn proxy_url_on(addr: &str, path: &str) -> String {
+        format!(
+            "http://{addr}/proxy/{CLIENT}/{}",
+            path.trim_start_matches('/')
+        )
     }
 
     /// A `--match` pattern that finds this tunnel's server, across restarts.
@@ -393,4 +499,20 @@ impl Tunnel {
                 .args(["--concurrency", &concurrency.to_string()]),
         )
     }
+}
+
+/// A one-shot HTTP/1.1 POST on loopback; the whole response, or None if the exchange failed.
+fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut req = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
 }
