@@ -806,3 +806,96 @@ fn shared_pool_steady_load_stays_silent() {
         &report,
     );
 }
+
+// ---- HA: two peered servers (Rancher replicas) ------------------------------------------------------
+
+/// leakwatch on both servers of a peered pair, the agent's websocket held by A, callers on B. Returns
+/// (A's report, B's report).
+fn watch_peered(b_transport: &str, load_on_b: impl FnOnce(&str) -> Vec<Proc>) -> (Value, Value) {
+    let tunnel = Tunnel::start(Leak::none(), Leak::none());
+    let (b, b_addr) =
+        tunnel.start_peer_server_with(&Leak::none(), &["--proxy-transport", b_transport]);
+    let watch_a = leakwatch_check(
+        tunnel.server.pid(),
+        Some(&tunnel.metrics_url()),
+        "server",
+        170,
+        &[],
+    );
+    let watch_b = leakwatch_check(
+        b.pid(),
+        Some(&format!("http://{b_addr}/metrics")),
+        "server",
+        170,
+        &[],
+    );
+    let _load = load_on_b(&b_addr);
+    (watch_a.report(), watch_b.report())
+}
+
+#[test]
+fn ha_long_lived_callers_on_a_peer_raise_nothing_on_either_server() {
+    let Some(_guard) = pooled_ready() else { return };
+    let start = now_unix();
+    // 20 callers on B whose requests last 200 s (past the idle horizon), plus ordinary traffic.
+    let (a, b) = watch_peered("pipe", |b_addr| {
+        vec![
+            Tunnel::slow_callers_bg(b_addr, 20, 200_000),
+            Tunnel::keep_alive_load_on(b_addr, "/", 600, 5.0, 2),
+        ]
+    });
+    let live_on_a = a["active_at_end"].clone();
+    assert_row(
+        evaluate(
+            "HA: long-lived callers on B, server A",
+            &a,
+            NOTHING,
+            start,
+            0.0,
+        ),
+        &a,
+    );
+    assert_row(
+        evaluate(
+            "HA: long-lived callers on B, server B",
+            &b,
+            NOTHING,
+            start,
+            0.0,
+        ),
+        &b,
+    );
+    assert_eq!(live_on_a, serde_json::json!([]));
+}
+
+#[test]
+fn ha_a_leak_behind_a_peer_is_flagged_on_that_peer_only() {
+    let Some(_guard) = pooled_ready() else { return };
+    let leak_start = now_unix();
+    let (a, b) = watch_peered("per-request", |b_addr| {
+        vec![Tunnel::keep_alive_load_on(b_addr, "/", 400, 2.0, 1)]
+    });
+    assert_row(
+        evaluate(
+            "HA: per-request leak on B, server B",
+            &b,
+            Expect {
+                primary: &["idle_connection_leak"],
+                consequences: &["heap_growth", "quiescence_failure"],
+            },
+            leak_start,
+            150.0,
+        ),
+        &b,
+    );
+    assert_row(
+        evaluate(
+            "HA: per-request leak on B, server A",
+            &a,
+            NOTHING,
+            leak_start,
+            0.0,
+        ),
+        &a,
+    );
+}

@@ -353,7 +353,9 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
     // connections hold their read/write loops; the idle rule judges whether they are held too long).
     // Connections whose callers left (CLOSE_WAIT) justify nothing.
     let established_growth = Signals::growth(&s.established, t, cfg.window_s).unwrap_or(0.0);
+    // Connections peers hold through this server hold tasks here too (a relay pipe each).
     let ledger_growth = Signals::growth(&s.app_live, t, cfg.window_s).unwrap_or(0.0)
+        + Signals::growth(&s.peer_live, t, cfg.window_s).unwrap_or(0.0)
         - Signals::growth(&s.close_wait, t, cfg.window_s)
             .unwrap_or(0.0)
             .max(0.0);

@@ -81,6 +81,36 @@ pub struct IdleExcess {
     pub excess: f64,
 }
 
+/// The client key under which a remotedialer server counts the connections a peer server dials through
+/// it (Rancher HA: a request that reached another replica for an agent whose websocket this one holds).
+pub const PEER_CLIENTKEY: &str = "client";
+
+/// The ledger as this server's own callers see it. A connection a peer dialed through this server is
+/// counted twice here: once as `{clientkey="client", proto="<key>::<proto>"}` (the peer's end) and once as
+/// an ordinary `{clientkey="<key>", proto="<proto>"}` dial to the agent. Its caller is on the peer, which
+/// judges it; here both rows would only look like connections with no caller. So the peer rows are left
+/// out and their counts taken off the matching ordinary rows. Returns the rows and the connections
+/// peers hold through this server now.
+pub fn local_rows(ledger: &[LedgerRow]) -> (Vec<LedgerRow>, f64) {
+    let is_peer = |r: &LedgerRow| r.clientkey == PEER_CLIENTKEY && r.proto.contains("::");
+    let mut rows: Vec<LedgerRow> = ledger.iter().filter(|r| !is_peer(r)).cloned().collect();
+    let mut peer_live = 0.0;
+    for p in ledger.iter().filter(|r| is_peer(r)) {
+        peer_live += (p.added - p.removed).max(0.0);
+        let Some((key, proto)) = p.proto.split_once("::") else {
+            continue;
+        };
+        if let Some(local) = rows
+            .iter_mut()
+            .find(|r| r.clientkey == key && r.proto == proto && r.addr == p.addr)
+        {
+            local.added = (local.added - p.added).max(0.0);
+            local.removed = (local.removed - p.removed).max(0.0);
+        }
+    }
+    (rows, peer_live)
+}
+
 fn row_key(row: &LedgerRow) -> String {
     format!(
         "clientkey={} proto={} addr={}",
@@ -123,6 +153,8 @@ pub struct Signals {
     pub kernel_conn_floor: Option<f64>,
     /// When the first snapshot of this incarnation was taken.
     watching_since: Option<f64>,
+    /// Connections peer servers hold through this one (their callers are on the peers).
+    pub peer_live: Series,
     /// Idle ages of the sockets the target dialed, per remote (kernel tcp_info, refreshed with each full
     /// procfs pass), and per remote the fewest sockets idle past the horizon seen in this incarnation.
     pub dialed_idle: Vec<crate::sample::RemoteIdle>,
@@ -158,7 +190,9 @@ impl Signals {
             let mut raw_added = 0.0;
             let mut old_open_total = 0.0;
             let mut old_open_known = false;
-            for row in &a.ledger {
+            let (ledger, peer_live) = local_rows(&a.ledger);
+            self.peer_live.push(t, peer_live, horizon);
+            for row in &ledger {
                 let live = (row.added - row.removed).max(0.0);
                 *by_key.entry(row.clientkey.clone()).or_default() += live;
                 total += live;

@@ -902,3 +902,42 @@ fn a_ledger_that_is_not_decremented_is_not_also_called_idle_connections() {
         "{kinds:?}"
     );
 }
+
+#[test]
+fn connections_peers_dial_through_this_server_are_theirs_to_judge() {
+    use crate::analysis::signals::local_rows;
+    let row = |clientkey: &str, proto: &str, added: f64, removed: f64| LedgerRow {
+        clientkey: clientkey.into(),
+        proto: proto.into(),
+        addr: "127.0.0.1:6080".into(),
+        added,
+        removed,
+    };
+    // 30 of downstream-1's 50 connections were dialed by a peer (12 still open), 20 by local callers.
+    let (rows, peer_live) = local_rows(&[
+        row("client", "downstream-1::tcp", 30.0, 18.0),
+        row("downstream-1", "tcp", 50.0, 33.0),
+    ]);
+    assert_eq!(peer_live, 12.0);
+    assert_eq!(rows, vec![row("downstream-1", "tcp", 20.0, 15.0)]);
+
+    // Long-lived callers on the peer: server A holds their connections for minutes with no caller of
+    // its own, and says nothing.
+    let mut an = analyzer();
+    let mut tun = Tunnel::new();
+    let mut changes = Vec::new();
+    for i in 0..300u32 {
+        tun.t += 1.0;
+        let peered = f64::from(i.min(60));
+        let mut snap = tun.snapshot();
+        if let ScrapeOutcome::Ok(app) = &mut snap.app {
+            app.ledger = vec![
+                row("client", "downstream-1::tcp", peered, 0.0),
+                row("downstream-1", "tcp", peered, 0.0),
+            ];
+            app.goroutines = Some(12.0 + 4.0 * peered);
+        }
+        changes.extend(an.observe(&snap));
+    }
+    assert_eq!(raised(&changes), vec![], "{changes:?}");
+}

@@ -462,6 +462,23 @@ impl Tunnel {
             .expect("run the load driver")
     }
 
+    /// Starts `count` long-lived callers on the server at `addr` (like kubectl watches): each holds one
+    /// request to the backend's `/slow/<ms>` open for `ms` milliseconds.
+    pub fn slow_callers_bg(addr: &str, count: u64, ms: u64) -> Proc {
+        Proc::spawn(
+            Command::new(workspace_bin("reftunnel"))
+                .args([
+                    "load",
+                    "--url",
+                    &Self::proxy_url_on(addr, &format!("/slow/{ms}")),
+                ])
+                .args(["--requests", &count.to_string(), "--rate", "0"])
+                .args(["--concurrency", &count.to_string()])
+                .args(["--timeout", &format!("{}ms", ms + 60_000)])
+                .args(["--duration-limit", "20min"]),
+        )
+    }
+
     /// Starts the keep-alive load driver in the background: `concurrency` caller connections, each
     /// reused for its requests, as a browser or kubectl does.
     pub fn keep_alive_load_bg(
@@ -471,9 +488,25 @@ impl Tunnel {
         rate: f64,
         concurrency: u64,
     ) -> Proc {
+        Self::keep_alive_load_on(&self.server_addr, path, requests, rate, concurrency)
+    }
+
+    /// [`Tunnel::keep_alive_load_bg`] against the server at `addr` (a peer, say).
+    pub fn keep_alive_load_on(
+        addr: &str,
+        path: &str,
+        requests: u64,
+        rate: f64,
+        concurrency: u64,
+    ) -> Proc {
         Proc::spawn(
             Command::new(workspace_bin("reftunnel"))
-                .args(["load", "--keep-alive", "--url", &self.proxy_url(path)])
+                .args([
+                    "load",
+                    "--keep-alive",
+                    "--url",
+                    &Self::proxy_url_on(addr, path),
+                ])
                 .args([
                     "--requests",
                     &requests.to_string(),
