@@ -9,6 +9,7 @@ use crate::{
     analysis::Analyzer,
     collect::{Collector, KernelMode, TargetEvent},
     outputs::{
+        history::History,
         http::{Shared, SocketView, StatusDoc},
         log::log_change,
         metrics::{Derived, LeakwatchMetrics},
@@ -61,6 +62,8 @@ impl Engine {
             status: Arc::new(RwLock::new(status)),
             last_tick: Arc::new(Mutex::new(Instant::now())),
             stale_after,
+            history: Arc::new(Mutex::new(History::default())),
+            side: analyzer.config().side,
         };
         Self {
             collector,
@@ -74,6 +77,15 @@ impl Engine {
             profiler: None,
             goroutine_growth: Vec::new(),
         }
+    }
+
+    /// Sizes the history for the sampling interval (30 min of it, within a fixed cap). Call before
+    /// serving: the live page holds the same history.
+    pub fn size_history(&mut self, interval: std::time::Duration) {
+        self.shared.history = Arc::new(Mutex::new(History::for_interval(
+            crate::outputs::history::WINDOW,
+            interval,
+        )));
     }
 
     pub async fn step(&mut self) -> Vec<VerdictChange> {
@@ -108,6 +120,15 @@ impl Engine {
                     m.verdict_raised(v.kind);
                 }
             }
+        }
+        if let Ok(mut h) = self.shared.history.lock() {
+            h.record(
+                &snap,
+                self.analyzer.derived(),
+                self.analyzer.load_phase(),
+                self.analyzer.config().side,
+                &changes,
+            );
         }
         let active = self.active();
         let derived = self.derived();
