@@ -199,6 +199,11 @@ impl Collector {
         }
     }
 
+    /// Seconds since the collector started: the clock of every snapshot's `t`.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
     /// One pass over every source.
     pub async fn tick(&mut self) -> (Snapshot, Vec<TargetEvent>) {
         let events = self.follow_target();

@@ -227,7 +227,7 @@ pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
     eprintln!("verify: measuring the baseline for {:?}", args.baseline);
     tick_for(&mut engine, interval, args.baseline, &mut samples).await;
     let base = baseline_of(&samples);
-    let load_began = engine.last.as_ref().map(|s| s.t);
+    let load_began = Some(engine.collector.elapsed());
 
     eprintln!(
         "verify: driving {} requests ({} at a time) to {}",
@@ -247,7 +247,7 @@ pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
         "verify: load done ({ok} ok, {failed} failed); waiting up to {:?} for quiescence",
         args.settle
     );
-    let load_ended = engine.last.as_ref().map(|s| s.t);
+    let load_ended = Some(engine.collector.elapsed());
 
     let end = Instant::now() + args.settle;
     let mut results;

@@ -42,6 +42,8 @@ pub enum Unit {
 
 impl Unit {
     pub fn format(self, v: f64) -> String {
+        // -0.0 (a rounding of a tiny negative) reads as a sign error.
+        let v = v + 0.0;
         match self {
             Unit::Count if v.abs() >= 1e6 => format!("{:.1}M", v / 1e6),
             Unit::Count if v.abs() >= 1e4 => format!("{:.1}k", v / 1e3),
@@ -442,7 +444,11 @@ fn collect(spec: &ChartSpec, history: &History, frame: &Frame, callers: &str) ->
         }
         let budget = MAX_DRAWN / segs.len().max(1);
         for seg in segs {
-            drawn.push((row.series.clone(), reduce(&seg, budget)));
+            let shifted: Vec<(f64, f64)> = reduce(&seg, budget)
+                .into_iter()
+                .map(|(t, v)| (t - frame.origin, v))
+                .collect();
+            drawn.push((row.series.clone(), shifted));
         }
     }
     let y_max = max_of(&mut legend.iter().filter(|r| !r.off_scale));
@@ -452,10 +458,14 @@ fn collect(spec: &ChartSpec, history: &History, frame: &Frame, callers: &str) ->
         .filter(|t| t.chart == spec.key)
         .map(|t| t.value)
         .fold(y_max, f64::max);
+    let floor = match spec.unit {
+        Unit::Count => 5.0,
+        Unit::Bytes => 1048576.0,
+    };
     Plotted {
         legend,
         drawn,
-        y_max: (with_thresholds * 1.1).max(1.0),
+        y_max: (with_thresholds * 1.1).max(floor),
     }
 }
 
@@ -467,10 +477,11 @@ pub fn render(
     callers: &str,
 ) -> Result<Rendered, ChartError> {
     let plotted = collect(spec, history, frame, callers);
-    let (x0, x1) = (frame.from, frame.to.max(frame.from + 1.0));
+    // The axis counts from the origin, so that plotters picks round ticks of elapsed time.
+    let origin = frame.origin;
+    let (x0, x1) = (frame.from - origin, frame.to.max(frame.from + 1.0) - origin);
     let y1 = plotted.y_max;
     let unit = spec.unit;
-    let origin = frame.origin;
 
     let mut svg = String::new();
     {
@@ -486,7 +497,7 @@ pub fn render(
             .configure_mesh()
             .x_labels(10)
             .y_labels(5)
-            .x_label_formatter(&|x| format_time(x - origin))
+            .x_label_formatter(&|x| format_time(*x))
             .y_label_formatter(&|y| unit.format(*y))
             .light_line_style(RGBColor(240, 240, 240))
             .bold_line_style(RGBColor(215, 215, 215))
@@ -494,7 +505,7 @@ pub fn render(
             .draw()
             .map_err(err)?;
         for s in &frame.spans {
-            let (a, b) = (s.from.max(x0), s.to.min(x1));
+            let (a, b) = ((s.from - origin).max(x0), (s.to - origin).min(x1));
             if b <= a {
                 continue;
             }
@@ -508,10 +519,14 @@ pub fn render(
         // One pixel wide whatever the range.
         let px = (x1 - x0) / f64::from(WIDTH - LEFT - 2 * MARGIN);
         let small = TextStyle::from(("sans-serif", 11).into_font());
-        for m in frame.markers.iter().filter(|m| m.t >= x0 && m.t <= x1) {
+        for m in frame.markers.iter() {
+            let x = m.t - origin;
+            if x < x0 || x > x1 {
+                continue;
+            }
             chart
                 .draw_series(std::iter::once(Rectangle::new(
-                    [(m.t - px, 0.0), (m.t + px, y1)],
+                    [(x - px, 0.0), (x + px, y1)],
                     m.color.mix(0.8).filled(),
                 )))
                 .map_err(err)?;
@@ -545,13 +560,17 @@ pub fn render(
             .build_cartesian_2d(x0..x1, 0.0..y1)
             .map_err(err)?;
         for (series, pts) in &plotted.drawn {
-            let color = plotted
+            let (i, color) = plotted
                 .legend
                 .iter()
-                .find(|r| &r.series == series)
-                .map(|r| r.color)
-                .unwrap_or(GREY);
-            let style = ShapeStyle::from(color).stroke_width(2);
+                .enumerate()
+                .find(|(_, r)| &r.series == series)
+                .map(|(i, r)| (i, r.color))
+                .unwrap_or((0, GREY));
+            // Earlier lines are drawn wider, so a line hidden under a later one with the same values (added
+            // and live while nothing is removed) still shows at its edges.
+            let width = (plotted.legend.len() + 1).saturating_sub(i).clamp(2, 4) as u32;
+            let style = ShapeStyle::from(color).stroke_width(width);
             chart
                 .draw_series(LineSeries::new(pts.iter().copied(), style))
                 .map_err(err)?;
@@ -634,7 +653,7 @@ pub fn verdict_bars(history: &History, frame: &Frame) -> Vec<Bar> {
                 row: "target restarts".into(),
                 from: e.t,
                 to: e.t,
-                label: format!("pid {old_pid} -> {new_pid}"),
+                label: format!("restart: pid {old_pid} -> {new_pid}"),
                 color: GREY,
             }),
         }
@@ -656,8 +675,8 @@ pub fn timeline(bars: &[Bar], frame: &Frame) -> Result<String, ChartError> {
     }
     let n = rows.len().max(1);
     let height = 2 * MARGIN + BOTTOM + 24 * n as u32;
-    let (x0, x1) = (frame.from, frame.to.max(frame.from + 1.0));
     let origin = frame.origin;
+    let (x0, x1) = (frame.from - origin, frame.to.max(frame.from + 1.0) - origin);
     let mut svg = String::new();
     {
         let root: Area = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
@@ -673,7 +692,7 @@ pub fn timeline(bars: &[Bar], frame: &Frame) -> Result<String, ChartError> {
             .x_labels(10)
             .disable_y_mesh()
             .y_labels(0)
-            .x_label_formatter(&|x| format_time(x - origin))
+            .x_label_formatter(&|x| format_time(*x))
             .light_line_style(RGBColor(240, 240, 240))
             .bold_line_style(RGBColor(215, 215, 215))
             .label_style(("sans-serif", 12).into_font())
@@ -684,7 +703,7 @@ pub fn timeline(bars: &[Bar], frame: &Frame) -> Result<String, ChartError> {
         for b in bars {
             let i = rows.iter().position(|r| *r == b.row).unwrap_or(0);
             let y = (n - 1 - i) as f64;
-            let (a, z) = (b.from.max(x0), b.to.min(x1));
+            let (a, z) = ((b.from - origin).max(x0), (b.to - origin).min(x1));
             chart
                 .draw_series(std::iter::once(Rectangle::new(
                     [(a - px, y + 0.15), (z + px, y + 0.85)],
@@ -802,7 +821,11 @@ mod tests {
         let charts = standard_charts(&h);
         let ledger = render(&charts[0], &h, &frame, "callers").unwrap();
         assert_eq!(ledger.svg.matches("data-series=\"app_live\"").count(), 2);
-        let live = ledger.legend.iter().find(|r| r.series == "app_live").unwrap();
+        let live = ledger
+            .legend
+            .iter()
+            .find(|r| r.series == "app_live")
+            .unwrap();
         assert_eq!((live.points, live.last), (9, Some(9.0)));
         assert_eq!(live.sources, vec![Source::App]);
         assert!(ledger.svg.starts_with("<svg"));

@@ -499,7 +499,10 @@ mod tests {
         assert_eq!(even.get(Quantity::CloseWait), Some((2.0, Source::Ebpf)));
         assert_eq!(last.get(Quantity::Heap), None);
         assert_eq!(last.phase, Phase::Loaded);
-        assert_eq!(History::for_interval(WINDOW, Duration::from_secs(1)).capacity(), 1800);
+        assert_eq!(
+            History::for_interval(WINDOW, Duration::from_secs(1)).capacity(),
+            1800
+        );
         assert_eq!(
             History::for_interval(WINDOW, Duration::from_millis(10)).capacity(),
             MAX_TICKS
@@ -518,17 +521,25 @@ mod tests {
             explanation: String::new(),
         };
         let d = DerivedNow::default();
-        h.record(&snap(0.0, 1.0, 0.0, true), &d, "idle", Side::Server, &[
-            VerdictChange::Raised(v),
-        ]);
+        h.record(
+            &snap(0.0, 1.0, 0.0, true),
+            &d,
+            "idle",
+            Side::Server,
+            &[VerdictChange::Raised(v)],
+        );
         h.set_blocked_ages(&[("< 1m", 3.0), ("> 10m", 4.0)]);
-        h.record(&snap(1.0, 1.0, 0.0, true), &d, "idle", Side::Server, &[
-            VerdictChange::TargetRestarted {
+        h.record(
+            &snap(1.0, 1.0, 0.0, true),
+            &d,
+            "idle",
+            Side::Server,
+            &[VerdictChange::TargetRestarted {
                 at: 1.0,
                 old_pid: 1,
                 new_pid: 2,
-            },
-        ]);
+            }],
+        );
         assert_eq!(h.events().count(), 2);
         assert_eq!(h.ticks().next().unwrap().incarnation, 0);
         assert_eq!(h.last().unwrap().incarnation, 1);
@@ -536,9 +547,19 @@ mod tests {
         assert_eq!(h.ticks().next().unwrap().age(1), Some(4.0));
         assert_eq!(h.last().unwrap().age(1), None);
         for t in 2..6 {
-            h.record(&snap(t as f64, 1.0, 0.0, true), &d, "idle", Side::Server, &[]);
+            h.record(
+                &snap(t as f64, 1.0, 0.0, true),
+                &d,
+                "idle",
+                Side::Server,
+                &[],
+            );
         }
-        assert_eq!(h.events().count(), 0, "events older than every tick are dropped");
+        assert_eq!(
+            h.events().count(),
+            0,
+            "events older than every tick are dropped"
+        );
         let many: Vec<(String, f64)> = (0..10).map(|i| (format!("b{i}"), 1.0)).collect();
         h.set_blocked_ages(&many);
         assert_eq!(h.age_buckets().len(), MAX_AGE_BUCKETS);

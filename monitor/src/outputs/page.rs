@@ -81,7 +81,11 @@ fn num(v: Option<f64>, unit: Unit) -> String {
     v.map(|v| unit.format(v)).unwrap_or_else(|| "-".into())
 }
 
-fn chart_figure(out: &mut String, spec: &ChartSpec, rendered: Result<Rendered, charts::ChartError>) {
+fn chart_figure(
+    out: &mut String,
+    spec: &ChartSpec,
+    rendered: Result<Rendered, charts::ChartError>,
+) {
     let _ = write!(
         out,
         "<figure class=\"chart\" id=\"chart-{key}\" data-chart=\"{key}\"><figcaption>{}</figcaption>",
@@ -114,7 +118,11 @@ fn chart_figure(out: &mut String, spec: &ChartSpec, rendered: Result<Rendered, c
                      <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
                     hex(row.color),
                     esc(&row.label),
-                    if row.off_scale { " (off scale, not drawn)" } else { "" },
+                    if row.off_scale {
+                        " (off scale, not drawn)"
+                    } else {
+                        ""
+                    },
                     if sources.is_empty() {
                         "no data".to_string()
                     } else {
@@ -129,7 +137,11 @@ fn chart_figure(out: &mut String, spec: &ChartSpec, rendered: Result<Rendered, c
             out.push_str("</table>");
         }
         Err(e) => {
-            let _ = write!(out, "<p class=\"bad\">chart unavailable: {}</p>", esc(&e.to_string()));
+            let _ = write!(
+                out,
+                "<p class=\"bad\">chart unavailable: {}</p>",
+                esc(&e.to_string())
+            );
         }
     }
     out.push_str("</figure>\n");
@@ -184,7 +196,11 @@ fn charts_section(out: &mut String, history: &History, frame: &Frame, side: Side
         match charts::timeline(&bars, frame) {
             Ok(svg) => out.push_str(&svg),
             Err(e) => {
-                let _ = write!(out, "<p class=\"bad\">chart unavailable: {}</p>", esc(&e.to_string()));
+                let _ = write!(
+                    out,
+                    "<p class=\"bad\">chart unavailable: {}</p>",
+                    esc(&e.to_string())
+                );
             }
         }
     }
@@ -385,7 +401,9 @@ pub fn report_page(report: &Report, history: &History) -> String {
                 out,
                 "<tr class=\"criterion\" data-pass=\"{}\"><td class=\"{class}\">{word}</td><td>{}</td>\
                  <td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
-                c.pass.map(|p| p.to_string()).unwrap_or_else(|| "n/a".into()),
+                c.pass
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "n/a".into()),
                 esc(&c.name),
                 num(c.baseline, unit),
                 num(c.after, unit),
@@ -394,7 +412,11 @@ pub fn report_page(report: &Report, history: &History) -> String {
         }
         out.push_str("</table>");
         if let Some(at) = report.checked_at {
-            let failed = report.criteria.iter().filter(|c| c.pass == Some(false)).count();
+            let failed = report
+                .criteria
+                .iter()
+                .filter(|c| c.pass == Some(false))
+                .count();
             extra.push(Bar {
                 row: "criteria".into(),
                 from: at,
@@ -404,7 +426,11 @@ pub fn report_page(report: &Report, history: &History) -> String {
                 } else {
                     format!("criteria checked: {failed} FAIL")
                 },
-                color: if failed == 0 { charts::GREEN } else { charts::RED },
+                color: if failed == 0 {
+                    charts::GREEN
+                } else {
+                    charts::RED
+                },
             });
         }
     }
