@@ -481,14 +481,14 @@ fn verify_report_of_a_healthy_tunnel_renders_its_criteria() {
         .args(["verify", "--pid", &tunnel.server.pid().to_string()])
         .args(["--metrics-url", &tunnel.metrics_url(), "--side", "server"])
         .args(["--load-url", &tunnel.proxy_url("/")])
-        .args(["--requests", "1500", "--concurrency", "2"])
+        .args(["--requests", "3000", "--concurrency", "2"])
         .args([
             "--baseline",
             "4s",
             "--settle",
             "30s",
             "--interval",
-            "1s",
+            "500ms",
             "--json",
         ])
         .arg("--report")
@@ -554,7 +554,7 @@ fn verify_report_of_a_healthy_tunnel_renders_its_criteria() {
     assert_eq!(live.last, ledger["after"].as_f64());
     let added = line(&dom, "added").expect("added line");
     assert!(
-        added.points >= 5 && added.last.is_some_and(|a| a >= 1500.0),
+        added.points >= 5 && added.last.is_some_and(|a| a >= 3000.0),
         "{added:?}"
     );
     let threshold_lines = dom.matches("must come back under this").count();

@@ -11,7 +11,10 @@ use plotters::{
         ChartBuilder, Circle, DrawingArea, IntoDrawingArea, LineSeries, RGBColor, Rectangle,
         SVGBackend, ShapeStyle, Text,
     },
-    style::{Color, IntoFont, TextStyle, WHITE},
+    style::{
+        Color, IntoFont, TextStyle, WHITE,
+        text_anchor::{HPos, Pos, VPos},
+    },
 };
 use thiserror::Error;
 
@@ -499,7 +502,8 @@ pub fn render(
             .y_labels(5)
             .x_label_formatter(&|x| format_time(*x))
             .y_label_formatter(&|y| unit.format(*y))
-            .light_line_style(RGBColor(240, 240, 240))
+            .max_light_lines(2)
+            .light_line_style(RGBColor(243, 243, 243))
             .bold_line_style(RGBColor(215, 215, 215))
             .label_style(("sans-serif", 12).into_font())
             .draw()
@@ -693,7 +697,8 @@ pub fn timeline(bars: &[Bar], frame: &Frame) -> Result<String, ChartError> {
             .disable_y_mesh()
             .y_labels(0)
             .x_label_formatter(&|x| format_time(*x))
-            .light_line_style(RGBColor(240, 240, 240))
+            .max_light_lines(2)
+            .light_line_style(RGBColor(243, 243, 243))
             .bold_line_style(RGBColor(215, 215, 215))
             .label_style(("sans-serif", 12).into_font())
             .draw()
@@ -710,12 +715,17 @@ pub fn timeline(bars: &[Bar], frame: &Frame) -> Result<String, ChartError> {
                     b.color.mix(0.35).filled(),
                 )))
                 .map_err(err)?;
-            let at = a.min(x0 + 0.7 * (x1 - x0)) + 3.0 * px;
+            // Labels of bars that begin in the right half end at the right edge, so they stay on the page.
+            let (at, style) = if a > x0 + 0.5 * (x1 - x0) {
+                (x1 - 3.0 * px, text.pos(Pos::new(HPos::Right, VPos::Top)))
+            } else {
+                (a + 3.0 * px, text.clone())
+            };
             chart
                 .draw_series(std::iter::once(Text::new(
                     b.label.clone(),
                     (at, y + 0.75),
-                    text.color(&RGBColor(30, 30, 30)),
+                    style.color(&RGBColor(30, 30, 30)),
                 )))
                 .map_err(err)?;
         }

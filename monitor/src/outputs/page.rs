@@ -269,12 +269,13 @@ pub fn live_page(
     let _ = write!(
         out,
         "<p class=\"meta\">mode <b>{}</b> · pid {pid} · load phase <b>{}</b> · restarts {} · \
-         last {:.0} min at t={last_t:.0}s · refreshes every {refresh_s}s · \
+         charts over the last {} (of up to {:.0} min held) · refreshes every {refresh_s}s · \
          <a href=\"/status\">/status</a> · <a href=\"/metrics\">/metrics</a></p>",
         esc(&status.mode),
         esc(&status.load_phase),
         status.restarts,
-        (last_t - from) / 60.0
+        format_time(last_t - from),
+        window_s / 60.0
     );
     for n in &status.notes {
         let _ = write!(out, "<p class=\"note\">{}</p>", esc(n));
