@@ -8,7 +8,9 @@ import re, sys, yaml
 import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 RULES = os.path.join(HERE, "leakwatch-rules.yml")
-OUT = os.path.join(HERE, "leakwatch-rules.test.yml")
+# An optional argument writes elsewhere: monitor/tests/dashboards.rs regenerates into a temporary file and
+# fails when the committed test file differs from what this script makes now.
+OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "leakwatch-rules.test.yml")
 rules = yaml.safe_load(open(RULES))
 alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"] if "alert" in r}
 
@@ -47,6 +49,7 @@ tests = []
 # --- leak verdicts: one group per kind -----------------------------------------------------------------
 kinds = {
     "bookkeeping_leak": "LeakwatchBookkeepingLeak",
+    "idle_connection_leak": "LeakwatchIdleConnectionLeak",
     "socket_leak": "LeakwatchSocketLeak",
     "task_growth": "LeakwatchTaskGrowth",
     "heap_growth": "LeakwatchHeapGrowth",

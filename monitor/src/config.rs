@@ -54,6 +54,12 @@ pub struct SidecarArgs {
     /// agent (targets' sockets are). `auto` decides from the sockets seen.
     #[arg(long, env = "LEAKWATCH_SIDE", value_enum)]
     pub side: Option<SideArg>,
+    /// The longest idle timeout a healthy HTTP transport of the target uses for pooled tunneled
+    /// connections (Go's default: 90s). A tunneled connection open with no caller for longer than this
+    /// plus a 15s margin is a leak; shorter-lived idle connections are healthy pooling and never alarm.
+    /// Also `[analysis] idle_timeout_s` in the config file.
+    #[arg(long, env = "LEAKWATCH_IDLE_TIMEOUT", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
     /// Where the target serves Go's goroutine profile (default: /debug/pprof/goroutine?debug=2 next to
     /// --metrics-url). Fetched once as a baseline and once per task-growth verdict, at most every 5 min.
     #[arg(long, env = "LEAKWATCH_PPROF_URL")]
@@ -166,6 +172,15 @@ impl SidecarArgs {
                 SideArg::Agent => crate::analysis::Side::Agent,
                 SideArg::Auto => crate::analysis::Side::Auto,
             };
+        }
+        if let Some(idle) = self.idle_timeout {
+            analysis.idle_timeout_s = idle.as_secs_f64();
+        }
+        if !(analysis.idle_timeout_s.is_finite() && analysis.idle_timeout_s >= 0.0) {
+            bail!(
+                "the idle timeout must be a non-negative duration, got {}s",
+                analysis.idle_timeout_s
+            );
         }
         let metrics_url = self.metrics_url.clone().or(file.metrics_url);
         if let Some(url) = &metrics_url {

@@ -12,7 +12,7 @@ use crate::{
         history::History,
         http::{Shared, SocketView, StatusDoc},
         log::log_change,
-        metrics::{Derived, LeakwatchMetrics},
+        metrics::LeakwatchMetrics,
         record::Recorder,
     },
     sample::{ScrapeOutcome, Snapshot},
@@ -28,12 +28,22 @@ pub struct Raised {
     pub raised_unix: f64,
 }
 
+/// What a run saw, for one-shot reports: proof that the run looked at what it reports on.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RunStats {
+    pub ticks: u64,
+    pub scrapes_ok: u64,
+    pub scrapes_failed: u64,
+    /// Target restarts seen (a new pid or start time).
+    pub target_restarts: u64,
+}
+
 pub struct Engine {
     pub collector: Collector,
     pub analyzer: Analyzer,
     pub shared: Shared,
     target_name: String,
-    restarts: u64,
+    pub stats: RunStats,
     /// Every verdict raised during the run, for one-shot reports.
     pub raised: Vec<Raised>,
     pub last: Option<Snapshot>,
@@ -70,7 +80,7 @@ impl Engine {
             analyzer,
             shared,
             target_name: target_name.to_string(),
-            restarts: 0,
+            stats: RunStats::default(),
             raised: Vec::new(),
             last: None,
             recorder: None,
@@ -90,9 +100,15 @@ impl Engine {
 
     pub async fn step(&mut self) -> Vec<VerdictChange> {
         let (snap, target_events) = self.collector.tick().await;
+        self.stats.ticks += 1;
+        match &snap.app {
+            ScrapeOutcome::Ok(_) => self.stats.scrapes_ok += 1,
+            ScrapeOutcome::Failed { .. } => self.stats.scrapes_failed += 1,
+            ScrapeOutcome::NotConfigured => {}
+        }
         for e in &target_events {
             if let TargetEvent::Restarted { .. } = e {
-                self.restarts += 1;
+                self.stats.target_restarts += 1;
                 // A new process: its goroutines are compared with its own baseline, not the old one's.
                 self.goroutine_growth.clear();
                 if let Some(p) = &mut self.profiler {
@@ -131,7 +147,7 @@ impl Engine {
             );
         }
         let active = self.active();
-        let derived = self.derived();
+        let derived = self.analyzer.derived().clone();
         if let Ok(mut m) = self.shared.metrics.lock() {
             if let ScrapeOutcome::Failed { reason } = &snap.app {
                 m.scrape_failed(crate::sources::scrape::error_class(reason));
@@ -150,7 +166,7 @@ impl Engine {
                 mode: mode_name(self.collector.mode()),
                 verdicts: active,
                 snapshot: Some(snap.clone()),
-                restarts: self.restarts,
+                restarts: self.stats.target_restarts,
                 notes: self.notes(&snap),
                 load_phase: self.analyzer.load_phase().to_string(),
                 oldest_sockets: self.oldest_sockets(),
@@ -219,15 +235,6 @@ impl Engine {
                 age_s: now.saturating_sub(e.first_seen_ns) as f64 / 1e9,
             })
             .collect()
-    }
-
-    fn derived(&self) -> Derived {
-        let d = self.analyzer.derived();
-        Derived {
-            app_live_by_clientkey: d.app_live_by_clientkey.clone(),
-            unbacked_connections: d.unbacked_connections,
-            fd_exhaustion_seconds: d.fd_exhaustion_seconds,
-        }
     }
 
     fn notes(&self, snap: &Snapshot) -> Vec<String> {

@@ -8,8 +8,12 @@ use crate::sample::Seconds;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VerdictKind {
-    /// The app's ledger says connections are live that the kernel closed long ago (remotedialer v2.10.3).
+    /// The app's ledger counts connections live that hold nothing: it grows while the tasks and sockets
+    /// that would back live connections do not (a remove that is never recorded).
     BookkeepingLeak,
+    /// Tunneled connections outlive every plausible idle timeout with no caller, and keep piling up
+    /// (Rancher v2.10.3: a keep-alive transport per request with no idle timeout).
+    IdleConnectionLeak,
     /// Sockets/fds keep growing or sit in CLOSE_WAIT while the app's live count and traffic fall back.
     SocketLeak,
     /// Tasks/goroutines/threads keep rising while live connections return to baseline.
@@ -23,8 +27,9 @@ pub enum VerdictKind {
 }
 
 impl VerdictKind {
-    pub const ALL: [VerdictKind; 6] = [
+    pub const ALL: [VerdictKind; 7] = [
         VerdictKind::BookkeepingLeak,
+        VerdictKind::IdleConnectionLeak,
         VerdictKind::SocketLeak,
         VerdictKind::TaskGrowth,
         VerdictKind::HeapGrowth,
@@ -35,6 +40,7 @@ impl VerdictKind {
     pub fn as_str(self) -> &'static str {
         match self {
             VerdictKind::BookkeepingLeak => "bookkeeping_leak",
+            VerdictKind::IdleConnectionLeak => "idle_connection_leak",
             VerdictKind::SocketLeak => "socket_leak",
             VerdictKind::TaskGrowth => "task_growth",
             VerdictKind::HeapGrowth => "heap_growth",
@@ -78,6 +84,8 @@ pub struct Verdict {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum VerdictChange {
     Raised(Verdict),
+    /// A raised verdict became more severe (severity never drops within one episode).
+    Escalated(Verdict),
     Cleared {
         kind: VerdictKind,
         subject: String,

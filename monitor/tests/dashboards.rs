@@ -19,8 +19,9 @@ use std::{
 };
 
 use leakwatch::{
+    analysis::Derived,
     collect::{KernelMode, SourceCosts},
-    outputs::metrics::{Derived, LeakwatchMetrics},
+    outputs::metrics::LeakwatchMetrics,
     sample::{AppSample, KernelSample, ProcSample, ScrapeOutcome, Snapshot, TargetId},
     verdict::VerdictKind,
 };
@@ -292,6 +293,7 @@ fn exporter_names() -> BTreeSet<String> {
     let derived = Derived {
         app_live_by_clientkey: [("c1".to_string(), 1.0)].into(),
         unbacked_connections: Some(0.0),
+        idle_beyond_horizon: Some(0.0),
         fd_exhaustion_seconds: Some(60.0),
     };
     m.update(
@@ -440,6 +442,32 @@ fn promtool_checks_and_unit_tests_pass() {
     let test = run_promtool(&["test", "rules", "leakwatch-rules.test.yml"], &dir);
     assert!(test.contains("SUCCESS"), "promtool test rules: {test}");
     eprintln!("{check}{test}");
+}
+
+/// The promtool cases are generated from the rules' templates: a committed file that the generator would
+/// no longer produce tests yesterday's rules.
+#[test]
+fn the_rule_tests_are_what_the_generator_makes_now() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fresh = dir.path().join("leakwatch-rules.test.yml");
+    let generator = rules_path()
+        .parent()
+        .expect("rules dir")
+        .join("gen-tests.py");
+    let out = Command::new("python3")
+        .arg(&generator)
+        .arg(&fresh)
+        .output()
+        .expect("python3 runs (cargo xtask setup installs it, with PyYAML)");
+    assert!(
+        out.status.success(),
+        "gen-tests.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        read(&fresh) == read(&rules_test_path()),
+        "dashboards/rules/leakwatch-rules.test.yml is stale: run `python3 dashboards/rules/gen-tests.py`"
+    );
 }
 
 #[test]

@@ -55,10 +55,7 @@ fn leakwatch_check(
     if let Some(url) = metrics_url {
         cmd.args(["--metrics-url", url]);
     }
-    Watch {
-        proc: Proc::spawn(&mut cmd),
-        output: None,
-    }
+    Watch::start(&mut cmd)
 }
 
 /// Like [`leakwatch_check`] but following the process by a command-line match (survives restarts).
@@ -75,13 +72,18 @@ fn leakwatch_check_match(pattern: &str, metrics_url: &str, secs: u64) -> Watch {
         "server",
     ])
     .args(["--interval", "1s", "--metrics-url", metrics_url]);
-    Watch {
-        proc: Proc::spawn(&mut cmd),
-        output: None,
-    }
+    Watch::start(&mut cmd)
 }
 
 impl Watch {
+    /// Starts leakwatch and returns once it has attached and taken its first sample of the target:
+    /// from then on, what the scenario does is seen.
+    fn start(cmd: &mut Command) -> Self {
+        let proc = Proc::spawn_reading_stderr(cmd);
+        proc.wait_err_line("target found", Duration::from_secs(60));
+        Watch { proc, output: None }
+    }
+
     /// Waits for the check to finish and returns its JSON report.
     fn report(mut self) -> Value {
         let mut text = String::new();
@@ -251,7 +253,6 @@ fn skip_remove_is_a_bookkeeping_leak() {
         45,
         &["--record", &recording_arg],
     );
-    std::thread::sleep(Duration::from_secs(3));
     let leak_start = now_unix();
     let _load = tunnel.load_bg("/", 800, 20, 4);
     let report = watch.report();
@@ -295,7 +296,6 @@ fn partial_skip_remove_one_in_a_hundred_within_60s() {
         70,
         &[],
     );
-    std::thread::sleep(Duration::from_secs(3));
     let leak_start = now_unix();
     let _load = tunnel.load_bg("/", 4000, 40, 4);
     let report = watch.report();
@@ -325,7 +325,6 @@ fn stuck_pipe_is_task_growth() {
         45,
         &[],
     );
-    std::thread::sleep(Duration::from_secs(3));
     let leak_start = now_unix();
     let _load = tunnel.load_bg("/", 800, 20, 4);
     let report = watch.report();
@@ -391,7 +390,6 @@ fn no_close_on_the_agent_is_a_socket_leak() {
     let tunnel = Tunnel::start(Leak::none(), Leak::mode("no-close", 1));
     // On the agent there is no ledger to scrape: the kernel side alone must find it.
     let watch = leakwatch_check(tunnel.agent.pid(), None, "agent", 45, &[]);
-    std::thread::sleep(Duration::from_secs(3));
     let leak_start = now_unix();
     let _load = tunnel.load_bg("/", 800, 20, 4);
     let report = watch.report();
@@ -433,7 +431,6 @@ fn healthy_bursty_load_fires_nothing() {
         50,
         &[],
     );
-    std::thread::sleep(Duration::from_secs(3));
     let start = now_unix();
     for _ in 0..3 {
         let out = tunnel.load("/", 300, 200, 20);
@@ -445,6 +442,15 @@ fn healthy_bursty_load_fires_nothing() {
         std::thread::sleep(Duration::from_secs(8));
     }
     let report = watch.report();
+    // Silence proves nothing unless the tunnel's numbers were read all along.
+    let (ticks, scrapes_ok) = (
+        report["run"]["ticks"].as_u64().unwrap_or(0),
+        report["run"]["scrapes_ok"].as_u64().unwrap_or(0),
+    );
+    assert!(
+        ticks >= 40 && scrapes_ok + 2 >= ticks,
+        "scrapes succeeded: {ticks} ticks, {scrapes_ok} scrapes ok"
+    );
     assert_row(
         evaluate("healthy, bursty load", &report, NOTHING, start, 0.0),
         &report,
@@ -456,7 +462,6 @@ fn healthy_with_a_target_restart_fires_nothing() {
     let Some(_guard) = ready() else { return };
     let mut tunnel = Tunnel::start(Leak::none(), Leak::none());
     let watch = leakwatch_check_match(&tunnel.server_pattern(), &tunnel.metrics_url(), 50);
-    std::thread::sleep(Duration::from_secs(3));
     let start = now_unix();
     let load = tunnel.load_bg("/", 400, 20, 4);
     std::thread::sleep(Duration::from_secs(12));
@@ -466,8 +471,286 @@ fn healthy_with_a_target_restart_fires_nothing() {
     eprintln!("server restarted in {:?}", restart_at.elapsed());
     let _load = tunnel.load_bg("/", 400, 20, 4);
     let report = watch.report();
+    assert_eq!(
+        report["run"]["target_restarts"], 1,
+        "leakwatch saw the restart (and read nothing across it as a leak): {report:#}"
+    );
     assert_row(
         evaluate("healthy, target restart", &report, NOTHING, start, 0.0),
+        &report,
+    );
+}
+
+// ---- Keep-alive pooling: the real v2.10.3 leak and its v2.10.5 fix ----------------------------------
+//
+// These run at a few requests per second for minutes (the fix's idle timeout is the real 90 s), so they
+// take their own lock: one of them may overlap one of the fast scenarios above without either measuring
+// the other.
+static POOLED: Mutex<()> = Mutex::new(());
+
+fn pooled_ready() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !support::ebpf_tests_enabled() {
+        return None;
+    }
+    Some(POOLED.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Background noise as on a real Rancher server: 50 long-lived keep-alive callers that are not tunneled
+/// connections, and 3 more agents' websockets, held open the whole time.
+struct Noise {
+    _clients: Proc,
+    _agents: Vec<Proc>,
+}
+
+fn noise(tunnel: &Tunnel) -> Noise {
+    Noise {
+        _clients: tunnel.idle_clients(50, "20s"),
+        _agents: (1..=3)
+            .map(|i| tunnel.extra_agent(&format!("noise-agent-{i}")))
+            .collect(),
+    }
+}
+
+/// Runs the load driver to completion and checks it went through.
+fn finish_load(mut load: Proc, what: &str) {
+    let status = load.child.wait().expect("load driver exits");
+    assert!(status.success(), "{what}: the load driver failed");
+}
+
+/// The fix's traffic: three bursts of 100 requests, 60 s apart (the gap is the schedule, not a wait for
+/// anything), then `steady_s` seconds at 5 requests/s.
+fn fix_traffic(tunnel: &Tunnel, steady_s: u64) {
+    for burst in 0..3 {
+        let started = Instant::now();
+        finish_load(tunnel.keep_alive_load_bg("/", 100, 100.0, 4), "burst");
+        if burst < 2 {
+            std::thread::sleep(Duration::from_secs(60).saturating_sub(started.elapsed()));
+        }
+    }
+    if steady_s > 0 {
+        finish_load(
+            tunnel.keep_alive_load_bg("/", 5 * steady_s, 5.0, 2),
+            "steady load",
+        );
+    }
+}
+
+/// `leakwatch verify` against the tunnel, with its defaults (settle = the idle horizon).
+fn verify(tunnel: &Tunnel) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_leakwatch"))
+        .args(["verify", "--pid", &tunnel.server.pid().to_string()])
+        .args(["--metrics-url", &tunnel.metrics_url()])
+        .args(["--load-url", &tunnel.proxy_url("/")])
+        .args([
+            "--requests",
+            "200",
+            "--concurrency",
+            "4",
+            "--interval",
+            "1s",
+        ])
+        .args(["--side", "server", "--json"])
+        .output()
+        .expect("run leakwatch verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("verify printed no JSON ({e}): {text}"));
+    assert_eq!(
+        out.status.code() == Some(0),
+        report["passed"] == true,
+        "verify's exit code follows its verdict: {report:#}"
+    );
+    report
+}
+
+/// The idle-connection verdict names the rows that hold the connections and says what they are.
+fn assert_names_idle_rows(report: &Value, backend: &str) {
+    let idle: Vec<&Value> = report["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["verdict"]["kind"] == "idle_connection_leak")
+        .collect();
+    assert!(
+        !idle.is_empty(),
+        "an idle_connection_leak verdict: {report:#}"
+    );
+    for r in idle {
+        let subject = r["verdict"]["subject"].as_str().unwrap_or("");
+        assert!(
+            subject.contains(&format!("clientkey={}", support::tunnel::CLIENT))
+                && subject.contains(&format!("addr={backend}")),
+            "the verdict names the clientkey/addr: {subject}"
+        );
+        let why = r["verdict"]["explanation"].as_str().unwrap_or("");
+        assert!(why.contains("idle with no caller"), "{why}");
+    }
+}
+
+fn the_bug(with_noise: bool) {
+    let Some(_guard) = pooled_ready() else { return };
+    let tunnel = Tunnel::start_with(
+        Leak::none(),
+        Leak::none(),
+        &["--proxy-transport", "per-request"],
+    );
+    let _noise = with_noise.then(|| noise(&tunnel));
+    let watch = leakwatch_check(
+        tunnel.server.pid(),
+        Some(&tunnel.metrics_url()),
+        "server",
+        170,
+        &[],
+    );
+    let leak_start = now_unix();
+    // 2 requests/s from a keep-alive caller: every request leaves its idle tunneled connection behind.
+    let _load = tunnel.keep_alive_load_bg("/", 400, 2.0, 1);
+    let report = watch.report();
+    let name = if with_noise {
+        "per-request (v2.10.3) + noise"
+    } else {
+        "per-request (v2.10.3), 2 req/s"
+    };
+    assert_row(
+        evaluate(
+            name,
+            &report,
+            Expect {
+                primary: &["idle_connection_leak"],
+                consequences: &["heap_growth", "quiescence_failure"],
+            },
+            leak_start,
+            150.0,
+        ),
+        &report,
+    );
+    assert_names_idle_rows(&report, &tunnel.backend_addr);
+}
+
+#[test]
+fn per_request_transport_v2_10_3_is_an_idle_connection_leak() {
+    the_bug(false);
+}
+
+#[test]
+fn per_request_transport_v2_10_3_is_found_through_background_noise() {
+    the_bug(true);
+}
+
+#[test]
+fn per_request_idle_90s_v2_10_5_stays_silent_and_verify_passes() {
+    let Some(_guard) = pooled_ready() else { return };
+    let tunnel = Tunnel::start_with(
+        Leak::none(),
+        Leak::none(),
+        &["--proxy-transport", "per-request-idle=90s"],
+    );
+    // Bursts (0-2 min), 5 min of steady load, then past the idle horizon and the settle time after it.
+    let watch = leakwatch_check(
+        tunnel.server.pid(),
+        Some(&tunnel.metrics_url()),
+        "server",
+        560,
+        &[],
+    );
+    let start = now_unix();
+    fix_traffic(&tunnel, 300);
+    let report = watch.report();
+    assert!(
+        report["run"]["scrapes_ok"].as_u64().unwrap_or(0) > 500,
+        "the tunnel's metrics were read all along: {report:#}"
+    );
+    assert_row(
+        evaluate(
+            "per-request-idle=90s (v2.10.5)",
+            &report,
+            NOTHING,
+            start,
+            0.0,
+        ),
+        &report,
+    );
+    let verified = verify(&tunnel);
+    assert_eq!(
+        verified["passed"], true,
+        "verify passes on the fix: {verified:#}"
+    );
+    let drained = verified["drained_after_s"].as_f64().unwrap_or(0.0);
+    eprintln!("SCENARIO verify on v2.10.5: PASS, drained {drained:.0}s after the load");
+    assert!(
+        drained >= 80.0,
+        "the fix's pool really held its idle connections for ~90 s: drained after {drained}s"
+    );
+}
+
+#[test]
+fn per_request_idle_90s_v2_10_5_stays_silent_through_background_noise() {
+    let Some(_guard) = pooled_ready() else { return };
+    let tunnel = Tunnel::start_with(
+        Leak::none(),
+        Leak::none(),
+        &["--proxy-transport", "per-request-idle=90s"],
+    );
+    let _noise = noise(&tunnel);
+    let watch = leakwatch_check(
+        tunnel.server.pid(),
+        Some(&tunnel.metrics_url()),
+        "server",
+        250,
+        &[],
+    );
+    let start = now_unix();
+    fix_traffic(&tunnel, 0);
+    let report = watch.report();
+    assert_row(
+        evaluate("per-request-idle=90s + noise", &report, NOTHING, start, 0.0),
+        &report,
+    );
+}
+
+#[test]
+fn verify_fails_on_the_v2_10_3_transport() {
+    let Some(_guard) = pooled_ready() else { return };
+    let tunnel = Tunnel::start_with(
+        Leak::none(),
+        Leak::none(),
+        &["--proxy-transport", "per-request"],
+    );
+    let verified = verify(&tunnel);
+    eprintln!("SCENARIO verify on v2.10.3: {verified}");
+    assert_eq!(
+        verified["passed"], false,
+        "verify fails on the bug: {verified:#}"
+    );
+    let ledger = verified["criteria"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "add and remove grew together")
+        .expect("ledger criterion");
+    assert_eq!(ledger["pass"], false, "{verified:#}");
+}
+
+#[test]
+fn shared_pool_steady_load_stays_silent() {
+    let Some(_guard) = pooled_ready() else { return };
+    let tunnel = Tunnel::start_with(
+        Leak::none(),
+        Leak::none(),
+        &["--proxy-transport", "shared=90s"],
+    );
+    let watch = leakwatch_check(
+        tunnel.server.pid(),
+        Some(&tunnel.metrics_url()),
+        "server",
+        200,
+        &[],
+    );
+    let start = now_unix();
+    finish_load(tunnel.keep_alive_load_bg("/", 3600, 20.0, 4), "steady load");
+    let report = watch.report();
+    assert_row(
+        evaluate("shared pool, 20 req/s, 3 min", &report, NOTHING, start, 0.0),
         &report,
     );
 }

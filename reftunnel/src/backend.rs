@@ -1,6 +1,11 @@
-//! Small HTTP target for the tunnel. Every response carries `Content-Length` and
-//! `Connection: close`, and the backend closes its side right after it: one request is one TCP
-//! connection, which is what makes per-connection leaks visible.
+//! The HTTP target behind the tunnel, behaving as a Go `http.Server` with its defaults: HTTP/1.1
+//! connections persist (keep-alive) with no idle timeout, and a request with `Connection: close`
+//! (or an HTTP/1.0 request without `Connection: keep-alive`) gets a `Connection: close` response
+//! after which the backend closes its side. Every response carries `Content-Length`.
+//!
+//! Persistence matters: the v2.10.3 leak was idle keep-alive connections to a target that never
+//! closes them, so an agent's sockets to the backend pile up ESTABLISHED only if the backend,
+//! like Go's, keeps them.
 //!
 //! Paths: `/` (short text), `/bytes/<n>` (n bytes, at most 1 GiB), `/slow/<ms>` (answers after
 //! the delay, at most 60 s), `/healthz`.
@@ -8,6 +13,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -15,6 +21,8 @@ use crate::{http, say, tasks};
 
 pub const MAX_BYTES: u64 = 1 << 30;
 pub const MAX_SLOW_MS: u64 = 60_000;
+/// Request bodies are read and discarded; more than this ends the connection.
+const MAX_REQUEST_BODY: u64 = 1 << 20;
 const GREETING: &[u8] = b"hello from reftunnel backend\n";
 
 pub async fn run(listen: &str) -> anyhow::Result<()> {
@@ -37,50 +45,142 @@ pub async fn run(listen: &str) -> anyhow::Result<()> {
 
 async fn serve(mut sock: TcpStream) {
     let _ = sock.set_nodelay(true);
-    let req = match http::read_request(&mut sock).await {
-        Ok((r, _)) => r,
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    loop {
+        let next = if std::mem::take(&mut first) {
+            http::read_first_request(&mut sock, &mut buf).await
+        } else {
+            http::read_next_request(&mut sock, &mut buf).await
+        };
+        let req = match next {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = http::respond(&mut sock, 400, "text/plain", e.to_string().as_bytes()).await;
+                return;
+            }
+        };
+        let keep = http::wants_keep_alive(&req);
+        match serve_one(&mut sock, &mut buf, &req, keep).await {
+            Ok(true) if keep => continue,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!("backend write: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Answers one request; `Ok(false)` when the connection cannot go on (a body we would not read).
+async fn serve_one(
+    sock: &mut TcpStream,
+    buf: &mut BytesMut,
+    req: &http::Request,
+    keep: bool,
+) -> std::io::Result<bool> {
+    let body_len = match http::request_body_len(req) {
+        Ok(n) if n <= MAX_REQUEST_BODY => n,
+        Ok(_) => {
+            http::respond(sock, 413, "text/plain", b"body too large\n").await?;
+            return Ok(false);
+        }
         Err(e) => {
-            let _ = http::respond(&mut sock, 400, "text/plain", e.to_string().as_bytes()).await;
-            return;
+            http::respond(sock, 400, "text/plain", e.to_string().as_bytes()).await?;
+            return Ok(false);
         }
     };
+    if !discard_body(sock, buf, body_len).await? {
+        return Ok(false);
+    }
     if req.method != "GET" && req.method != "HEAD" {
-        let _ = http::respond(&mut sock, 405, "text/plain", b"GET only\n").await;
-        return;
+        http::respond_maybe_keep(sock, keep, 405, "text/plain", b"GET only\n").await?;
+        return Ok(true);
     }
     let path = req.path.split('?').next().unwrap_or("/");
-    let r = if let Some(n) = path.strip_prefix("/bytes/") {
+    let head_only = req.method == "HEAD";
+    let (status, body): (u16, &[u8]) = if let Some(n) = path.strip_prefix("/bytes/") {
         match n.parse::<u64>() {
-            Ok(n) if n <= MAX_BYTES => send_bytes(&mut sock, n).await,
-            _ => http::respond(&mut sock, 400, "text/plain", b"bad length\n").await,
+            Ok(n) if n <= MAX_BYTES => {
+                send_bytes(sock, n, keep, head_only).await?;
+                return Ok(true);
+            }
+            _ => (400, b"bad length\n"),
         }
     } else if let Some(ms) = path.strip_prefix("/slow/") {
         match ms.parse::<u64>() {
             Ok(ms) if ms <= MAX_SLOW_MS => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                http::respond(&mut sock, 200, "text/plain", GREETING).await
+                (200, GREETING)
             }
-            _ => http::respond(&mut sock, 400, "text/plain", b"bad delay\n").await,
+            _ => (400, b"bad delay\n"),
         }
     } else if path == "/" || path == "/healthz" {
-        http::respond(&mut sock, 200, "text/plain", GREETING).await
+        (200, GREETING)
     } else {
-        http::respond(&mut sock, 404, "text/plain", b"not found\n").await
+        (404, b"not found\n")
     };
-    if let Err(e) = r {
-        tracing::debug!("backend write: {e}");
+    if head_only {
+        // A HEAD response announces the length but carries no body.
+        let h = if keep {
+            http::response_head_keep_alive(status, "text/plain", body.len() as u64)
+        } else {
+            http::response_head(status, "text/plain", body.len() as u64)
+        };
+        sock.write_all(h.as_bytes()).await?;
+        if !keep {
+            sock.shutdown().await?;
+        }
+    } else {
+        http::respond_maybe_keep(sock, keep, status, "text/plain", body).await?;
     }
+    Ok(true)
 }
 
-async fn send_bytes(sock: &mut TcpStream, n: u64) -> std::io::Result<()> {
-    static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
-    sock.write_all(http::response_head(200, "application/octet-stream", n).as_bytes())
-        .await?;
+/// Reads and drops `n` body bytes, first from what was read past the head.
+async fn discard_body(sock: &mut TcpStream, buf: &mut BytesMut, n: u64) -> std::io::Result<bool> {
+    use tokio::io::AsyncReadExt;
     let mut left = n;
+    let take = (buf.len() as u64).min(left) as usize;
+    let _ = buf.split_to(take);
+    left -= take as u64;
+    let mut scratch = [0u8; 8192];
+    while left > 0 {
+        let k = sock.read(&mut scratch).await?;
+        if k == 0 {
+            return Ok(false);
+        }
+        // Pipelined bytes past the body belong to the next request.
+        let used = (k as u64).min(left) as usize;
+        buf.extend_from_slice(&scratch[used..k]);
+        left -= used as u64;
+    }
+    Ok(true)
+}
+
+async fn send_bytes(
+    sock: &mut TcpStream,
+    n: u64,
+    keep: bool,
+    head_only: bool,
+) -> std::io::Result<()> {
+    static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+    let head = if keep {
+        http::response_head_keep_alive(200, "application/octet-stream", n)
+    } else {
+        http::response_head(200, "application/octet-stream", n)
+    };
+    sock.write_all(head.as_bytes()).await?;
+    let mut left = if head_only { 0 } else { n };
     while left > 0 {
         let k = left.min(CHUNK.len() as u64) as usize;
         sock.write_all(&CHUNK[..k]).await?;
         left -= k as u64;
     }
-    sock.shutdown().await
+    if keep {
+        sock.flush().await
+    } else {
+        sock.shutdown().await
+    }
 }

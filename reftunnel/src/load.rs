@@ -1,13 +1,17 @@
-//! Load driver: N GETs, at most R per second on average, at most C in flight, every request on
-//! a fresh TCP connection (no keep-alive: one request = one caller socket), loopback targets
-//! only, bounded by a per-request timeout and an overall duration limit.
+//! Load driver: N GETs, at most R per second on average, at most C in flight, loopback targets
+//! only, bounded by a per-request timeout and an overall duration limit. By default every
+//! request uses a fresh TCP connection (one request = one caller socket); with `keep_alive`
+//! connections persist and are reused, at most C of them (one per worker), as a Go client's
+//! pool would hold them.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::BytesMut;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,6 +29,8 @@ pub struct LoadConfig {
     pub concurrency: usize,
     pub timeout: Duration,
     pub duration_limit: Duration,
+    /// Reuse caller connections (HTTP keep-alive) instead of one connection per request.
+    pub keep_alive: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +86,8 @@ pub struct Summary {
     pub latency_ms: Latency,
     pub bytes: u64,
     pub mb_per_s: f64,
+    /// TCP connections the driver opened (equal to the requests sent without keep-alive).
+    pub connections: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -100,7 +108,7 @@ impl Summary {
         let mut s = format!(
             "load {}: {} requests, {} ok, {} errors, {} not sent in {:.2}s = {:.1} req/s\n\
              latency p50 {:.2}ms p90 {:.2}ms p99 {:.2}ms max {:.2}ms\n\
-             bytes {} = {:.2} MB/s\n",
+             bytes {} = {:.2} MB/s, {} connections\n",
             self.url,
             self.requests,
             self.ok,
@@ -114,6 +122,7 @@ impl Summary {
             self.latency_ms.max,
             self.bytes,
             self.mb_per_s,
+            self.connections,
         );
         for (k, v) in &self.error_kinds {
             s.push_str(&format!("error {k}: {v}\n"));
@@ -127,24 +136,167 @@ struct Outcome {
     result: Result<u64, String>,
 }
 
-async fn one(target: Arc<Target>, timeout: Duration) -> Outcome {
+/// Persistent connections waiting for their next request (keep-alive mode).
+#[derive(Default)]
+struct Idle(Mutex<Vec<KeepConn>>);
+
+impl Idle {
+    fn take(&self) -> Option<KeepConn> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+    fn put(&self, c: KeepConn) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+    }
+}
+
+struct KeepConn {
+    sock: TcpStream,
+    /// Bytes read past the previous response.
+    buf: BytesMut,
+}
+
+struct Shared {
+    target: Target,
+    timeout: Duration,
+    idle: Option<Idle>,
+    connections: AtomicU64,
+}
+
+async fn one(shared: Arc<Shared>) -> Outcome {
     let start = Instant::now();
-    let result = match tokio::time::timeout(timeout, request(&target)).await {
+    let work = async {
+        match &shared.idle {
+            Some(idle) => request_keep_alive(&shared, idle).await,
+            None => {
+                shared.connections.fetch_add(1, Ordering::Relaxed);
+                request(&shared.target).await
+            }
+        }
+    };
+    let result = match tokio::time::timeout(shared.timeout, work).await {
         Ok(r) => r,
         Err(_) => Err("timeout".to_owned()),
     };
-    // The socket is dropped (closed) inside `request`: the caller always closes its end.
+    // Without keep-alive the socket is dropped (closed) inside `request`: the caller always
+    // closes its end. With keep-alive it went back to `idle`, or was dropped on error.
     Outcome {
         latency: start.elapsed(),
         result,
     }
 }
 
-async fn request(t: &Target) -> Result<u64, String> {
-    let mut sock = TcpStream::connect(t.addr)
+async fn connect(t: &Target) -> Result<TcpStream, String> {
+    let sock = TcpStream::connect(t.addr)
         .await
         .map_err(|e| format!("connect: {}", e.kind()))?;
     let _ = sock.set_nodelay(true);
+    Ok(sock)
+}
+
+/// A failed exchange on a persistent connection, and whether the server answered nothing at all
+/// (then the connection had gone stale while idle and the request may be sent again).
+struct ExchangeError {
+    msg: String,
+    nothing_back: bool,
+}
+
+async fn request_keep_alive(s: &Shared, idle: &Idle) -> Result<u64, String> {
+    if let Some(mut c) = idle.take() {
+        match exchange(&s.target, &mut c).await {
+            Ok((n, reusable)) => {
+                if reusable {
+                    idle.put(c);
+                }
+                return Ok(n);
+            }
+            // As Go's client does: a reused connection the server closed while it sat idle.
+            Err(e) if e.nothing_back => {}
+            Err(e) => return Err(e.msg),
+        }
+    }
+    let sock = connect(&s.target).await?;
+    s.connections.fetch_add(1, Ordering::Relaxed);
+    let mut c = KeepConn {
+        sock,
+        buf: BytesMut::new(),
+    };
+    let (n, reusable) = exchange(&s.target, &mut c).await.map_err(|e| e.msg)?;
+    if reusable {
+        idle.put(c);
+    }
+    Ok(n)
+}
+
+/// One request on a persistent connection; returns the body length and whether the connection
+/// can carry another request.
+async fn exchange(t: &Target, c: &mut KeepConn) -> Result<(u64, bool), ExchangeError> {
+    let fail = |msg: String, nothing_back: bool| ExchangeError { msg, nothing_back };
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: reftunnel-load\r\nAccept: */*\r\n\r\n",
+        t.path, t.host_header
+    );
+    c.sock
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| fail(format!("write: {}", e.kind()), true))?;
+    let before = c.buf.len();
+    let head = http::read_response_head_buf(&mut c.sock, &mut c.buf)
+        .await
+        .map_err(|e| {
+            let nothing = before == 0 && c.buf.is_empty();
+            let nothing = nothing && matches!(e, http::HeadError::Eof | http::HeadError::Io(_));
+            fail(format!("response head: {e}"), nothing)
+        })?;
+    let Some(want) = head.content_length else {
+        // No length: the body runs to EOF, and the connection with it.
+        let mut got = c.buf.len() as u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = c
+                .sock
+                .read(&mut buf)
+                .await
+                .map_err(|e| fail(format!("body: {}", e.kind()), false))?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        return status_ok(head.status).map(|()| (got, false));
+    };
+    let mut got = (c.buf.len() as u64).min(want);
+    let _ = c.buf.split_to(got as usize);
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < want {
+        let n = c
+            .sock
+            .read(&mut buf)
+            .await
+            .map_err(|e| fail(format!("body: {}", e.kind()), false))?;
+        if n == 0 {
+            return Err(fail("short body".to_owned(), false));
+        }
+        let used = (n as u64).min(want - got) as usize;
+        // Anything past the body would be an unsolicited response: keep it for the next read.
+        c.buf.extend_from_slice(&buf[used..n]);
+        got += used as u64;
+    }
+    status_ok(head.status).map(|()| (got, !head.close))
+}
+
+fn status_ok(status: u16) -> Result<(), ExchangeError> {
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(ExchangeError {
+            msg: format!("status {status}"),
+            nothing_back: false,
+        })
+    }
+}
+
+async fn request(t: &Target) -> Result<u64, String> {
+    let mut sock = connect(t).await?;
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: reftunnel-load\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         t.path, t.host_header
@@ -205,7 +357,12 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
     if cfg.rate < 0.0 || !cfg.rate.is_finite() {
         bail!("--rate must be a non-negative number");
     }
-    let target = Arc::new(parse_target(&cfg.url).await?);
+    let shared = Arc::new(Shared {
+        target: parse_target(&cfg.url).await?,
+        timeout: cfg.timeout,
+        idle: cfg.keep_alive.then(Idle::default),
+        connections: AtomicU64::new(0),
+    });
     let sem = Arc::new(Semaphore::new(cfg.concurrency));
     let start = Instant::now();
     let tstart = tokio::time::Instant::now();
@@ -225,10 +382,9 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
             Ok(Ok(p)) => p,
             _ => break,
         };
-        let t = target.clone();
-        let timeout = cfg.timeout;
+        let sh = shared.clone();
         set.spawn(async move {
-            let o = one(t, timeout).await;
+            let o = one(sh).await;
             drop(permit);
             o
         });
@@ -275,6 +431,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
         },
         bytes,
         mb_per_s: bytes as f64 / 1e6 / elapsed,
+        connections: shared.connections.load(Ordering::Relaxed),
     })
 }
 

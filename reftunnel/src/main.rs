@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use reftunnel::leak::{AgentLeak, ServerLeak};
-use reftunnel::{agent, backend, load, server};
+use reftunnel::transport::ProxyTransport;
+use reftunnel::{agent, backend, idle_clients, load, server};
 
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
@@ -28,8 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Small HTTP backend: `/` (short text), `/bytes/<n>`, `/slow/<ms>`; closes every
-    /// connection after its response.
+    /// Small HTTP backend: `/` (short text), `/bytes/<n>`, `/slow/<ms>`, `/healthz`; HTTP/1.1
+    /// keep-alive with no idle timeout (as a Go http.Server), `Connection: close` honoured.
     Backend {
         /// Address to listen on (port 0 picks one; the chosen address is printed).
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -56,6 +57,17 @@ enum Cmd {
         /// One connection in N takes the leak path.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         leak_every: u64,
+        /// How `/proxy/` reaches the backend: `pipe` (a byte pipe per caller socket), `shared[=90s]`
+        /// (one keep-alive pool per clientkey, idle connections closed after the duration),
+        /// `per-request` (a new pool per request, never closed, no idle timeout: the Rancher
+        /// v2.10.3 leak) or `per-request-idle[=90s]` (a new pool per request whose idle
+        /// connections close after the duration: the v2.10.5 fix).
+        #[arg(long, default_value = "pipe", value_parser = parse_transport)]
+        proxy_transport: ProxyTransport,
+        /// Keep callers' connections open between requests (HTTP keep-alive). Default: on with
+        /// the pooled transports, off with `pipe` (one request per caller socket, as before).
+        #[arg(long, value_parser = parse_boolish, num_args = 0..=1, default_missing_value = "true")]
+        caller_keep_alive: Option<bool>,
     },
     /// Tunnel agent: connects to the server, dials targets for it, reconnects on loss.
     Agent {
@@ -95,7 +107,8 @@ enum Cmd {
         #[arg(long, env = "CATTLE_PROMETHEUS_METRICS", value_parser = parse_boolish, default_value = "false", num_args = 0..=1, default_missing_value = "true")]
         remotedialer_metrics: bool,
     },
-    /// Load driver: GETs over fresh connections (one request = one socket), loopback only.
+    /// Load driver: GETs over fresh connections (one request = one socket), or over reused
+    /// keep-alive connections with --keep-alive; loopback only.
     Load {
         /// Target URL, e.g. http://127.0.0.1:8123/proxy/downstream-1/.
         #[arg(long)]
@@ -121,7 +134,33 @@ enum Cmd {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Reuse caller connections (HTTP keep-alive): each of the --concurrency workers keeps
+        /// one persistent connection.
+        #[arg(long)]
+        keep_alive: bool,
     },
+    /// Background noise: holds --count keep-alive connections to a server open, sending a
+    /// request on each every --period, until SIGTERM/SIGINT; loopback only. Prints
+    /// `idle-clients holding <N> connections` once every connection has been served once.
+    IdleClients {
+        /// Server URL (host and port), e.g. http://127.0.0.1:8123.
+        #[arg(long)]
+        url: String,
+        /// Path requested on each connection.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+        /// Number of connections to hold.
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+        /// Time between two requests on one connection.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        period: Duration,
+    },
+}
+
+fn parse_transport(s: &str) -> Result<ProxyTransport, String> {
+    s.parse()
+        .map_err(|e: reftunnel::transport::ParseTransportError| e.to_string())
 }
 
 fn parse_boolish(s: &str) -> Result<bool, String> {
@@ -172,7 +211,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             remotedialer_metrics,
             leak,
             leak_every,
+            proxy_transport,
+            caller_keep_alive,
         } => {
+            if proxy_transport.pooled() && leak == Some(ServerLeak::StuckPipe) {
+                anyhow::bail!(
+                    "--leak stuck-pipe acts on the byte pipe; it needs --proxy-transport pipe"
+                );
+            }
             server::run(server::ServerConfig {
                 listen,
                 token,
@@ -180,6 +226,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 remotedialer_metrics,
                 leak: leak.map(Into::into),
                 leak_every,
+                transport: proxy_transport,
+                caller_keep_alive: caller_keep_alive.unwrap_or(proxy_transport.pooled()),
             })
             .await?
         }
@@ -222,6 +270,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             duration_limit,
             max_error_ratio,
             json,
+            keep_alive,
         } => {
             let summary = load::run(load::LoadConfig {
                 url,
@@ -230,6 +279,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 concurrency,
                 timeout,
                 duration_limit,
+                keep_alive,
             })
             .await?;
             if json {
@@ -244,6 +294,20 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Cmd::IdleClients {
+            url,
+            path,
+            count,
+            period,
+        } => {
+            idle_clients::run(idle_clients::IdleClientsConfig {
+                url,
+                path,
+                count,
+                period,
+            })
+            .await?
         }
     }
     Ok(ExitCode::SUCCESS)

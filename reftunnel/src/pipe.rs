@@ -41,6 +41,9 @@ pub async fn pipe(sock: &mut TcpStream, conn: &TunnelConn, wait_for_tunnel: bool
     // Atomic only because the future must be Send; there is no concurrency here.
     let to_socket = AtomicU64::new(0);
     let (mut rd, mut wr) = sock.split();
+    // The pipe task is "blocked" between chunks: its age in the goroutine dump is the time since
+    // data last moved either way, as a Go pipe goroutine's would be.
+    crate::tasks::wait("select");
     let up = async {
         let mut buf = BytesMut::with_capacity(CHUNK);
         loop {
@@ -51,6 +54,7 @@ pub async fn pipe(sock: &mut TcpStream, conn: &TunnelConn, wait_for_tunnel: bool
                     if let Err(e) = conn.write(buf.split().freeze()).await {
                         return PipeEnd::TunnelError(e);
                     }
+                    crate::tasks::wait("select");
                 }
                 Err(e) => return PipeEnd::SocketError(e),
             }
@@ -64,6 +68,7 @@ pub async fn pipe(sock: &mut TcpStream, conn: &TunnelConn, wait_for_tunnel: bool
                         return PipeEnd::SocketError(e);
                     }
                     to_socket.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    crate::tasks::wait("select");
                 }
                 Ok(None) => return PipeEnd::TunnelEof,
                 Err(e) => return PipeEnd::TunnelError(e),
@@ -78,6 +83,7 @@ pub async fn pipe(sock: &mut TcpStream, conn: &TunnelConn, wait_for_tunnel: bool
     if wait_for_tunnel && matches!(end, PipeEnd::SocketEof) {
         end = down.await;
     }
+    crate::tasks::run();
     PipeResult {
         end,
         to_socket: to_socket.load(Ordering::Relaxed),

@@ -1,5 +1,9 @@
 //! Tunnel server: accepts agents on `/connect`, proxies `/proxy/<clientid>/<path>` through them
 //! to the backend, serves `/metrics` and `/debug/tasks`, all on one listener.
+//!
+//! The proxy path is either a byte pipe per caller socket (`pipe`, where the leak modes act) or
+//! a pooling HTTP client over tunneled connections (`transport.rs`), in the patterns Rancher's
+//! proxy used before and after its v2.10.3 leak was fixed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +22,7 @@ use crate::leak::{LeakMode, LeakPolicy};
 use crate::metrics::MetricsHub;
 use crate::pipe::{self, PipeEnd};
 use crate::session::{CloseReason, Origin, Session, ws_config};
+use crate::transport::{ProxyRequest, ProxyTransport, Transport, TransportError};
 use crate::{say, tasks};
 
 /// remotedialer's header names (peer.go).
@@ -31,6 +36,10 @@ pub struct ServerConfig {
     pub remotedialer_metrics: bool,
     pub leak: Option<LeakMode>,
     pub leak_every: u64,
+    pub transport: ProxyTransport,
+    /// Serve further requests on a caller's connection (HTTP keep-alive) for every path but the
+    /// piped proxy. Off keeps the one-request-per-socket behaviour of the `pipe` transport.
+    pub caller_keep_alive: bool,
 }
 
 /// Sessions by client key; the first session of a key serves its dials (remotedialer's
@@ -74,6 +83,53 @@ struct State {
     hub: Arc<MetricsHub>,
     leak: Arc<LeakPolicy>,
     sessions: Sessions,
+    transport: ProxyTransport,
+    caller_keep_alive: bool,
+    /// The `shared` transport's pools, one per clientkey.
+    shared: Mutex<HashMap<String, Transport>>,
+}
+
+impl State {
+    /// The transport for one request: the clientkey's shared pool, or a new pool for this
+    /// request only (which its connections keep alive after the request, see transport.rs).
+    fn transport_for(self: &Arc<Self>, client: &str) -> Transport {
+        let new = |idle| Transport::new(self.dialer(client), idle);
+        match self.transport {
+            ProxyTransport::Shared { idle_timeout } => self
+                .shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(client.to_owned())
+                .or_insert_with(|| new(Some(idle_timeout)))
+                .clone(),
+            ProxyTransport::PerRequestIdle { idle_timeout } => new(Some(idle_timeout)),
+            ProxyTransport::PerRequest | ProxyTransport::Pipe => new(None),
+        }
+    }
+
+    /// Dials through whichever session of `client` is current at dial time, so a pool outlives
+    /// an agent's reconnect.
+    fn dialer(self: &Arc<Self>, client: &str) -> crate::transport::Dialer {
+        let state = Arc::downgrade(self);
+        let client = client.to_owned();
+        Arc::new(move || {
+            let state = state.clone();
+            let client = client.clone();
+            Box::pin(async move {
+                let state = state
+                    .upgrade()
+                    .ok_or_else(|| TransportError::NoSession(client.clone()))?;
+                let session = state
+                    .sessions
+                    .get(&client)
+                    .ok_or(TransportError::NoSession(client))?;
+                session
+                    .dial("tcp", &state.backend)
+                    .await
+                    .map_err(|e| TransportError::Dial(e.to_string()))
+            })
+        })
+    }
 }
 
 pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
@@ -87,6 +143,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         hub: Arc::new(MetricsHub::new(cfg.remotedialer_metrics)?),
         leak: Arc::new(LeakPolicy::new(cfg.leak, cfg.leak_every)),
         sessions: Sessions::default(),
+        transport: cfg.transport,
+        caller_keep_alive: cfg.caller_keep_alive,
+        shared: Mutex::new(HashMap::new()),
     });
     say!("server listening on {addr}");
     loop {
@@ -105,41 +164,72 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
 }
 
 async fn handle(state: Arc<State>, mut sock: TcpStream, peer: SocketAddr) {
-    let (req, rest) = match http::read_request(&mut sock).await {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::debug!(%peer, "bad request: {e}");
-            let _ = http::respond(&mut sock, 400, "text/plain", e.to_string().as_bytes()).await;
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    loop {
+        let next = if std::mem::take(&mut first) {
+            http::read_first_request(&mut sock, &mut buf).await
+        } else {
+            http::read_next_request(&mut sock, &mut buf).await
+        };
+        let req = match next {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(%peer, "bad request: {e}");
+                let _ = http::respond(&mut sock, 400, "text/plain", e.to_string().as_bytes()).await;
+                return;
+            }
+        };
+        let keep = state.caller_keep_alive && http::wants_keep_alive(&req);
+        let path = req.path.split('?').next().unwrap_or("").to_owned();
+        let r = match path.as_str() {
+            "/connect" => return accept_agent(state, sock, req, buf).await,
+            p if p.starts_with("/proxy/") => {
+                if !state.transport.pooled() {
+                    return proxy(state, sock, req, buf).await;
+                }
+                match proxy_pooled(&state, &mut sock, &mut buf, &req, keep).await {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        pipe::shutdown(&mut sock).await;
+                        return;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            "/metrics" => {
+                refresh_gauges(&state);
+                let body = state.hub.render();
+                http::respond_maybe_keep(
+                    &mut sock,
+                    keep,
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    body.as_bytes(),
+                )
+                .await
+            }
+            "/debug/tasks" => {
+                let body = tasks::render();
+                http::respond_maybe_keep(&mut sock, keep, 200, "text/plain", body.as_bytes()).await
+            }
+            "/debug/pprof/goroutine" => {
+                let dump = tasks::render_goroutine_dump();
+                http::respond_maybe_keep(&mut sock, keep, 200, "text/plain", dump.as_bytes()).await
+            }
+            "/healthz" => {
+                http::respond_maybe_keep(&mut sock, keep, 200, "text/plain", b"ok\n").await
+            }
+            _ => http::respond_maybe_keep(&mut sock, keep, 404, "text/plain", b"not found\n").await,
+        };
+        if let Err(e) = r {
+            tracing::debug!(%peer, "response: {e}");
             return;
         }
-    };
-    let path = req.path.split('?').next().unwrap_or("").to_owned();
-    let r = match path.as_str() {
-        "/connect" => return accept_agent(state, sock, req, rest).await,
-        "/metrics" => {
-            refresh_gauges(&state);
-            let body = state.hub.render();
-            http::respond(
-                &mut sock,
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                body.as_bytes(),
-            )
-            .await
+        if !keep {
+            return;
         }
-        "/debug/tasks" => {
-            http::respond(&mut sock, 200, "text/plain", tasks::render().as_bytes()).await
-        }
-        "/debug/pprof/goroutine" => {
-            let dump = tasks::render_goroutine_dump();
-            http::respond(&mut sock, 200, "text/plain", dump.as_bytes()).await
-        }
-        "/healthz" => http::respond(&mut sock, 200, "text/plain", b"ok\n").await,
-        p if p.starts_with("/proxy/") => return proxy(state, sock, req, rest).await,
-        _ => http::respond(&mut sock, 404, "text/plain", b"not found\n").await,
-    };
-    if let Err(e) = r {
-        tracing::debug!(%peer, "response: {e}");
     }
 }
 
@@ -240,6 +330,7 @@ async fn proxy(state: Arc<State>, mut sock: TcpStream, req: Request, rest: Bytes
         // Leak: the far side is done, but this task never finishes and never closes the
         // caller's socket; the caller's FIN leaves it in CLOSE_WAIT.
         tracing::debug!(conn = conn.id(), "stuck-pipe: holding caller socket");
+        tasks::wait("select");
         let _held = (sock, conn);
         std::future::pending::<()>().await;
         return;
@@ -256,4 +347,202 @@ async fn proxy(state: Arc<State>, mut sock: TcpStream, req: Request, rest: Bytes
         _ => CloseReason::Eof,
     };
     conn.close(reason, Origin::Local).await;
+}
+
+/// Largest request body forwarded by the pooled transports (they buffer it to be able to retry).
+const MAX_PROXY_BODY: u64 = 8 << 20;
+
+/// Headers that belong to one hop, not to the message (RFC 9110 7.6.1, Go's hopHeaders).
+fn hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// `/proxy/<clientid>/<rest>` through a pooling HTTP client (`shared`, `per-request`,
+/// `per-request-idle`). Returns whether the caller's connection can carry another request.
+async fn proxy_pooled(
+    state: &Arc<State>,
+    sock: &mut TcpStream,
+    buf: &mut BytesMut,
+    req: &Request,
+    keep: bool,
+) -> std::io::Result<bool> {
+    let tail = req.path.strip_prefix("/proxy/").unwrap_or("");
+    let (client, path) = match tail.split_once('/') {
+        Some((c, p)) => (c.to_owned(), format!("/{p}")),
+        None => (tail.to_owned(), "/".to_owned()),
+    };
+    let body = match read_body(sock, buf, req).await {
+        Ok(b) => b,
+        Err((status, msg)) => {
+            http::respond(sock, status, "text/plain", msg.as_bytes()).await?;
+            return Ok(false);
+        }
+    };
+    if state.sessions.get(&client).is_none() {
+        // Before any pool exists: a clientid from the URL must not create state.
+        let msg = format!("failed to find Session for client {client}\n");
+        http::respond_maybe_keep(sock, keep, 503, "text/plain", msg.as_bytes()).await?;
+        return Ok(keep);
+    }
+    let Ok(method) = ::http::Method::from_bytes(req.method.as_bytes()) else {
+        http::respond(sock, 400, "text/plain", b"bad method\n").await?;
+        return Ok(false);
+    };
+    let mut headers = ::http::HeaderMap::new();
+    for (name, value) in &req.headers {
+        if hop_by_hop(name) {
+            continue;
+        }
+        // A header hyper would refuse is dropped rather than failing the request.
+        if let (Ok(n), Ok(v)) = (
+            ::http::HeaderName::from_bytes(name.as_bytes()),
+            ::http::HeaderValue::from_bytes(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    if !headers.contains_key(::http::header::HOST) {
+        if let Ok(v) = ::http::HeaderValue::from_str(&state.backend) {
+            headers.insert(::http::header::HOST, v);
+        }
+    }
+    let preq = ProxyRequest {
+        method: method.clone(),
+        path,
+        headers,
+        body,
+    };
+    let transport = state.transport_for(&client);
+    let (resp, checkout) = match transport.round_trip(&preq).await {
+        Ok(x) => x,
+        Err(e) => {
+            let status = if matches!(e, TransportError::NoSession(_)) {
+                503
+            } else {
+                502
+            };
+            let msg = format!("{e}\n");
+            http::respond_maybe_keep(sock, keep, status, "text/plain", msg.as_bytes()).await?;
+            return Ok(keep);
+        }
+    };
+    // The per-request transport handle goes away here; its connection keeps its pool alive.
+    drop(transport);
+    match relay_response(
+        sock,
+        resp,
+        method == ::http::Method::HEAD,
+        req.version,
+        keep,
+    )
+    .await
+    {
+        Ok(keep_caller) => {
+            checkout.release().await;
+            Ok(keep_caller)
+        }
+        // The pooled connection (with an unread body, perhaps) is dropped, which closes it.
+        Err(e) => Err(e),
+    }
+}
+
+async fn read_body(
+    sock: &mut TcpStream,
+    buf: &mut BytesMut,
+    req: &Request,
+) -> Result<bytes::Bytes, (u16, String)> {
+    use tokio::io::AsyncReadExt;
+    let len = match http::request_body_len(req) {
+        Ok(n) if n <= MAX_PROXY_BODY => n as usize,
+        Ok(_) => return Err((413, "request body too large\n".into())),
+        Err(e) => return Err((501, format!("{e}\n"))),
+    };
+    while buf.len() < len {
+        buf.reserve(len - buf.len());
+        match tokio::time::timeout(http::HEAD_TIMEOUT, sock.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Err((400, "short request body\n".into())),
+        }
+    }
+    Ok(buf.split_to(len).freeze())
+}
+
+/// Writes the backend's response to the caller: its head without hop-by-hop headers, then the
+/// body as it arrives (`Content-Length` kept; re-chunked when the backend gave no length).
+/// Returns whether the caller's connection stays open.
+async fn relay_response(
+    sock: &mut TcpStream,
+    resp: ::http::Response<hyper::body::Incoming>,
+    head_only: bool,
+    version: u8,
+    keep: bool,
+) -> std::io::Result<bool> {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let no_body = head_only
+        || status.is_informational()
+        || status == ::http::StatusCode::NO_CONTENT
+        || status == ::http::StatusCode::NOT_MODIFIED;
+    let has_len = parts.headers.contains_key(::http::header::CONTENT_LENGTH);
+    let chunked = !no_body && !has_len && version >= 1;
+    // Without a length or chunking, only closing the connection ends the body.
+    let keep = keep && (no_body || has_len || chunked);
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in &parts.headers {
+        if hop_by_hop(name.as_str()) {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        head.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    if !keep {
+        head.extend_from_slice(b"Connection: close\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    sock.write_all(&head).await?;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(std::io::Error::other)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() || no_body {
+            continue;
+        }
+        if chunked {
+            sock.write_all(format!("{:x}\r\n", data.len()).as_bytes())
+                .await?;
+            sock.write_all(&data).await?;
+            sock.write_all(b"\r\n").await?;
+        } else {
+            sock.write_all(&data).await?;
+        }
+    }
+    if chunked {
+        sock.write_all(b"0\r\n\r\n").await?;
+    }
+    sock.flush().await?;
+    Ok(keep)
 }

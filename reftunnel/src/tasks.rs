@@ -1,13 +1,20 @@
 //! Named task registry: a small analogue of Go's goroutine profile.
 //!
-//! Every task the tunnel spawns goes through [`spawn`] with a static kind ("server.proxy_pipe",
-//! "agent.dial_pipe", ...). The live count per kind is what `/debug/tasks` prints and what the
-//! `reftunnel_tasks{kind}` gauge exports, so a leak shows *which* code path holds tasks, not just
-//! that `go_goroutines` grows.
+//! Every task the tunnel spawns goes through [`spawn`] (or [`spawn_with_frames`]) with a static
+//! kind ("server.conn", "agent.dial_pipe", ...). The live count per kind is what `/debug/tasks`
+//! prints and what the `reftunnel_tasks{kind}` gauge exports, so a leak shows *which* code path
+//! holds tasks, not just that `go_goroutines` grows.
+//!
+//! Each live task also has an id (stable for its life, like a goroutine id) and, when its code
+//! says so through [`wait`] / [`run`], a wait reason and the instant it started waiting. The
+//! goroutine dump prints them the way Go's runtime does (`goroutine 42 [select, 12 minutes]:`),
+//! which is what tells an idle pooled connection that has sat for an hour from a busy one.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
@@ -17,35 +24,97 @@ pub struct KindCount {
     pub spawned: u64,
 }
 
-static REGISTRY: Mutex<BTreeMap<&'static str, KindCount>> = Mutex::new(BTreeMap::new());
+/// What a task is blocked on, in Go's words (`select`, `IO wait`, `sync.Cond.Wait`), and since
+/// when. `None`: the task has not said, or is running.
+#[derive(Debug, Clone, Copy, Default)]
+struct WaitState {
+    reason: Option<&'static str>,
+    since: Option<Instant>,
+}
 
-fn with_registry<R>(f: impl FnOnce(&mut BTreeMap<&'static str, KindCount>) -> R) -> R {
+/// One live task as the dump shows it.
+pub struct TaskInfo {
+    pub id: u64,
+    pub kind: &'static str,
+    /// Go-style frames, innermost first, printed above the `reftunnel.<kind>()` frame. Empty for
+    /// tasks whose only honest "stack" is the code path that spawned them.
+    frames: &'static [&'static str],
+    wait: Mutex<WaitState>,
+}
+
+impl TaskInfo {
+    fn wait_state(&self) -> MutexGuard<'_, WaitState> {
+        self.wait.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The task blocks from now on `reason` (a Go wait reason). Called again after every bit of
+    /// progress, so the age is the time since the task last did something.
+    pub fn wait(&self, reason: &'static str) {
+        *self.wait_state() = WaitState {
+            reason: Some(reason),
+            since: Some(Instant::now()),
+        };
+    }
+
+    /// The task is doing work (or no longer reports a wait).
+    pub fn run(&self) {
+        *self.wait_state() = WaitState::default();
+    }
+}
+
+pub type TaskRef = Arc<TaskInfo>;
+
+#[derive(Default)]
+struct Registry {
+    kinds: BTreeMap<&'static str, KindCount>,
+    live: BTreeMap<u64, TaskRef>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    kinds: BTreeMap::new(),
+    live: BTreeMap::new(),
+});
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+tokio::task_local! {
+    static CURRENT: TaskRef;
+}
+
+fn with_registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
     // A poisoned registry only means a panic elsewhere; the counts are still usable.
     let mut g = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
     f(&mut g)
 }
 
-/// Decrements the live count when the task's future is dropped: on completion, on abort and on
-/// runtime shutdown alike.
-struct LiveGuard(&'static str);
+/// Unregisters the task when its future is dropped: on completion, on abort and on runtime
+/// shutdown alike.
+struct LiveGuard(TaskRef);
 
 impl LiveGuard {
-    fn new(kind: &'static str) -> Self {
+    fn new(kind: &'static str, frames: &'static [&'static str]) -> Self {
+        let info = Arc::new(TaskInfo {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            kind,
+            frames,
+            wait: Mutex::new(WaitState::default()),
+        });
         with_registry(|r| {
-            let c = r.entry(kind).or_default();
+            let c = r.kinds.entry(kind).or_default();
             c.live += 1;
             c.spawned += 1;
+            r.live.insert(info.id, info.clone());
         });
-        LiveGuard(kind)
+        LiveGuard(info)
     }
 }
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
         with_registry(|r| {
-            if let Some(c) = r.get_mut(self.0) {
+            if let Some(c) = r.kinds.get_mut(self.0.kind) {
                 c.live -= 1;
             }
+            r.live.remove(&self.0.id);
         });
     }
 }
@@ -55,15 +124,41 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let guard = LiveGuard::new(kind);
-    tokio::spawn(async move {
+    spawn_with_frames(kind, &[], fut).0
+}
+
+/// Like [`spawn`], with Go-style frames for the dump; also returns the task's entry so that
+/// code outside the task (a connection pool) can report the task's wait state.
+pub fn spawn_with_frames<F>(
+    kind: &'static str,
+    frames: &'static [&'static str],
+    fut: F,
+) -> (JoinHandle<F::Output>, TaskRef)
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let guard = LiveGuard::new(kind, frames);
+    let info = guard.0.clone();
+    let h = tokio::spawn(CURRENT.scope(info.clone(), async move {
         let _guard = guard;
         fut.await
-    })
+    }));
+    (h, info)
+}
+
+/// The calling task starts waiting on `reason` (no-op outside a registered task).
+pub fn wait(reason: &'static str) {
+    let _ = CURRENT.try_with(|t| t.wait(reason));
+}
+
+/// The calling task is running again.
+pub fn run() {
+    let _ = CURRENT.try_with(|t| t.run());
 }
 
 pub fn snapshot() -> Vec<(&'static str, KindCount)> {
-    with_registry(|r| r.iter().map(|(k, v)| (*k, *v)).collect())
+    with_registry(|r| r.kinds.iter().map(|(k, v)| (*k, *v)).collect())
 }
 
 /// Text like pprof's `goroutine?debug=1` summary: live count, then the kind.
@@ -78,22 +173,66 @@ pub fn render() -> String {
     out
 }
 
-/// The live tasks in the text layout of Go's `/debug/pprof/goroutine?debug=2`, one block per live task
-/// with its kind as the only frame, so tools built for Go targets (leakwatch's stack evidence) can read it.
-/// Tokio keeps no stacks: the "stack" is the code path that spawned the task, and there is no source
-/// location (the indented line says so rather than inventing one).
+/// Go's goroutine header (runtime/traceback.go `goroutineheader`): the wait reason, then the
+/// whole minutes blocked, printed only from one minute on, always as "minutes" (Go prints
+/// "1 minutes" too). Tasks that report no wait show `tokio task`: their state is unknown, and
+/// inventing `running` would be read as a fact.
+pub fn goroutine_header(
+    id: u64,
+    reason: Option<&str>,
+    since: Option<Instant>,
+    now: Instant,
+) -> String {
+    let status = reason.unwrap_or("tokio task");
+    let minutes = match (reason, since) {
+        (Some(_), Some(s)) => now.saturating_duration_since(s).as_secs() / 60,
+        _ => 0,
+    };
+    if minutes >= 1 {
+        format!("goroutine {id} [{status}, {minutes} minutes]:")
+    } else {
+        format!("goroutine {id} [{status}]:")
+    }
+}
+
+/// The live tasks in the text layout of Go's `/debug/pprof/goroutine?debug=2`, one block per live
+/// task, so tools built for Go targets (leakwatch's stack evidence) can read it. Tokio keeps no
+/// stacks: a task's frames are the Go-style frames it was spawned with (the Go code path it
+/// stands for) above `reftunnel.<kind>()`, the code path that spawned it; there are no source
+/// locations (the indented lines say so rather than inventing them).
 pub fn render_goroutine_dump() -> String {
+    render_goroutine_dump_at(Instant::now())
+}
+
+pub fn render_goroutine_dump_at(now: Instant) -> String {
+    let live: Vec<TaskRef> = with_registry(|r| r.live.values().cloned().collect());
     let mut out = String::new();
-    let mut n = 1u64;
-    for (kind, c) in snapshot() {
-        for _ in 0..c.live.max(0) {
-            out.push_str(&format!(
-                "goroutine {n} [tokio task]:\nreftunnel.{kind}()\n\t(reftunnel task registry: no source location)\n\n"
-            ));
-            n += 1;
+    for t in live {
+        let w = *t.wait_state();
+        out.push_str(&goroutine_header(t.id, w.reason, w.since, now));
+        out.push('\n');
+        for f in t.frames {
+            out.push_str(f);
+            out.push_str("(...)\n\t(reftunnel task registry: no source location)\n");
         }
+        out.push_str(&format!(
+            "reftunnel.{}()\n\t(reftunnel task registry: no source location)\n\n",
+            t.kind
+        ));
     }
     out
+}
+
+/// The longest current wait among live tasks of `kind` (for tests and diagnostics).
+pub fn longest_wait(kind: &str, now: Instant) -> Option<Duration> {
+    with_registry(|r| {
+        r.live
+            .values()
+            .filter(|t| t.kind == kind)
+            .filter_map(|t| t.wait_state().since)
+            .map(|s| now.saturating_duration_since(s))
+            .max()
+    })
 }
 
 #[cfg(test)]
@@ -108,7 +247,7 @@ mod tests {
         });
         let dump = render_goroutine_dump();
         assert_eq!(dump.matches("reftunnel.test.parked()").count(), 1, "{dump}");
-        assert!(dump.starts_with("goroutine 1 ["));
+        assert!(dump.starts_with("goroutine "));
         let _ = tx.send(());
         h.await.unwrap();
         assert_eq!(
@@ -117,5 +256,63 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn header_prints_whole_minutes_from_one_minute_on_as_go_does() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let h = |reason, s| goroutine_header(7, reason, Some(t0), at(s));
+        assert_eq!(h(Some("select"), 0), "goroutine 7 [select]:");
+        assert_eq!(h(Some("select"), 59), "goroutine 7 [select]:");
+        assert_eq!(h(Some("select"), 60), "goroutine 7 [select, 1 minutes]:");
+        assert_eq!(
+            h(Some("sync.Cond.Wait"), 12 * 60 + 59),
+            "goroutine 7 [sync.Cond.Wait, 12 minutes]:"
+        );
+        assert_eq!(
+            h(Some("IO wait"), 3 * 3600),
+            "goroutine 7 [IO wait, 180 minutes]:"
+        );
+        // No reported wait: no age, whatever the clock says.
+        assert_eq!(h(None, 600), "goroutine 7 [tokio task]:");
+        assert_eq!(
+            goroutine_header(7, Some("select"), None, at(600)),
+            "goroutine 7 [select]:"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_tasks_show_their_reason_and_age_in_the_dump() {
+        const FRAMES: &[&str] = &["net/http.(*persistConn).readLoop"];
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let (h, info) = spawn_with_frames("test.idle", FRAMES, async move {
+            wait("select");
+            let _ = ready_tx.send(());
+            let _ = rx.await;
+            run();
+        });
+        ready_rx.await.unwrap();
+        // A fake clock 5 minutes ahead rather than waiting 5 minutes.
+        let dump = render_goroutine_dump_at(Instant::now() + Duration::from_secs(5 * 60 + 1));
+        let block = dump
+            .split("\n\n")
+            .find(|b| b.contains("reftunnel.test.idle()"))
+            .expect("block");
+        assert!(
+            block.starts_with(&format!("goroutine {} [select, 5 minutes]:\n", info.id)),
+            "{block}"
+        );
+        assert!(
+            block.contains("\nnet/http.(*persistConn).readLoop(...)\n\t"),
+            "{block}"
+        );
+        assert!(
+            longest_wait("test.idle", Instant::now() + Duration::from_secs(61))
+                .is_some_and(|d| d >= Duration::from_secs(60))
+        );
+        let _ = tx.send(());
+        h.await.unwrap();
     }
 }

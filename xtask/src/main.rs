@@ -3,6 +3,7 @@ mod bench;
 mod demo;
 mod ebpf;
 mod fuzz;
+mod lint;
 mod procs;
 mod report;
 mod setup;
@@ -43,6 +44,8 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// fmt check, clippy with warnings as errors, unused dependencies (run by `test` too).
+    Lint,
     /// Set up, build the probes, and run the whole test suite (the README's test command).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -71,9 +74,12 @@ fn main() -> Result<()> {
             bench::run()
         }
         Command::Fuzz { seconds } => fuzz::run(seconds, true),
+        Command::Lint => lint::run(),
         Command::Test { cargo_args } => {
             setup::run(false)?;
             ebpf::build()?;
+            // Lint first: a warning fails the run before half an hour of scenarios is spent on it.
+            lint::run()?;
             // The scenario and alerting tests run the reftunnel and leakwatch binaries: build them first.
             util::cargo(&["build", "-p", "reftunnel", "-p", "monitor", "--bins"])?;
             let results = util::workspace_root().join("target/leakwatch-results");

@@ -14,6 +14,9 @@ pub struct Finding {
     /// What the condition is about, stable from tick to tick (the verdict's subject may change as the
     /// evidence does: which clientkeys grew most, say). One condition per kind and scope.
     pub scope: &'static str,
+    /// For growth rules: the level before the growth began. A leak that stops growing is still a leak
+    /// until its level comes back, so a raised verdict holds while the level stays above this.
+    pub baseline: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -21,7 +24,18 @@ struct Condition {
     since: f64,
     raised: bool,
     absent_ticks: u32,
+    /// When the finding was last present (or held).
+    last_present: f64,
+    /// The level before the growth, from the first finding of the episode.
+    baseline: Option<f64>,
     latest: Verdict,
+}
+
+/// How a raised condition whose rule no longer fires is judged: still held (its level has not come
+/// back to `baseline`), or gone.
+pub trait HoldCheck {
+    /// The current level of what `scope` measures and how much above the baseline still counts as held.
+    fn level(&self, scope: &str) -> Option<(f64, f64)>;
 }
 
 #[derive(Debug, Default)]
@@ -30,11 +44,17 @@ pub struct Conditions {
 }
 
 impl Conditions {
+    /// Feeds this tick's findings. A raised verdict clears only once its finding has been absent for
+    /// `clear_after_ticks` ticks AND `clear_after_s` seconds, and its level (see [`HoldCheck`]) is back:
+    /// one quiet sample or a pause in the growth must not end an episode that a re-raise would start
+    /// again. Severity only escalates within an episode.
     pub fn update(
         &mut self,
         t: f64,
         findings: Vec<Finding>,
         clear_after_ticks: u32,
+        clear_after_s: f64,
+        hold: &dyn HoldCheck,
     ) -> Vec<VerdictChange> {
         let mut changes = Vec::new();
         let mut seen = Vec::new();
@@ -45,16 +65,28 @@ impl Conditions {
                 since: t,
                 raised: false,
                 absent_ticks: 0,
+                last_present: t,
+                baseline: f.baseline,
                 latest: f.verdict.clone(),
             });
             c.absent_ticks = 0;
+            c.last_present = t;
+            let escalated = c.raised && f.verdict.severity > c.latest.severity;
+            let severity = f.verdict.severity.max(if c.raised {
+                c.latest.severity
+            } else {
+                f.verdict.severity
+            });
             c.latest = Verdict {
                 since: c.since,
+                severity,
                 ..f.verdict
             };
             if !c.raised && t - c.since >= f.min_duration {
                 c.raised = true;
                 changes.push(VerdictChange::Raised(c.latest.clone()));
+            } else if escalated {
+                changes.push(VerdictChange::Escalated(c.latest.clone()));
             }
         }
         let mut gone = Vec::new();
@@ -62,9 +94,22 @@ impl Conditions {
             if seen.contains(key) {
                 continue;
             }
-            c.absent_ticks += 1;
             // A condition that never became a verdict is forgotten at once: its clock must restart.
-            if !c.raised || c.absent_ticks >= clear_after_ticks {
+            if !c.raised {
+                gone.push(*key);
+                continue;
+            }
+            let held = match (c.baseline, hold.level(key.1)) {
+                (Some(base), Some((level, tolerance))) => level > base + tolerance,
+                _ => false,
+            };
+            if held {
+                c.last_present = t;
+                c.absent_ticks = 0;
+                continue;
+            }
+            c.absent_ticks += 1;
+            if c.absent_ticks >= clear_after_ticks && t - c.last_present >= clear_after_s {
                 gone.push(*key);
             }
         }

@@ -24,12 +24,25 @@ pub struct AnalysisConfig {
     pub window_s: f64,
     /// Data needed in the window before trend rules speak, seconds.
     pub min_span_s: f64,
-    /// Bookkeeping: connections the app believes live with no kernel socket behind them, tolerated.
+    /// Bookkeeping: growth of the connections the app believes live that neither its tasks nor its
+    /// sockets grew with (a ledger that is not decremented), tolerated over the window.
     pub unbacked_abs_tolerance: f64,
-    /// ... plus this fraction of the kernel's live connections.
+    /// ... plus this fraction of the app's live connections.
     pub unbacked_rel_tolerance: f64,
     /// How long the divergence must last before it is a verdict, seconds.
     pub unbacked_min_s: f64,
+    /// The longest idle timeout a healthy HTTP transport of the target may use, seconds. Go's
+    /// `http.DefaultTransport` closes an idle pooled connection after 90 s, so a healthy Rancher holds
+    /// idle tunneled connections with no caller for up to that long after a burst (v2.10.5). A tunneled
+    /// connection opened longer ago than this (plus `idle_margin_s`) that is still open, and that no
+    /// caller explains, has outlived every plausible pool: that is the v2.10.3 leak.
+    pub idle_timeout_s: f64,
+    /// Slack on top of `idle_timeout_s` for timers, scrape intervals and clock skew, seconds.
+    pub idle_margin_s: f64,
+    /// Old idle connections tolerated beyond the floor before the idle rule speaks.
+    pub idle_tolerance: f64,
+    /// How long the idle-connection excess must last before it is a verdict, seconds.
+    pub idle_min_s: f64,
     /// CLOSE_WAIT sockets tolerated (peers closed, the process has not yet).
     pub close_wait_tolerance: f64,
     pub close_wait_min_s: f64,
@@ -47,7 +60,8 @@ pub struct AnalysisConfig {
     /// Quiescence: a connection add rate above this (per s) is load; below it for `quiet_s`, load ended.
     pub burst_rate: f64,
     pub quiet_s: f64,
-    /// After load ends, how long levels may take to return to the pre-load baseline, seconds.
+    /// After load ends, how long levels may take to return to the pre-load baseline, seconds. Never
+    /// shorter than the idle horizon: pooled connections legitimately outlive the load by that much.
     pub settle_s: f64,
     pub settle_tasks_tolerance: f64,
     pub settle_fds_tolerance: f64,
@@ -57,6 +71,21 @@ pub struct AnalysisConfig {
     pub fd_forecast_critical_s: f64,
     /// Ticks a condition must be absent before its verdict clears (no flapping on one quiet sample).
     pub clear_after_ticks: u32,
+    /// ... and seconds: at a fast tick, a few ticks are no hysteresis at all.
+    pub clear_after_s: f64,
+}
+
+impl AnalysisConfig {
+    /// How old an open tunneled connection must be before no healthy pool explains it, seconds.
+    pub fn idle_horizon_s(&self) -> f64 {
+        self.idle_timeout_s + self.idle_margin_s
+    }
+
+    /// The settle time the quiescence recipe really waits: pooled connections may stay idle for up to
+    /// the idle horizon after the load ends, and so may the tasks and heap they hold.
+    pub fn effective_settle_s(&self) -> f64 {
+        self.settle_s.max(self.idle_horizon_s())
+    }
 }
 
 impl Default for AnalysisConfig {
@@ -68,6 +97,10 @@ impl Default for AnalysisConfig {
             unbacked_abs_tolerance: 5.0,
             unbacked_rel_tolerance: 0.1,
             unbacked_min_s: 8.0,
+            idle_timeout_s: 90.0,
+            idle_margin_s: 15.0,
+            idle_tolerance: 10.0,
+            idle_min_s: 10.0,
             close_wait_tolerance: 3.0,
             close_wait_min_s: 8.0,
             fd_min_growth: 20.0,
@@ -86,6 +119,7 @@ impl Default for AnalysisConfig {
             fd_forecast_warning_s: 3600.0,
             fd_forecast_critical_s: 600.0,
             clear_after_ticks: 3,
+            clear_after_s: 15.0,
         }
     }
 }

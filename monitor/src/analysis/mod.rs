@@ -24,10 +24,28 @@ use crate::{
 
 /// Numbers the analysis derives that are worth exporting (the cross-check at a glance).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct DerivedNow {
+pub struct Derived {
     pub app_live_by_clientkey: BTreeMap<String, f64>,
+    /// App-live connections minus the kernel connections that could back them (callers on a server,
+    /// targets on an agent): idle pooled connections and leaks alike, an at-a-glance gauge.
     pub unbacked_connections: Option<f64>,
+    /// Tunneled connections idle past the idle horizon that no caller explains (the idle rule's number).
+    pub idle_beyond_horizon: Option<f64>,
     pub fd_exhaustion_seconds: Option<f64>,
+}
+
+/// Tells the debouncer whether a growth verdict's level is still up (see [`conditions::HoldCheck`]).
+struct Held<'a> {
+    signals: &'a Signals,
+    cfg: &'a AnalysisConfig,
+    t: f64,
+    stale_after: f64,
+}
+
+impl conditions::HoldCheck for Held<'_> {
+    fn level(&self, scope: &str) -> Option<(f64, f64)> {
+        rules::held_level(self.signals, self.cfg, scope, self.t, self.stale_after)
+    }
 }
 
 pub struct Analyzer {
@@ -36,7 +54,7 @@ pub struct Analyzer {
     conditions: Conditions,
     quiescence: Quiescence,
     target: Option<TargetId>,
-    derived: DerivedNow,
+    derived: Derived,
 }
 
 impl Analyzer {
@@ -47,7 +65,7 @@ impl Analyzer {
             conditions: Conditions::default(),
             quiescence: Quiescence::default(),
             target: None,
-            derived: DerivedNow::default(),
+            derived: Derived::default(),
         }
     }
 
@@ -83,15 +101,28 @@ impl Analyzer {
                 None => self.target = Some(id.clone()),
             }
         }
-        self.signals.update(snap, self.cfg.side, self.horizon());
+        self.signals.update(snap, &self.cfg, self.horizon());
         let findings = self.findings(t);
-        changes.extend(
-            self.conditions
-                .update(t, findings, self.cfg.clear_after_ticks),
-        );
-        self.derived = DerivedNow {
+        let hold = Held {
+            signals: &self.signals,
+            cfg: &self.cfg,
+            t,
+            stale_after: self.stale_after(),
+        };
+        changes.extend(self.conditions.update(
+            t,
+            findings,
+            self.cfg.clear_after_ticks,
+            self.cfg.clear_after_s,
+            &hold,
+        ));
+        self.derived = Derived {
             app_live_by_clientkey: self.signals.app_live_by_key.clone(),
             unbacked_connections: self.signals.unbacked.last_fresh(t, self.stale_after()),
+            idle_beyond_horizon: self
+                .signals
+                .idle_excess(t, self.cfg.idle_horizon_s())
+                .map(|x| x.excess),
             fd_exhaustion_seconds: rules::fd_forecast(&self.signals, &self.cfg, t),
         };
         changes
@@ -106,6 +137,7 @@ impl Analyzer {
         let (s, cfg) = (&self.signals, &self.cfg);
         let mut out: Vec<_> = [
             rules::bookkeeping(s, cfg, t, self.stale_after()),
+            rules::idle_connections(s, cfg, t),
             rules::close_wait(s, cfg, t),
             rules::fd_growth(s, cfg, t),
             rules::task_growth(s, cfg, t),
@@ -114,13 +146,13 @@ impl Analyzer {
         .into_iter()
         .flatten()
         .collect();
-        let correlated = out.iter().any(|f| {
-            matches!(
-                f.verdict.kind,
-                VerdictKind::TaskGrowth | VerdictKind::BookkeepingLeak
-            )
-        }) || self.conditions.holding(VerdictKind::TaskGrowth)
-            || self.conditions.holding(VerdictKind::BookkeepingLeak);
+        const HEAP_HOLDERS: [VerdictKind; 3] = [
+            VerdictKind::TaskGrowth,
+            VerdictKind::BookkeepingLeak,
+            VerdictKind::IdleConnectionLeak,
+        ];
+        let correlated = out.iter().any(|f| HEAP_HOLDERS.contains(&f.verdict.kind))
+            || HEAP_HOLDERS.iter().any(|k| self.conditions.holding(*k));
         out.extend(rules::heap_growth(s, cfg, t, correlated));
         out.extend(self.quiescence.update(&self.signals, &self.cfg, t));
         out
@@ -131,7 +163,7 @@ impl Analyzer {
         self.conditions.active()
     }
 
-    pub fn derived(&self) -> &DerivedNow {
+    pub fn derived(&self) -> &Derived {
         &self.derived
     }
 

@@ -36,7 +36,7 @@ enum Phase {
     Idle,
     /// Load is running; `baseline` was measured just before it began.
     Loaded { began: f64 },
-    /// Load ended at `ended`; levels have until `ended + settle_s` to come back.
+    /// Load ended at `ended`; levels have until `ended + effective_settle_s` to come back.
     Settling { ended: f64 },
     /// The settle time passed and some level did not come back; checked again every tick.
     Stuck { ended: f64 },
@@ -150,7 +150,7 @@ impl Quiescence {
                     self.phase = Phase::Loaded { began: t };
                     return None;
                 }
-                if t - ended < cfg.settle_s {
+                if t - ended < cfg.effective_settle_s() {
                     return None;
                 }
                 let Some(base) = self.baseline.clone() else {
@@ -205,6 +205,7 @@ impl Quiescence {
             // The settle time already elapsed: no further waiting.
             min_duration: 0.0,
             scope: "recipe",
+            baseline: None,
         }
     }
 }

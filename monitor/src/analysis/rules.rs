@@ -14,6 +14,7 @@ fn finding(
     scope: &'static str,
 ) -> Finding {
     Finding {
+        baseline: None,
         verdict: Verdict {
             kind,
             severity,
@@ -27,6 +28,37 @@ fn finding(
     }
 }
 
+impl Finding {
+    fn with_baseline(mut self, level_before_growth: f64) -> Self {
+        self.baseline = Some(level_before_growth);
+        self
+    }
+}
+
+/// The level each growth rule's scope measures, and how far above its pre-growth baseline it still
+/// counts as held (half the growth that raised it). A stale level holds nothing: numbers nobody can
+/// see any more are no evidence.
+pub fn held_level(
+    s: &Signals,
+    cfg: &AnalysisConfig,
+    scope: &str,
+    t: f64,
+    stale_after: f64,
+) -> Option<(f64, f64)> {
+    match scope {
+        "ledger" => Some((
+            s.app_live.last_fresh(t, stale_after)?,
+            cfg.unbacked_abs_tolerance,
+        )),
+        "fds" => Some((s.fds.last_fresh(t, stale_after)?, cfg.fd_min_growth / 2.0)),
+        "tasks" => Some((
+            s.tasks.last_fresh(t, stale_after)?,
+            cfg.task_min_growth / 2.0,
+        )),
+        _ => None,
+    }
+}
+
 fn ev(pairs: &[(&str, Option<f64>)]) -> BTreeMap<String, f64> {
     pairs
         .iter()
@@ -34,7 +66,9 @@ fn ev(pairs: &[(&str, Option<f64>)]) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// The ledger rows whose live count grew most over the window: who the held connections belong to.
+/// The ledger rows whose live count grew most over the window: who the held connections belong to,
+/// each with how many it gained. Rows that did not grow are named by their live count instead, so the
+/// subject is never empty while the ledger holds connections.
 fn leak_subject(s: &Signals, t: f64, window: f64) -> String {
     let mut grown: Vec<(f64, &String)> = s
         .app_live_by_row
@@ -42,48 +76,125 @@ fn leak_subject(s: &Signals, t: f64, window: f64) -> String {
         .filter_map(|(k, series)| Signals::growth(series, t, window).map(|g| (g, k)))
         .filter(|(g, _)| *g > 0.0)
         .collect();
-    grown.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let label = if grown.is_empty() {
+        grown = s
+            .app_live_by_row
+            .iter()
+            .filter_map(|(k, series)| series.last().map(|v| (v, k)))
+            .filter(|(v, _)| *v > 0.0)
+            .collect();
+        "live"
+    } else {
+        "grew by"
+    };
+    grown.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
     grown
         .iter()
         .take(3)
-        .map(|(g, k)| format!("{k} (+{g:.0})"))
+        .map(|(g, k)| format!("{k} ({label} {g:.0})"))
         .collect::<Vec<_>>()
         .join("; ")
 }
 
-/// The app holds connections the kernel closed long ago (remotedialer v2.10.3).
+/// The ledger is not decremented: the connections the tunnel counts as live grow, while neither its
+/// tasks nor its kernel sockets grow with them. A live tunneled connection holds at least one task
+/// (remotedialer: the pipe goroutines; Go's transport: persistConn's read and write loops), so a ledger
+/// that grows faster than the tasks counts connections that no longer exist. Pooled idle connections
+/// hold tasks, and so never look like this.
 pub fn bookkeeping(s: &Signals, cfg: &AnalysisConfig, t: f64, stale_after: f64) -> Option<Finding> {
     // A failed scrape leaves the last value in place; a stale ledger is no evidence of a leak now.
-    let unbacked = s.unbacked.last_fresh(t, stale_after)?;
-    let kernel = s.kernel_conn.last().unwrap_or(0.0);
-    let tolerance = cfg.unbacked_abs_tolerance + cfg.unbacked_rel_tolerance * kernel;
+    let app = s.app_live.last_fresh(t, stale_after)?;
+    // Threads do not scale with connections; only the app's own task count can back the ledger.
+    if s.tasks_source != "app.goroutines" || s.app_live.span(t) < cfg.min_span_s {
+        return None;
+    }
+    let live_growth = Signals::growth(&s.app_live, t, cfg.window_s)?;
+    let task_growth = Signals::growth(&s.tasks, t, cfg.window_s)?.max(0.0);
+    let kernel_growth = Signals::growth(&s.kernel_conn, t, cfg.window_s)
+        .unwrap_or(0.0)
+        .max(0.0);
+    let unbacked = live_growth - task_growth.max(kernel_growth);
+    let tolerance = cfg.unbacked_abs_tolerance + cfg.unbacked_rel_tolerance * app;
     if unbacked <= tolerance {
         return None;
     }
-    let growth = Signals::growth(&s.unbacked, t, cfg.window_s);
-    let severity = if unbacked > 4.0 * tolerance || growth.is_some_and(|g| g > tolerance) {
+    let severity = if unbacked > 4.0 * tolerance {
         Severity::Critical
     } else {
         Severity::Warning
     };
-    let app = s.app_live.last();
     Some(finding(
         VerdictKind::BookkeepingLeak,
         severity,
         leak_subject(s, t, cfg.window_s),
         ev(&[
-            ("app.live_connections", app),
-            ("kernel.backing_sockets", Some(kernel)),
-            ("crosscheck.unbacked_connections", Some(unbacked)),
-            ("crosscheck.unbacked_growth_in_window", growth),
+            ("app.live_connections", Some(app)),
+            ("app.live_growth_in_window", Some(live_growth)),
+            ("tasks.growth_in_window", Some(task_growth)),
+            ("kernel.connection_growth_in_window", Some(kernel_growth)),
+            ("crosscheck.unbacked_growth_in_window", Some(unbacked)),
             ("app.open_rate_per_s", s.open_rate(t, 10.0)),
         ]),
         format!(
-            "the tunnel believes {:.0} connections are live but the kernel holds sockets for only {kernel:.0}: {unbacked:.0} are held for callers that already left (add/remove ledger not decremented)",
-            app.unwrap_or(0.0)
+            "the tunnel's ledger of live connections grew by {live_growth:.0} in {:.0}s while its tasks grew by only {task_growth:.0} and its kernel connections by {kernel_growth:.0}: {unbacked:.0} connections are counted live that hold nothing (remove not recorded)",
+            cfg.window_s
         ),
         cfg.unbacked_min_s,
         "ledger",
+    )
+    .with_baseline(app - live_growth))
+}
+
+/// Tunneled connections that outlived every plausible idle timeout with no caller behind them: the
+/// Rancher v2.10.3 leak (a keep-alive transport per request, never closed). Healthy pooling (v2.10.5)
+/// holds idle connections too, but never past the idle horizon, and never more than the callers it
+/// served at once.
+pub fn idle_connections(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
+    let horizon = cfg.idle_horizon_s();
+    let x = s.idle_excess(t, horizon)?;
+    let tolerance = cfg.idle_tolerance;
+    if x.excess <= tolerance {
+        return None;
+    }
+    let growth = Signals::growth(&s.old_open, t, cfg.window_s);
+    let severity = if x.excess > 4.0 * tolerance || growth.is_some_and(|g| g > tolerance) {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    let rows = s.idle_rows(3);
+    let subject = rows
+        .iter()
+        .map(|(k, n)| format!("{k} ({n:.0} idle)"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut evidence = ev(&[
+        ("crosscheck.idle_beyond_horizon", Some(x.excess)),
+        ("app.connections_older_than_horizon", Some(x.old_open)),
+        ("app.connections_older_than_horizon_floor", s.old_open_floor),
+        ("kernel.callers_explaining", Some(x.callers_explained)),
+        ("app.live_connections", s.app_live.last()),
+        ("app.old_connection_growth_in_window", growth),
+        ("config.idle_horizon_s", Some(horizon)),
+    ]);
+    for (k, n) in &rows {
+        evidence.insert(format!("app.idle_beyond_horizon[{k}]"), *n);
+    }
+    let whom = rows
+        .first()
+        .map(|(k, _)| format!(" to {k}"))
+        .unwrap_or_default();
+    Some(finding(
+        VerdictKind::IdleConnectionLeak,
+        severity,
+        subject,
+        evidence,
+        format!(
+            "{:.0} tunneled connections{whom} have been idle with no caller for more than {horizon:.0}s, longer than any plausible idle timeout ({:.0}s + {:.0}s margin): a transport that never closes its idle connections (the Rancher v2.10.3 leak)",
+            x.excess, cfg.idle_timeout_s, cfg.idle_margin_s
+        ),
+        cfg.idle_min_s,
+        "idle",
     ))
 }
 
@@ -165,7 +276,8 @@ pub fn fd_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
         ),
         0.0,
         "fds",
-    ))
+    )
+    .with_baseline(s.fds.last()? - growth))
 }
 
 /// Tasks that keep rising while live connections do not explain them.
@@ -175,10 +287,15 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
     }
     let slope = s.tasks.slope_since(t - cfg.window_s)?;
     let growth = Signals::growth(&s.tasks, t, cfg.window_s)?;
-    // Callers that are gone (CLOSE_WAIT) do not justify a task; established connections do.
-    let live_growth = Signals::growth(&s.established, t, cfg.window_s)
-        .unwrap_or(0.0)
-        .max(0.0);
+    // Established sockets justify tasks, and so do tunneled connections the ledger holds (pooled idle
+    // connections hold their read/write loops; the idle rule judges whether they are held too long).
+    // Connections whose callers left (CLOSE_WAIT) justify nothing.
+    let established_growth = Signals::growth(&s.established, t, cfg.window_s).unwrap_or(0.0);
+    let ledger_growth = Signals::growth(&s.app_live, t, cfg.window_s).unwrap_or(0.0)
+        - Signals::growth(&s.close_wait, t, cfg.window_s)
+            .unwrap_or(0.0)
+            .max(0.0);
+    let live_growth = established_growth.max(ledger_growth).max(0.0);
     let unexplained = growth - cfg.tasks_per_connection * live_growth;
     if slope < cfg.task_min_slope || unexplained < cfg.task_min_growth {
         return None;
@@ -196,17 +313,19 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
             ("tasks.current", s.tasks.last()),
             ("tasks.growth_in_window", Some(growth)),
             ("tasks.slope_per_s", Some(slope)),
-            ("kernel.established_growth_in_window", Some(live_growth)),
+            ("kernel.established_growth_in_window", Some(established_growth)),
+            ("crosscheck.live_connection_growth_in_window", Some(live_growth)),
             ("kernel.close_wait_sockets", s.close_wait.last()),
             ("app.live_connections", s.app_live.last()),
         ]),
         format!(
-            "{} grew by {growth:.0} in {:.0}s ({slope:.1}/s) while established connections grew by {live_growth:.0}: tasks are held for connections whose callers left",
+            "{} grew by {growth:.0} in {:.0}s ({slope:.1}/s) while live connections grew by {live_growth:.0}: tasks are held for connections whose callers left",
             s.tasks_source, cfg.window_s
         ),
         0.0,
         "tasks",
-    ))
+    )
+    .with_baseline(s.tasks.last()? - growth))
 }
 
 /// Heap growing along with a task or bookkeeping leak.

@@ -73,6 +73,15 @@ impl Series {
         trend::median(&mut v)
     }
 
+    /// The value in force at `at`: the last point taken at or before it.
+    pub fn value_at(&self, at: f64) -> Option<f64> {
+        self.points
+            .iter()
+            .take_while(|(t, _)| *t <= at)
+            .last()
+            .map(|p| p.1)
+    }
+
     pub fn min_since(&self, since: f64) -> Option<f64> {
         self.points
             .iter()

@@ -1,11 +1,92 @@
 //! The per-incarnation series the rules read, derived from snapshots. Everything here is reset when the
 //! target restarts.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use monitor_ebpf::tcp_state::{CLOSE_WAIT, ESTABLISHED};
 
-use super::{Side, series::Series};
-use crate::sample::{ScrapeOutcome, Snapshot};
+use super::{AnalysisConfig, Side, series::Series};
+use crate::sample::{LedgerRow, ScrapeOutcome, Snapshot};
+
+/// One ledger row's counters made reset-safe (a counter reset adds its new value, the way Prometheus'
+/// `increase()` reads it), with enough history of `added` to look one idle horizon back.
+#[derive(Debug, Default)]
+pub struct RowHistory {
+    added: f64,
+    removed: f64,
+    raw_added: f64,
+    raw_removed: f64,
+    /// Cumulative reset-safe `added` over time.
+    added_over_time: Series,
+    seen: bool,
+    /// When this row was first seen in this incarnation.
+    first_seen: f64,
+    last_seen: f64,
+    /// Connections of this row opened more than the idle horizon ago and still open (a lower bound),
+    /// and the lowest that count has been: what was already there (a pool, a pre-existing leak).
+    pub old_open: Option<f64>,
+    pub old_open_floor: Option<f64>,
+}
+
+fn reset_safe_increase(last_raw: f64, raw: f64) -> f64 {
+    if raw >= last_raw { raw - last_raw } else { raw }
+}
+
+impl RowHistory {
+    fn observe(&mut self, t: f64, row: &LedgerRow, keep: f64) -> f64 {
+        let first = !self.seen;
+        let increase = if first {
+            self.seen = true;
+            self.first_seen = t;
+            row.added
+        } else {
+            reset_safe_increase(self.raw_added, row.added)
+        };
+        self.added += increase;
+        self.removed += if first {
+            row.removed
+        } else {
+            reset_safe_increase(self.raw_removed, row.removed)
+        };
+        self.raw_added = row.added;
+        self.raw_removed = row.removed;
+        self.last_seen = t;
+        self.added_over_time.push(t, self.added, keep);
+        increase
+    }
+
+    /// Lower bound of the connections opened before `t - horizon` that are still open at `t`: every
+    /// removal since could have been of one of them, and none of the newer ones. `None` until the
+    /// watch reaches back that far.
+    fn old_open_at(&self, t: f64, horizon: f64, watching_since: f64) -> Option<f64> {
+        let then = t - horizon;
+        if then < watching_since {
+            return None;
+        }
+        // A row first seen after `then` had no connections then: it did not exist in the ledger.
+        let added_then = if self.first_seen > then {
+            0.0
+        } else {
+            self.added_over_time.value_at(then)?
+        };
+        Some((added_then - self.removed).max(0.0))
+    }
+}
+
+/// The idle-horizon cross-check at one instant; see [`Signals::idle_excess`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IdleExcess {
+    pub old_open: f64,
+    pub above_floor: f64,
+    pub callers_explained: f64,
+    pub excess: f64,
+}
+
+fn row_key(row: &LedgerRow) -> String {
+    format!(
+        "clientkey={} proto={} addr={}",
+        row.clientkey, row.proto, row.addr
+    )
+}
 
 #[derive(Debug, Default)]
 pub struct Signals {
@@ -31,7 +112,17 @@ pub struct Signals {
     /// Cumulative connections opened (reset-safe), for load detection.
     pub opened: Series,
     opened_total: f64,
-    last_raw: HashMap<String, f64>,
+    /// Ledger rows by `clientkey=.. proto=.. addr=..`, for the idle-horizon check.
+    pub rows: BTreeMap<String, RowHistory>,
+    /// Tunneled connections opened more than the idle horizon ago and still open, over all rows, and
+    /// the lowest that total has been in this incarnation.
+    pub old_open: Series,
+    pub old_open_floor: Option<f64>,
+    /// The lowest count of kernel connections (callers/targets) in this incarnation: sockets that were
+    /// there before any load (agents' websockets, long-lived clients) explain nothing about new ones.
+    pub kernel_conn_floor: Option<f64>,
+    /// When the first snapshot of this incarnation was taken.
+    watching_since: Option<f64>,
     /// Kernel connections seen while the app had none live: sockets that are not tunneled connections
     /// (the agent's websocket, scrapes). Subtracted before comparing.
     kernel_offset: Option<f64>,
@@ -43,8 +134,13 @@ impl Signals {
         *self = Signals::default();
     }
 
-    pub fn update(&mut self, s: &Snapshot, side: Side, horizon: f64) {
+    pub fn update(&mut self, s: &Snapshot, cfg: &AnalysisConfig, horizon: f64) {
         let t = s.t;
+        let side = cfg.side;
+        let idle_horizon = cfg.idle_horizon_s();
+        // Series read one idle horizon back must be kept that long, plus a window to measure their trend.
+        let long = horizon.max(idle_horizon + cfg.window_s);
+        let watching_since = *self.watching_since.get_or_insert(t);
         let app = match &s.app {
             ScrapeOutcome::Ok(a) => Some(a),
             _ => None,
@@ -55,25 +151,40 @@ impl Signals {
             let mut by_key: BTreeMap<String, f64> = BTreeMap::new();
             let mut total = 0.0;
             let mut raw_added = 0.0;
+            let mut old_open_total = 0.0;
+            let mut old_open_known = false;
             for row in &a.ledger {
                 let live = (row.added - row.removed).max(0.0);
                 *by_key.entry(row.clientkey.clone()).or_default() += live;
                 total += live;
+                let key = row_key(row);
                 self.app_live_by_row
-                    .entry(format!(
-                        "clientkey={} proto={} addr={}",
-                        row.clientkey, row.proto, row.addr
-                    ))
+                    .entry(key.clone())
                     .or_default()
                     .push(t, live, horizon);
-                // Reset-safe increase per row, the way Prometheus' increase() treats a counter reset.
-                let key = format!("{}\u{0}{}\u{0}{}", row.clientkey, row.proto, row.addr);
-                let last = self.last_raw.insert(key, row.added).unwrap_or(row.added);
-                raw_added += if row.added >= last {
-                    row.added - last
-                } else {
-                    row.added
-                };
+                let history = self.rows.entry(key).or_default();
+                let increase = history.observe(t, row, idle_horizon + 60.0);
+                // Rows already there when the watch began bring their history, not new connections.
+                if history.first_seen < t || history.first_seen > watching_since {
+                    raw_added += increase;
+                }
+                history.old_open = history.old_open_at(t, idle_horizon, watching_since);
+                if let Some(old) = history.old_open {
+                    history.old_open_floor =
+                        Some(history.old_open_floor.map_or(old, |f: f64| f.min(old)));
+                    old_open_total += old;
+                    old_open_known = true;
+                }
+            }
+            // Rows gone from the ledger for two horizons are forgotten (bounded memory).
+            self.rows
+                .retain(|_, r| t - r.last_seen <= 2.0 * idle_horizon);
+            if old_open_known {
+                self.old_open.push(t, old_open_total, long);
+                self.old_open_floor = Some(
+                    self.old_open_floor
+                        .map_or(old_open_total, |f| f.min(old_open_total)),
+                );
             }
             self.opened_total += raw_added;
             self.app_live_by_key = by_key;
@@ -86,7 +197,8 @@ impl Signals {
                 Side::Agent => k.connected_live,
                 Side::Auto => k.accepted_live.max(k.connected_live),
             } as f64;
-            self.kernel_conn.push(t, conn, horizon);
+            self.kernel_conn.push(t, conn, long);
+            self.kernel_conn_floor = Some(self.kernel_conn_floor.map_or(conn, |f| f.min(conn)));
             self.established
                 .push(t, k.in_state(ESTABLISHED) as f64, horizon);
             self.close_wait
@@ -136,6 +248,42 @@ impl Signals {
         if let Some(h) = app.and_then(|a| a.heap_inuse_bytes) {
             self.heap.push(t, h, horizon);
         }
+    }
+
+    /// Connections opened more than the idle horizon ago, still open, and explained neither by what was
+    /// already there when the watch began nor by callers/targets the kernel saw meanwhile: the pool of
+    /// a healthy transport is at most as large as the most callers it served at once, and drains within
+    /// the idle timeout; what is left beyond that was left behind. `None` until the watch reaches one
+    /// idle horizon back.
+    pub fn idle_excess(&self, t: f64, idle_horizon: f64) -> Option<IdleExcess> {
+        let old_open = self.old_open.last_fresh(t, 5.0)?;
+        let above_floor = old_open - self.old_open_floor.unwrap_or(0.0);
+        let callers_explained = match (
+            self.kernel_conn.max_since(t - idle_horizon),
+            self.kernel_conn_floor,
+        ) {
+            (Some(max), Some(floor)) => (max - floor).max(0.0),
+            _ => 0.0,
+        };
+        Some(IdleExcess {
+            old_open,
+            above_floor,
+            callers_explained,
+            excess: (above_floor - callers_explained).max(0.0),
+        })
+    }
+
+    /// The rows holding the most old connections above their own floor, most first.
+    pub fn idle_rows(&self, n: usize) -> Vec<(&str, f64)> {
+        let mut rows: Vec<(&str, f64)> = self
+            .rows
+            .iter()
+            .filter_map(|(k, r)| Some((k.as_str(), r.old_open? - r.old_open_floor.unwrap_or(0.0))))
+            .filter(|(_, n)| *n >= 1.0)
+            .collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        rows.truncate(n);
+        rows
     }
 
     /// Growth of a series over the window: median of its last few seconds minus median of its first few.

@@ -177,7 +177,8 @@ fn skip_remove_is_a_bookkeeping_leak_within_seconds() {
         healthy_traffic(t, 0.0, (i % 2) as u64)
     });
     let leak_start = tun.t;
-    // v2.10.3: every connection is added and never removed; the kernel closes the callers' sockets.
+    // A remove that is never recorded: every connection is added, closed for real (its tasks end, the
+    // caller's socket closes), and never removed from the ledger.
     let changes = replay(&mut an, &mut tun, 30, |t, _| {
         t.added += 20.0;
         t.heap += 60_000.0;
@@ -191,8 +192,10 @@ fn skip_remove_is_a_bookkeeping_leak_within_seconds() {
         .collect();
     assert_eq!(bk.len(), 1, "{changes:?}");
     let v = &bk[0];
+    // The ledger's growth is measured as the median of the window's last seconds against its first:
+    // a few seconds of leak move it past the tolerance.
     assert!(
-        v.since - leak_start <= 2.0,
+        v.since - leak_start <= 5.0,
         "condition starts with the leak: {}",
         v.since - leak_start
     );
@@ -202,7 +205,11 @@ fn skip_remove_is_a_bookkeeping_leak_within_seconds() {
         "subject names the clientkey: {}",
         v.subject
     );
-    assert!(v.evidence["crosscheck.unbacked_connections"] > 100.0);
+    assert!(v.evidence["crosscheck.unbacked_growth_in_window"] > 100.0);
+    assert!(
+        v.evidence["tasks.growth_in_window"] <= 3.0,
+        "tasks did not grow with the ledger"
+    );
     assert!(an.derived().unbacked_connections.unwrap() > 500.0);
     assert!(
         raised(&changes)
@@ -422,9 +429,12 @@ fn fd_growth_forecasts_exhaustion() {
 
 #[test]
 fn quiescence_failure_after_a_burst_that_leaves_tasks_behind() {
+    // A short idle horizon: the settle time waits at least that long for pooled connections to drain.
     let cfg = AnalysisConfig {
         side: Side::Server,
         settle_s: 20.0,
+        idle_timeout_s: 10.0,
+        idle_margin_s: 5.0,
         ..AnalysisConfig::default()
     };
     let (mut an, mut tun) = (Analyzer::new(cfg.clone()), Tunnel::new());
@@ -527,4 +537,285 @@ fn a_verdict_clears_when_the_condition_clears() {
         "{changes:?}"
     );
     assert!(an.active().is_empty());
+}
+
+/// A tunnel server whose proxy goes through a keep-alive HTTP transport: every request takes a pooled
+/// tunneled connection (opening one when none is idle), and an idle connection closes after
+/// `idle_timeout` (never, for the v2.10.3 transport). Callers' sockets live only while their request
+/// runs; pooled connections hold two tasks each (the transport's read and write loops).
+struct PooledTunnel {
+    tun: Tunnel,
+    /// Per pooled connection: when it was last used.
+    idle_since: Vec<f64>,
+    idle_timeout: Option<f64>,
+    /// One transport per request (v2.10.3 and v2.10.5) or one shared pool.
+    per_request: bool,
+    /// Long-lived callers that are not tunneled connections (UI sessions, watches, agents' websockets).
+    noise: u64,
+}
+
+impl PooledTunnel {
+    fn new(per_request: bool, idle_timeout: Option<f64>, noise: u64) -> Self {
+        Self {
+            tun: Tunnel::new(),
+            idle_since: Vec::new(),
+            idle_timeout,
+            per_request,
+            noise,
+        }
+    }
+
+    /// One second: `n` requests, `inflight` of them running at the sampling instant.
+    fn tick(&mut self, n: u64, inflight: u64) {
+        let t = self.tun.t;
+        if let Some(timeout) = self.idle_timeout {
+            let before = self.idle_since.len();
+            self.idle_since.retain(|&since| t - since < timeout);
+            self.tun.removed += (before - self.idle_since.len()) as f64;
+        }
+        for _ in 0..n {
+            let reuse = !self.per_request && !self.idle_since.is_empty();
+            if reuse {
+                // The shared pool hands out its most recently used connection, as Go's does.
+                self.idle_since.sort_by(f64::total_cmp);
+                self.idle_since.pop();
+            } else {
+                self.tun.added += 1.0;
+            }
+            self.idle_since.push(t);
+        }
+        let live = self.idle_since.len() as f64;
+        self.tun.accepted = 2 + self.noise + inflight;
+        self.tun.established = self.tun.accepted;
+        self.tun.goroutines = 12.0 + self.noise as f64 + 2.0 * live + 3.0 * inflight as f64;
+        self.tun.heap = 8.0 * 1048576.0 + live * 40_000.0;
+    }
+}
+
+/// Replays a pooled tunnel second by second; `load(second)` gives (requests, in flight).
+fn replay_pooled(
+    an: &mut Analyzer,
+    p: &mut PooledTunnel,
+    secs: u32,
+    load: impl Fn(u32) -> (u64, u64),
+) -> Vec<(f64, VerdictChange)> {
+    let mut out = Vec::new();
+    for i in 0..secs {
+        p.tun.t += 1.0;
+        let (n, inflight) = load(i);
+        p.tick(n, inflight);
+        out.extend(
+            an.observe(&p.tun.snapshot())
+                .into_iter()
+                .map(|c| (p.tun.t, c)),
+        );
+    }
+    out
+}
+
+fn kinds_raised(changes: &[(f64, VerdictChange)]) -> Vec<(VerdictKind, f64, String)> {
+    changes
+        .iter()
+        .filter_map(|(t, c)| match c {
+            VerdictChange::Raised(v) => Some((v.kind, *t, v.explanation.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Rancher v2.10.5: three bursts of 100 requests 60 s apart, then 5 minutes at 5 requests/s, through a
+/// transport per request whose idle connections close after Go's 90 s; then the pools drain.
+fn fix_load(i: u32) -> (u64, u64) {
+    match i {
+        10..=14 | 80..=84 | 150..=154 => (20, 3),
+        220..=519 => (5, 1),
+        _ => (0, 0),
+    }
+}
+
+#[test]
+fn the_v2_10_5_fix_pooling_idle_connections_for_90s_raises_nothing() {
+    for noise in [0, 53] {
+        let mut an = analyzer();
+        let mut p = PooledTunnel::new(true, Some(90.0), noise);
+        // Until well after the last pool drained and the settle time passed.
+        let changes = replay_pooled(&mut an, &mut p, 760, fix_load);
+        assert_eq!(kinds_raised(&changes), vec![], "noise={noise}");
+        assert!(
+            p.tun.added >= 1800.0 && p.tun.added - p.tun.removed == 0.0,
+            "the pools drained: added {} removed {}",
+            p.tun.added,
+            p.tun.removed
+        );
+        // While the 5 req/s phase ran, the tunnel held ~450 idle connections with no caller.
+        assert_eq!(an.load_phase(), "idle");
+    }
+}
+
+#[test]
+fn a_shared_pool_under_steady_load_raises_nothing() {
+    let mut an = analyzer();
+    let mut p = PooledTunnel::new(false, Some(90.0), 0);
+    // 20 requests/s, up to 8 in flight at once: the pool grows to what was in flight together.
+    let changes = replay_pooled(&mut an, &mut p, 400, |i| match i {
+        5..=185 => (20, 2 + u64::from(i % 7)),
+        _ => (0, 0),
+    });
+    assert_eq!(kinds_raised(&changes), vec![]);
+    assert!(
+        p.tun.added <= 12.0,
+        "the pool reused connections: {}",
+        p.tun.added
+    );
+}
+
+#[test]
+fn the_v2_10_3_transport_per_request_is_an_idle_connection_leak_within_150s() {
+    for noise in [0, 53] {
+        let mut an = analyzer();
+        let mut p = PooledTunnel::new(true, None, noise);
+        let leak_start = 10.0;
+        // 2 requests/s with keep-alive, every one leaving its idle tunneled connection behind.
+        let changes = replay_pooled(
+            &mut an,
+            &mut p,
+            200,
+            |i| if i >= 10 { (2, 1) } else { (0, 0) },
+        );
+        let raised = kinds_raised(&changes);
+        let idle = raised
+            .iter()
+            .find(|(k, ..)| *k == VerdictKind::IdleConnectionLeak)
+            .unwrap_or_else(|| panic!("noise={noise}: no idle-connection verdict: {raised:?}"));
+        assert!(
+            idle.1 - leak_start <= 150.0,
+            "noise={noise}: detected {}s after the leak began",
+            idle.1 - leak_start
+        );
+        assert!(
+            idle.2.contains("idle with no caller for more than 105s"),
+            "{}",
+            idle.2
+        );
+        let v = an
+            .active()
+            .into_iter()
+            .find(|v| v.kind == VerdictKind::IdleConnectionLeak)
+            .expect("still active");
+        assert!(
+            v.subject.contains("clientkey=downstream-1")
+                && v.subject.contains("addr=127.0.0.1:8080"),
+            "{}",
+            v.subject
+        );
+        // The ledger is right (the connections exist and hold tasks): no bookkeeping verdict, and the
+        // tasks they hold are not a separate alarm.
+        assert!(
+            raised.iter().all(|(k, ..)| matches!(
+                k,
+                VerdictKind::IdleConnectionLeak | VerdictKind::HeapGrowth
+            )),
+            "noise={noise}: {raised:?}"
+        );
+    }
+}
+
+#[test]
+fn long_lived_callers_leaving_do_not_look_like_idle_connections() {
+    let mut an = analyzer();
+    let mut p = PooledTunnel::new(true, Some(90.0), 60);
+    let mut changes = replay_pooled(&mut an, &mut p, 150, |i| {
+        if i % 30 < 5 { (10, 2) } else { (0, 0) }
+    });
+    // Fifty UI sessions go away at once; the fixed tunnel keeps pooling as before.
+    p.noise = 10;
+    changes.extend(replay_pooled(&mut an, &mut p, 250, |i| {
+        if i % 30 < 5 { (10, 2) } else { (0, 0) }
+    }));
+    assert_eq!(kinds_raised(&changes), vec![]);
+}
+
+fn episodes(changes: &[VerdictChange], kind: VerdictKind) -> (usize, usize, usize) {
+    let count = |f: &dyn Fn(&VerdictChange) -> bool| changes.iter().filter(|c| f(c)).count();
+    (
+        count(&|c| matches!(c, VerdictChange::Raised(v) if v.kind == kind)),
+        count(&|c| matches!(c, VerdictChange::Cleared { kind: k, .. } if *k == kind)),
+        count(&|c| matches!(c, VerdictChange::Escalated(v) if v.kind == kind)),
+    )
+}
+
+#[test]
+fn a_slow_leak_is_one_episode_whose_severity_only_escalates() {
+    let (mut an, mut tun) = (analyzer(), Tunnel::new());
+    replay(&mut an, &mut tun, 20, |t, i| {
+        healthy_traffic(t, 40.0, (i % 4) as u64)
+    });
+    let mut leaked: f64 = 0.0;
+    let changes = replay(&mut an, &mut tun, 240, |t, i| {
+        // 1 in 100 at 40 req/s; in-flight counts and goroutines jitter the way scrapes catch them.
+        t.added += 40.0;
+        leaked += 0.4;
+        let inflight = u64::from(i % 4);
+        t.removed = t.added - inflight as f64 - leaked.floor();
+        t.accepted = 2 + inflight;
+        t.established = t.accepted;
+        t.goroutines = 12.0 + 3.0 * inflight as f64 + [0.0, 6.0, -4.0, 2.0][i as usize % 4];
+    });
+    let (raised_n, cleared_n, _) = episodes(&changes, VerdictKind::BookkeepingLeak);
+    assert_eq!((raised_n, cleared_n), (1, 0), "{changes:?}");
+    let severities: Vec<_> = changes
+        .iter()
+        .filter_map(|c| match c {
+            VerdictChange::Raised(v) | VerdictChange::Escalated(v)
+                if v.kind == VerdictKind::BookkeepingLeak =>
+            {
+                Some(v.severity)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        severities.windows(2).all(|w| w[0] < w[1]),
+        "severity only escalates: {severities:?}"
+    );
+}
+
+#[test]
+fn a_task_leak_that_stopped_growing_holds_until_its_tasks_are_released() {
+    let (mut an, mut tun) = (analyzer(), Tunnel::new());
+    replay(&mut an, &mut tun, 20, |_, _| {});
+    // 3 tasks/s for 40 s, then flat: the leaked tasks are all still there.
+    let mut changes = replay(&mut an, &mut tun, 40, |t, _| t.goroutines += 3.0);
+    changes.extend(replay(&mut an, &mut tun, 90, |_, _| {}));
+    let (raised_n, cleared_n, _) = episodes(&changes, VerdictKind::TaskGrowth);
+    assert_eq!(
+        (raised_n, cleared_n),
+        (1, 0),
+        "raised once and still held 90 s after the growth stopped: {changes:?}"
+    );
+    assert!(
+        an.active()
+            .iter()
+            .any(|v| v.kind == VerdictKind::TaskGrowth)
+    );
+    // The leaked tasks are released: the verdict clears within 30 s.
+    tun.goroutines = 12.0;
+    let release = tun.t;
+    let changes = replay(&mut an, &mut tun, 40, |_, _| {});
+    let cleared_at = changes
+        .iter()
+        .find_map(|c| match c {
+            VerdictChange::Cleared {
+                kind: VerdictKind::TaskGrowth,
+                at,
+                ..
+            } => Some(*at),
+            _ => None,
+        })
+        .expect("cleared once the tasks were released");
+    assert!(
+        cleared_at - release <= 30.0,
+        "cleared after {}s",
+        cleared_at - release
+    );
 }

@@ -7,7 +7,11 @@ use tokio::time::Instant;
 
 use super::{Prepared, watch::build_engine};
 use crate::{
-    cli::parse_duration, config::SidecarArgs, engine::Raised, outputs::http, verdict::Verdict,
+    cli::parse_duration,
+    config::SidecarArgs,
+    engine::{Raised, RunStats},
+    outputs::http,
+    verdict::Verdict,
 };
 
 #[derive(Args, Debug)]
@@ -56,6 +60,7 @@ pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
         mode: crate::engine::mode_name(engine.collector.mode()),
         verdicts: engine.raised.clone(),
         active_at_end: engine.active(),
+        run: engine.stats.clone(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -78,13 +83,20 @@ struct Report {
     mode: String,
     verdicts: Vec<Raised>,
     active_at_end: Vec<Verdict>,
+    /// Ticks, scrapes and target restarts seen: what the verdicts (or their absence) rest on.
+    run: RunStats,
 }
 
 impl Report {
     fn cost_line(&self) -> String {
         format!(
-            "leakwatch's own cost: {:.2}% of one core, peak RSS {:.1} MiB\n",
-            self.leakwatch_cpu_percent, self.leakwatch_peak_rss_mib
+            "seen: {} ticks, {} scrapes ok, {} failed, {} target restarts\nleakwatch's own cost: {:.2}% of one core, peak RSS {:.1} MiB\n",
+            self.run.ticks,
+            self.run.scrapes_ok,
+            self.run.scrapes_failed,
+            self.run.target_restarts,
+            self.leakwatch_cpu_percent,
+            self.leakwatch_peak_rss_mib
         )
     }
 

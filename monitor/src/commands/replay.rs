@@ -138,6 +138,12 @@ fn describe(t: f64, change: &VerdictChange) -> String {
             v.subject,
             v.explanation
         ),
+        VerdictChange::Escalated(v) => format!(
+            "t={t:>7.1}s ESCALATED {} to {} {}",
+            v.kind.as_str(),
+            v.severity.as_str(),
+            v.subject
+        ),
         VerdictChange::Cleared { kind, subject, .. } => {
             format!("t={t:>7.1}s cleared {} {subject}", kind.as_str())
         }

@@ -195,6 +195,7 @@ pub fn standard_charts(history: &History) -> Vec<ChartSpec> {
                 line(Q::AppLive, RED),
                 line(Q::KernelConn, BLUE),
                 line(Q::Unbacked, PURPLE),
+                line(Q::IdleBeyondHorizon, TEAL),
             ],
         },
         ChartSpec {
@@ -251,6 +252,7 @@ fn line_label(of: LineOf, source: Option<Source>, history: &History, callers: &s
             (Q::KernelConn, Some(Source::Procfs)) => "ESTABLISHED sockets".into(),
             (Q::KernelConn, _) => callers.into(),
             (Q::Unbacked, _) => "app-live connections with no kernel socket".into(),
+            (Q::IdleBeyondHorizon, _) => "tunneled connections idle past the horizon".into(),
             (Q::Tasks, Some(Source::Procfs)) => "threads".into(),
             (Q::Tasks, _) => "goroutines".into(),
             (Q::Heap, _) => "heap in use".into(),
@@ -374,6 +376,11 @@ pub fn event_markers<'a>(events: impl Iterator<Item = &'a Event>, from: f64) -> 
             EventKind::Raised { kind, .. } => Marker {
                 t: e.t,
                 label: format!("{} raised", kind.as_str()),
+                color: RED,
+            },
+            EventKind::Escalated { kind, severity, .. } => Marker {
+                t: e.t,
+                label: format!("{} escalated to {}", kind.as_str(), severity.as_str()),
                 color: RED,
             },
             EventKind::Cleared { kind, .. } => Marker {
@@ -646,6 +653,19 @@ pub fn verdict_bars(history: &History, frame: &Frame) -> Vec<Bar> {
                 severity,
                 subject,
             } => open.push((row(*kind, subject), e.t, *severity)),
+            // One episode, drawn in its new colour from here on.
+            EventKind::Escalated {
+                kind,
+                severity,
+                subject,
+            } => {
+                let name = row(*kind, subject);
+                if let Some(i) = open.iter().position(|(n, ..)| *n == name) {
+                    let (name, from, sev) = open.remove(i);
+                    bars.push(close(name.clone(), from, e.t, sev));
+                    open.push((name, e.t, *severity));
+                }
+            }
             EventKind::Cleared { kind, subject } => {
                 let name = row(*kind, subject);
                 if let Some(i) = open.iter().position(|(n, ..)| *n == name) {
@@ -767,7 +787,7 @@ fn tag_polylines(data: &str, drawn: &[(String, Vec<(f64, f64)>)]) -> Result<Stri
 mod tests {
     use super::*;
     use crate::{
-        analysis::{DerivedNow, Side},
+        analysis::{Derived, Side},
         outputs::history::History,
         sample::{AppSample, LedgerRow, ProcSample, ScrapeOutcome, Snapshot},
     };
@@ -803,7 +823,7 @@ mod tests {
                     })
                 },
             };
-            h.record(&snap, &DerivedNow::default(), "idle", Side::Server, &[]);
+            h.record(&snap, &Derived::default(), "idle", Side::Server, &[]);
         }
         h
     }

@@ -7,7 +7,7 @@ use std::{collections::VecDeque, time::Duration};
 use monitor_ebpf::tcp_state::{CLOSE_WAIT, ESTABLISHED};
 
 use crate::{
-    analysis::{DerivedNow, Side},
+    analysis::{Derived, Side},
     sample::{ScrapeOutcome, Snapshot},
     verdict::{Severity, VerdictChange, VerdictKind},
 };
@@ -87,6 +87,8 @@ pub enum Quantity {
     KernelConn,
     /// App-live connections with no kernel socket behind them (the analysis' cross-check).
     Unbacked,
+    /// Tunneled connections idle past the idle horizon that no caller explains (the idle rule's number).
+    IdleBeyondHorizon,
     /// Goroutines (app metrics) or threads (procfs).
     Tasks,
     Heap,
@@ -97,12 +99,13 @@ pub enum Quantity {
 }
 
 impl Quantity {
-    pub const ALL: [Quantity; 11] = [
+    pub const ALL: [Quantity; 12] = [
         Quantity::Added,
         Quantity::Removed,
         Quantity::AppLive,
         Quantity::KernelConn,
         Quantity::Unbacked,
+        Quantity::IdleBeyondHorizon,
         Quantity::Tasks,
         Quantity::Heap,
         Quantity::Rss,
@@ -120,6 +123,7 @@ impl Quantity {
             Quantity::AppLive => "app_live",
             Quantity::KernelConn => "kernel_conn",
             Quantity::Unbacked => "unbacked",
+            Quantity::IdleBeyondHorizon => "idle_beyond_horizon",
             Quantity::Tasks => "tasks",
             Quantity::Heap => "heap",
             Quantity::Rss => "rss",
@@ -207,6 +211,12 @@ pub enum EventKind {
         severity: Severity,
         subject: String,
     },
+    /// The verdict became more severe.
+    Escalated {
+        kind: VerdictKind,
+        severity: Severity,
+        subject: String,
+    },
     Cleared {
         kind: VerdictKind,
         subject: String,
@@ -289,7 +299,7 @@ impl History {
     pub fn record(
         &mut self,
         snap: &Snapshot,
-        derived: &DerivedNow,
+        derived: &Derived,
         phase: &str,
         side: Side,
         changes: &[VerdictChange],
@@ -297,6 +307,11 @@ impl History {
         for c in changes {
             let kind = match c {
                 VerdictChange::Raised(v) => EventKind::Raised {
+                    kind: v.kind,
+                    severity: v.severity,
+                    subject: v.subject.clone(),
+                },
+                VerdictChange::Escalated(v) => EventKind::Escalated {
                     kind: v.kind,
                     severity: v.severity,
                     subject: v.subject.clone(),
@@ -364,7 +379,7 @@ impl History {
 
 /// One value per quantity, each from the first source that has it, in the same order of preference as the
 /// analysis (so the picture shows what the verdicts were computed from).
-fn fill(tick: &mut Tick, snap: &Snapshot, derived: &DerivedNow, side: Side) {
+fn fill(tick: &mut Tick, snap: &Snapshot, derived: &Derived, side: Side) {
     use Quantity as Q;
     let app = match &snap.app {
         ScrapeOutcome::Ok(a) => Some(a),
@@ -382,6 +397,11 @@ fn fill(tick: &mut Tick, snap: &Snapshot, derived: &DerivedNow, side: Side) {
         tick.set(Q::Removed, Some(removed), Source::App);
         tick.set(Q::AppLive, Some(live), Source::App);
         tick.set(Q::Unbacked, derived.unbacked_connections, Source::Derived);
+        tick.set(
+            Q::IdleBeyondHorizon,
+            derived.idle_beyond_horizon,
+            Source::Derived,
+        );
     }
     if let Some(k) = &snap.kernel {
         let conn = match side {
@@ -480,7 +500,7 @@ mod tests {
         for i in 0..12 {
             h.record(
                 &snap(i as f64, 10.0 + i as f64, 4.0, i % 2 == 0),
-                &DerivedNow::default(),
+                &Derived::default(),
                 "loaded",
                 Side::Server,
                 &[],
@@ -520,7 +540,7 @@ mod tests {
             evidence: Default::default(),
             explanation: String::new(),
         };
-        let d = DerivedNow::default();
+        let d = Derived::default();
         h.record(
             &snap(0.0, 1.0, 0.0, true),
             &d,

@@ -13,6 +13,10 @@ pub fn log_change(change: &VerdictChange) {
                 warn!(kind = v.kind.as_str(), severity = "warning", subject = %v.subject, since = v.since, %evidence, "leak suspected: {}", v.explanation);
             }
         }
+        VerdictChange::Escalated(v) => {
+            let evidence = serde_json::to_string(&v.evidence).unwrap_or_default();
+            warn!(kind = v.kind.as_str(), severity = v.severity.as_str(), subject = %v.subject, %evidence, "escalated to {}: {}", v.severity.as_str(), v.explanation);
+        }
         VerdictChange::Cleared { kind, subject, at } => {
             info!(kind = kind.as_str(), %subject, at, "cleared");
         }

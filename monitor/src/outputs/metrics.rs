@@ -1,23 +1,16 @@
 //! leakwatch's own Prometheus metrics. Names and labels are a contract (docs/metrics.md) that the
 //! dashboard, the alerting rules and their tests rely on.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use monitor_ebpf::tcp_state;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::{
+    analysis::Derived,
     collect::{KernelMode, SourceCosts},
     sample::{KernelCounters, ScrapeOutcome, Snapshot},
     verdict::{Severity, Verdict, VerdictKind},
 };
-
-/// Numbers derived by the analysis that are worth a series of their own.
-#[derive(Clone, Debug, Default)]
-pub struct Derived {
-    pub app_live_by_clientkey: BTreeMap<String, f64>,
-    pub unbacked_connections: Option<f64>,
-    pub fd_exhaustion_seconds: Option<f64>,
-}
 
 pub struct LeakwatchMetrics {
     pub registry: Registry,
@@ -46,6 +39,7 @@ pub struct LeakwatchMetrics {
     app_goroutines: GaugeVec,
     app_heap: GaugeVec,
     unbacked: GaugeVec,
+    idle_beyond_horizon: GaugeVec,
     verdict_active: IntGaugeVec,
     verdicts_raised: IntCounterVec,
     forecast: GaugeVec,
@@ -251,7 +245,13 @@ impl LeakwatchMetrics {
             unbacked: fgauge(
                 &r,
                 "leakwatch_crosscheck_unbacked_connections",
-                "Connections live in the target's ledger with no kernel socket behind them.",
+                "Connections live in the target's ledger with no kernel socket behind them (idle pooled connections and leaks alike).",
+                t,
+            ),
+            idle_beyond_horizon: fgauge(
+                &r,
+                "leakwatch_crosscheck_idle_beyond_horizon",
+                "Tunneled connections open with no caller for longer than the idle horizon, beyond what callers and the starting level explain.",
                 t,
             ),
             verdict_active: gauge(
@@ -410,6 +410,9 @@ impl LeakwatchMetrics {
         self.live_clientkeys = current;
         if let Some(u) = derived.unbacked_connections {
             self.unbacked.with_label_values(&[t]).set(u);
+        }
+        if let Some(x) = derived.idle_beyond_horizon {
+            self.idle_beyond_horizon.with_label_values(&[t]).set(x);
         }
         match derived.fd_exhaustion_seconds {
             Some(s) => self.forecast.with_label_values(&[t]).set(s),

@@ -1,6 +1,8 @@
-//! Sources of samples: the eBPF probes, procfs, and the target's own /metrics.
+//! Sources of samples: the eBPF probes, procfs, sock_diag (per-socket idle ages), and the target's own
+//! /metrics.
 pub mod ebpf;
 pub mod goroutines;
 pub mod procfs;
 pub mod scrape;
+pub mod sockdiag;
 pub mod socket_table;

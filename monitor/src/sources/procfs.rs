@@ -226,6 +226,12 @@ impl ProcfsSampler {
         Ok((count, sockets))
     }
 
+    /// The inodes of the process's sockets (every family), from its `/proc/<pid>/fd` links: what picks the
+    /// target's sockets out of a namespace-wide listing such as a sock_diag dump.
+    pub fn socket_inodes(&self, pid: u32) -> Result<HashSet<u64>, ProcError> {
+        Ok(self.fds(pid)?.1)
+    }
+
     /// Streams the namespace's TCP tables, keeping the entries whose inode is in `inodes`.
     fn tcp_entries(
         &self,

@@ -24,10 +24,30 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     );
 }
 
-/// A child process that is killed when dropped, with its stdout lines on a channel.
+/// A child process that is killed when dropped, with its stdout lines on a channel (and, when asked
+/// for, its stderr lines on another, still echoed to the test's output).
 pub struct Proc {
     pub child: Child,
     pub lines: mpsc::Receiver<String>,
+    pub err_lines: Option<mpsc::Receiver<String>>,
+}
+
+fn forward_lines(
+    stream: impl std::io::Read + Send + 'static,
+    echo: bool,
+) -> mpsc::Receiver<String> {
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if echo {
+                eprintln!("{line}");
+            }
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
 }
 
 impl Proc {
@@ -37,15 +57,44 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+        Self {
+            child,
+            lines: forward_lines(stdout, false),
+            err_lines: None,
+        }
+    }
+
+    /// Like [`Proc::spawn`], also reading stderr (where leakwatch logs) for [`Proc::wait_err_line`].
+    pub fn spawn_reading_stderr(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        Self {
+            child,
+            lines: forward_lines(stdout, false),
+            err_lines: Some(forward_lines(stderr, true)),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle` (needs [`Proc::spawn_reading_stderr`]).
+    pub fn wait_err_line(&self, needle: &str, timeout: Duration) -> String {
+        let errs = self
+            .err_lines
+            .as_ref()
+            .expect("spawned with spawn_reading_stderr");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match errs.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no stderr line containing {needle:?} within {timeout:?}"),
             }
-        });
-        Self { child, lines }
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -139,10 +188,19 @@ pub struct Tunnel {
     /// Unique per tunnel, so a `--match` on it finds this server and no other.
     pub token: String,
     server_leak: Leak,
+    /// Extra server arguments (a proxy transport, say), kept for restarts.
+    server_extra: Vec<String>,
 }
 
 impl Tunnel {
     pub fn start(server_leak: Leak, agent_leak: Leak) -> Self {
+        Self::start_with(server_leak, agent_leak, &[])
+    }
+
+    /// Like [`Tunnel::start`], with extra `reftunnel server` arguments, e.g.
+    /// `["--proxy-transport", "per-request"]`.
+    pub fn start_with(server_leak: Leak, agent_leak: Leak, server_extra: &[&str]) -> Self {
+        let server_extra: Vec<String> = server_extra.iter().map(|s| s.to_string()).collect();
         let bin = workspace_bin("reftunnel");
         let backend = Proc::spawn(Command::new(&bin).args(["backend", "--listen", "127.0.0.1:0"]));
         let backend_addr = backend.listening_addr();
@@ -154,7 +212,13 @@ impl Tunnel {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         );
-        let server = Self::spawn_server(&backend_addr, &server_leak, "127.0.0.1:0", &token);
+        let server = Self::spawn_server(
+            &backend_addr,
+            &server_leak,
+            "127.0.0.1:0",
+            &token,
+            &server_extra,
+        );
         let server_addr = server.listening_addr();
         let agent = Self::spawn_agent(&server_addr, &agent_leak, &token);
         server.wait_line(CLIENT, Duration::from_secs(20));
@@ -166,10 +230,17 @@ impl Tunnel {
             backend_addr,
             token,
             server_leak,
+            server_extra,
         }
     }
 
-    fn spawn_server(backend: &str, leak: &Leak, listen: &str, token: &str) -> Proc {
+    fn spawn_server(
+        backend: &str,
+        leak: &Leak,
+        listen: &str,
+        token: &str,
+        extra: &[String],
+    ) -> Proc {
         let bin = workspace_bin("reftunnel");
         Proc::spawn(
             Command::new(bin)
@@ -183,11 +254,39 @@ impl Tunnel {
                     "--backend",
                     backend,
                 ])
-                .args(leak.args()),
+                .args(leak.args())
+                .args(extra),
         )
     }
 
     fn spawn_agent(server_addr: &str, leak: &Leak, token: &str) -> Proc {
+        Self::spawn_agent_as(server_addr, leak, token, CLIENT)
+    }
+
+    /// Another agent with its own client id: one more websocket the server holds open.
+    pub fn extra_agent(&self, id: &str) -> Proc {
+        let agent = Self::spawn_agent_as(&self.server_addr, &Leak::none(), &self.token, id);
+        self.server.wait_line(id, Duration::from_secs(20));
+        agent
+    }
+
+    /// Long-lived keep-alive callers of the server that are not tunneled connections (UI sessions,
+    /// watches): `count` connections, each asking for /healthz every `period`.
+    pub fn idle_clients(&self, count: u32, period: &str) -> Proc {
+        let clients = Proc::spawn(Command::new(workspace_bin("reftunnel")).args([
+            "idle-clients",
+            "--url",
+            &format!("http://{}", self.server_addr),
+            "--count",
+            &count.to_string(),
+            "--period",
+            period,
+        ]));
+        clients.wait_line("idle-clients holding", Duration::from_secs(30));
+        clients
+    }
+
+    fn spawn_agent_as(server_addr: &str, leak: &Leak, token: &str, id: &str) -> Proc {
         let bin = workspace_bin("reftunnel");
         Proc::spawn(
             Command::new(bin)
@@ -198,7 +297,7 @@ impl Tunnel {
                     "--token",
                     token,
                     "--id",
-                    CLIENT,
+                    id,
                 ])
                 .args(leak.args()),
         )
@@ -213,6 +312,7 @@ impl Tunnel {
             &self.server_leak.clone(),
             &self.server_addr,
             &self.token,
+            &self.server_extra,
         );
         self.server.listening_addr();
         self.server.wait_line(CLIENT, Duration::from_secs(30));
@@ -254,6 +354,29 @@ impl Tunnel {
             .args(["--concurrency", &concurrency.to_string()])
             .output()
             .expect("run the load driver")
+    }
+
+    /// Starts the keep-alive load driver in the background: `concurrency` caller connections, each
+    /// reused for its requests, as a browser or kubectl does.
+    pub fn keep_alive_load_bg(
+        &self,
+        path: &str,
+        requests: u64,
+        rate: f64,
+        concurrency: u64,
+    ) -> Proc {
+        Proc::spawn(
+            Command::new(workspace_bin("reftunnel"))
+                .args(["load", "--keep-alive", "--url", &self.proxy_url(path)])
+                .args([
+                    "--requests",
+                    &requests.to_string(),
+                    "--rate",
+                    &rate.to_string(),
+                ])
+                .args(["--concurrency", &concurrency.to_string()])
+                .args(["--duration-limit", "20min"]),
+        )
     }
 
     /// Starts the load driver in the background.

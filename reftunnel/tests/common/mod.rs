@@ -148,16 +148,12 @@ pub fn start_server(listen: &str, backend: &str, extra: &[&str]) -> (Proc, Strin
 }
 
 pub fn start_agent(server_addr: &str, token: &str, extra: &[&str]) -> Proc {
+    start_agent_id(server_addr, token, "downstream-1", extra)
+}
+
+pub fn start_agent_id(server_addr: &str, token: &str, id: &str, extra: &[&str]) -> Proc {
     let url = format!("ws://{server_addr}/connect");
-    let mut args = vec![
-        "agent",
-        "--server",
-        &url,
-        "--token",
-        token,
-        "--id",
-        "downstream-1",
-    ];
+    let mut args = vec!["agent", "--server", &url, "--token", token, "--id", id];
     args.extend_from_slice(extra);
     Proc::spawn(&args)
 }
@@ -274,6 +270,40 @@ pub fn tcp_state_count(pid: u32, state: &str) -> usize {
 
 pub fn close_wait(pid: u32) -> usize {
     tcp_state_count(pid, "08")
+}
+
+/// ESTABLISHED sockets of `pid` whose remote port is `port` (e.g. the agent's sockets to the
+/// backend), joining the process's socket inodes with /proc/<pid>/net/tcp{,6}.
+pub fn established_to_port(pid: u32, port: u16) -> usize {
+    let inodes = socket_inodes(pid);
+    let mut n = 0;
+    for f in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = cols
+                .get(2)
+                .and_then(|r| r.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if cols.len() > 9
+                && cols[3] == "01"
+                && remote_port == Some(port)
+                && cols[9].parse::<u64>().is_ok_and(|i| inodes.contains(&i))
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+pub fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
 }
 
 /// Polls `f` until it returns true or the timeout passes; returns the last result.
