@@ -70,9 +70,9 @@ fn head(out: &mut String, title: &str, refresh: Option<u32>) {
         let _ = write!(out, "<meta http-equiv=\"refresh\" content=\"{r}\">");
     }
     // An empty icon: otherwise the browser asks for /favicon.ico, and a report opened from disk has none.
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<link rel=\"icon\" href=\"data:,\"><title>{}</title><style>{CSS}</style></head>\n",
+        "<link rel=\"icon\" href=\"data:,\"><title>{}</title><style>{CSS}</style></head>",
         esc(title)
     );
 }
