@@ -498,6 +498,70 @@ pub fn report_page(report: &Report, history: &History) -> String {
 mod tests {
     use super::*;
 
+    /// The budget the issue sets: 30 min of ticks in fixed memory, and a page that stays small whatever
+    /// the length of the run (a day-long replay draws reduced lines).
+    #[test]
+    fn history_and_pages_stay_small() {
+        use crate::{
+            analysis::Derived,
+            sample::{AppSample, KernelSample, LedgerRow, ProcSample, ScrapeOutcome, Snapshot},
+        };
+        assert!(
+            std::mem::size_of::<super::super::history::Tick>() <= 160,
+            "{} bytes a tick",
+            std::mem::size_of::<super::super::history::Tick>()
+        );
+        let fill = |h: &mut History, n: usize| {
+            for i in 0..n {
+                let snap = Snapshot {
+                    t: i as f64,
+                    unix: i as f64,
+                    target: None,
+                    kernel: Some(KernelSample {
+                        accepted_live: (i % 7) as u64,
+                        ..KernelSample::default()
+                    }),
+                    proc: Some(ProcSample {
+                        open_fds: 20 + (i % 13) as u64,
+                        fd_limit: Some(1024),
+                        threads: 8,
+                        rss_bytes: 20 << 20,
+                        ..ProcSample::default()
+                    }),
+                    app: ScrapeOutcome::Ok(AppSample {
+                        remotedialer_present: true,
+                        ledger: vec![LedgerRow {
+                            added: i as f64,
+                            removed: (i - i % 5) as f64,
+                            ..LedgerRow::default()
+                        }],
+                        goroutines: Some(10.0 + (i % 3) as f64),
+                        heap_inuse_bytes: Some(4e6 + (i % 11) as f64 * 1e5),
+                        ..AppSample::default()
+                    }),
+                };
+                h.record(&snap, &Derived::default(), "idle", Side::Server, &[]);
+            }
+        };
+        let mut live = History::default();
+        fill(&mut live, 2000);
+        assert_eq!(live.ticks().len(), 1800);
+        let page = live_page(&StatusDoc::default(), &live, 1800.0, 5, Side::Server);
+        assert!(page.len() < 1_500_000, "live page of 30 min: {} bytes", page.len());
+        assert!(page.contains("data-series=\"app_live\" data-source=\"app\" data-points=\"1800\""));
+
+        let mut day = History::with_capacity(86_400);
+        fill(&mut day, 86_400);
+        let report = report_page(&Report::default(), &day);
+        eprintln!(
+            "live page of 30 min: {} bytes; report of a day: {} bytes",
+            page.len(),
+            report.len()
+        );
+        assert!(report.len() < 2_500_000, "report of a day: {} bytes", report.len());
+        assert!(report.contains("data-points=\"86400\""), "the legend counts every tick held");
+    }
+
     #[test]
     fn escapes_outside_text() {
         assert_eq!(
