@@ -87,17 +87,33 @@ pub struct KernelArgs {
     /// Do not load eBPF probes; observe through procfs only.
     #[arg(long, env = "LEAKWATCH_NO_EBPF")]
     pub no_ebpf: bool,
-    /// Cap of the in-kernel socket table; sockets beyond it are counted as dropped, never tracked.
-    #[arg(long, env = "LEAKWATCH_MAX_SOCKETS", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=4_194_304))]
-    pub max_sockets: u32,
+    /// Cap of the in-kernel socket table; sockets beyond it are counted as dropped, never tracked
+    /// [default: 65536].
+    #[arg(long, env = "LEAKWATCH_MAX_SOCKETS", value_parser = clap::value_parser!(u32).range(MAX_SOCKETS_RANGE))]
+    pub max_sockets: Option<u32>,
     /// Also watch processes forked by the target.
     #[arg(long, env = "LEAKWATCH_FOLLOW_FORKS")]
     pub follow_forks: bool,
     /// With eBPF on, how often procfs joins the target's fds with /proc/<pid>/net/tcp{,6} (that file lists
     /// every socket of the network namespace, TIME_WAIT included, and is costly on busy nodes). fds,
     /// threads and RSS are still read every interval; without eBPF (and in `observe`) the join runs every interval.
-    #[arg(long, env = "LEAKWATCH_PROCFS_SCAN_INTERVAL", default_value = "15s", value_parser = parse_duration)]
-    pub procfs_scan_interval: Duration,
+    /// [default: 15s]
+    #[arg(long, env = "LEAKWATCH_PROCFS_SCAN_INTERVAL", value_parser = parse_duration)]
+    pub procfs_scan_interval: Option<Duration>,
+}
+
+/// Accepted values of `--max-sockets` (and `max_sockets` in the config file).
+pub const MAX_SOCKETS_RANGE: std::ops::RangeInclusive<i64> = 64..=4_194_304;
+
+impl KernelArgs {
+    /// The options are optional so that a config file can set them too; these are the defaults.
+    pub fn max_sockets(&self) -> u32 {
+        self.max_sockets.unwrap_or(65_536)
+    }
+
+    pub fn procfs_scan_interval(&self) -> Duration {
+        self.procfs_scan_interval.unwrap_or(Duration::from_secs(15))
+    }
 }
 
 #[derive(Args, Debug)]

@@ -2,6 +2,7 @@
 //! (the target tracker, the probes and their event pump, the procfs sampler, the scraper) so that the
 //! commands above it only deal in snapshots.
 use std::{
+    collections::HashSet,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -16,6 +17,7 @@ use crate::{
         ebpf::{self, ProbeEvent, ProbeOptions, Probes, RawCounters},
         procfs::{ProcError, ProcfsSampler},
         scrape::Scraper,
+        sockdiag,
         socket_table::SocketTable,
     },
     target::{TargetSelector, TargetStatus, TargetTracker},
@@ -40,6 +42,8 @@ pub fn load_kernel(opts: &CollectorOptions) -> (Option<Probes>, KernelMode) {
 
 /// Peers listed per snapshot for CLOSE_WAIT sockets: enough to name the culprit, small enough to record.
 const CLOSE_WAIT_PEER_GROUPS: usize = 5;
+/// Remote addresses listed per snapshot with the idle ages of the sockets dialed to them.
+const DIALED_IDLE_GROUPS: usize = 8;
 
 /// How the kernel side is observed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +81,8 @@ pub struct CollectorOptions {
     pub bpf_stats: bool,
     /// With eBPF counting sockets, how often procfs joins the fds with the namespace's TCP tables.
     pub procfs_scan_interval: Duration,
+    /// Dialed sockets idle for longer than this are counted apart (the analysis' idle horizon).
+    pub idle_horizon: Duration,
 }
 
 pub struct Collector {
@@ -93,6 +99,11 @@ pub struct Collector {
     pub costs: SourceCosts,
     last_counters: Option<RawCounters>,
     procfs_scan_interval: Duration,
+    idle_horizon: Duration,
+    /// Set once sock_diag turned out to be unavailable here (said once, not retried every pass).
+    sockdiag_off: bool,
+    /// When "no process matches" was last logged.
+    not_found_said: Option<Instant>,
     /// The last full procfs sample: whose it was and when it was taken.
     last_full_proc: Option<(TargetId, ProcSample, Instant)>,
 }
@@ -130,6 +141,9 @@ impl Collector {
             costs: SourceCosts::default(),
             last_counters: None,
             procfs_scan_interval: opts.procfs_scan_interval,
+            idle_horizon: opts.idle_horizon,
+            sockdiag_off: false,
+            not_found_said: None,
             last_full_proc: None,
         };
         collector.start_pump();
@@ -181,7 +195,13 @@ impl Collector {
             }
             _ => {
                 let t0 = Instant::now();
-                let full = self.procfs.sample(id.pid);
+                let full =
+                    self.procfs
+                        .sample_with_sockets(id.pid)
+                        .map(|(mut s, inodes, listening)| {
+                            self.add_dialed_idle(&mut s, &inodes, &listening);
+                            s
+                        });
                 self.costs.procfs_full = t0.elapsed().as_secs_f64();
                 if let Ok(s) = &full {
                     self.last_full_proc = Some((id.clone(), s.clone(), Instant::now()));
@@ -202,6 +222,37 @@ impl Collector {
     /// Seconds since the collector started: the clock of every snapshot's `t`.
     pub fn elapsed(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
+    }
+
+    /// Idle ages of the sockets the target dialed, from the kernel's tcp_info. Sockets accepted on one of
+    /// its listening ports are callers (or scrapers), whose idleness is theirs, not the target's.
+    fn add_dialed_idle(
+        &mut self,
+        sample: &mut ProcSample,
+        inodes: &HashSet<u64>,
+        listening: &HashSet<u16>,
+    ) {
+        if self.sockdiag_off {
+            return;
+        }
+        match sockdiag::dump_tcp(inodes, sockdiag::DEFAULT_MAX_SOCKETS) {
+            Ok(dump) => {
+                let dialed: Vec<_> = dump
+                    .sockets
+                    .into_iter()
+                    .filter(|s| !listening.contains(&s.local.port()))
+                    .collect();
+                let horizon_ms = self.idle_horizon.as_millis().min(u128::from(u32::MAX)) as u32;
+                sample.dialed_idle =
+                    sockdiag::idle_by_remote(&dialed, horizon_ms, DIALED_IDLE_GROUPS);
+                sample.dialed_idle_horizon_s = self.idle_horizon.as_secs_f64();
+            }
+            Err(e) if e.is_unavailable() => {
+                warn!("sock_diag is unavailable, idle ages of dialed sockets are off: {e}");
+                self.sockdiag_off = true;
+            }
+            Err(e) => warn!("sock_diag dump failed: {e}"),
+        }
     }
 
     /// One pass over every source.
@@ -274,6 +325,7 @@ impl Collector {
         let mut events = Vec::new();
         match self.tracker.poll() {
             TargetStatus::Found(id) => {
+                self.not_found_said = None;
                 info!(pid = id.pid, "target found");
                 self.attach(&id);
                 events.push(TargetEvent::Found(id.clone()));
@@ -306,7 +358,20 @@ impl Collector {
                     events.push(TargetEvent::Lost(last));
                 }
             }
-            TargetStatus::NotFound => {}
+            TargetStatus::NotFound => {
+                // Said once, and again every minute: a sidecar started before its target (or pointed at
+                // the wrong one) must not look like one watching a healthy process.
+                if self
+                    .not_found_said
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+                {
+                    warn!(
+                        "no process matches {}; waiting for one to appear",
+                        self.tracker.describe()
+                    );
+                    self.not_found_said = Some(Instant::now());
+                }
+            }
         }
         events
     }

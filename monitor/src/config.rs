@@ -102,6 +102,11 @@ struct FileConfig {
     record: Option<PathBuf>,
     pprof_url: Option<String>,
     no_pprof: Option<bool>,
+    idle_timeout: Option<String>,
+    max_sockets: Option<u32>,
+    follow_forks: Option<bool>,
+    #[serde(default, with = "opt_duration")]
+    procfs_scan_interval: Option<Duration>,
 }
 
 mod opt_duration {
@@ -173,7 +178,13 @@ impl SidecarArgs {
                 SideArg::Auto => crate::analysis::Side::Auto,
             };
         }
-        if let Some(idle) = self.idle_timeout {
+        if let Some(idle) = self.idle_timeout.or(file
+            .idle_timeout
+            .as_deref()
+            .map(crate::cli::parse_duration)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("idle_timeout in the config file: {e}"))?)
+        {
             analysis.idle_timeout_s = idle.as_secs_f64();
         }
         if !(analysis.idle_timeout_s.is_finite() && analysis.idle_timeout_s >= 0.0) {
@@ -216,11 +227,84 @@ impl SidecarArgs {
                 .or(file.listen)
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             no_ebpf: self.kernel.no_ebpf || file.no_ebpf.unwrap_or(false),
-            kernel: self.kernel.clone(),
+            kernel: KernelArgs {
+                no_ebpf: self.kernel.no_ebpf || file.no_ebpf.unwrap_or(false),
+                max_sockets: match self.kernel.max_sockets.or(file.max_sockets) {
+                    Some(n) if !crate::cli::MAX_SOCKETS_RANGE.contains(&i64::from(n)) => bail!(
+                        "max_sockets must be within {:?}, got {n}",
+                        crate::cli::MAX_SOCKETS_RANGE
+                    ),
+                    n => n,
+                },
+                follow_forks: self.kernel.follow_forks || file.follow_forks.unwrap_or(false),
+                procfs_scan_interval: self
+                    .kernel
+                    .procfs_scan_interval
+                    .or(file.procfs_scan_interval),
+            },
             analysis,
             metric_names: file.metric_names.unwrap_or_default(),
             record: self.record.clone().or(file.record),
             pprof_url,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sidecar: SidecarArgs,
+    }
+
+    fn resolve(file: &str, args: &[&str]) -> Result<SidecarConfig> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("leakwatch.toml");
+        std::fs::write(&path, file).expect("write config");
+        let path = path.display().to_string();
+        let mut argv = vec!["leakwatch", "--config", &path];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
+            .expect("arguments parse")
+            .sidecar
+            .resolve()
+    }
+
+    #[test]
+    fn every_option_comes_from_the_file_too_and_the_command_line_wins() {
+        let file = r#"
+            pid = 1
+            max_sockets = 4096
+            follow_forks = true
+            procfs_scan_interval = "30s"
+            idle_timeout = "120s"
+            [analysis]
+            window_s = 60.0
+        "#;
+        let cfg = resolve(file, &[]).expect("valid file");
+        assert_eq!(cfg.kernel.max_sockets(), 4096);
+        assert!(cfg.kernel.follow_forks);
+        assert_eq!(cfg.kernel.procfs_scan_interval(), Duration::from_secs(30));
+        assert_eq!(cfg.analysis.idle_timeout_s, 120.0);
+        assert_eq!(cfg.analysis.window_s, 60.0);
+        let cfg =
+            resolve(file, &["--max-sockets", "1024", "--idle-timeout", "30s"]).expect("valid");
+        assert_eq!(cfg.kernel.max_sockets(), 1024);
+        assert_eq!(cfg.analysis.idle_timeout_s, 30.0);
+    }
+
+    #[test]
+    fn bad_values_in_the_file_are_refused_with_the_key_named() {
+        let err = resolve("pid = 1\nmax_sockets = 3\n", &[]).expect_err("out of range");
+        assert!(err.to_string().contains("max_sockets"), "{err:#}");
+        let err = resolve("pid = 1\nidle_timeout = \"soon\"\n", &[]).expect_err("not a duration");
+        assert!(format!("{err:#}").contains("idle_timeout"), "{err:#}");
+        let err = resolve("pid = 1\nmax_socket = 3\n", &[]).expect_err("unknown key");
+        assert!(format!("{err:#}").contains("max_socket"), "{err:#}");
     }
 }

@@ -44,6 +44,7 @@ pub struct Engine {
     pub shared: Shared,
     target_name: String,
     pub stats: RunStats,
+    scrape_failing: bool,
     /// Every verdict raised during the run, for one-shot reports.
     pub raised: Vec<Raised>,
     pub last: Option<Snapshot>,
@@ -53,6 +54,18 @@ pub struct Engine {
     pub profiler: Option<GoroutineProfiler>,
     /// The last stack growth found, for /status.
     goroutine_growth: Vec<(String, i64)>,
+    /// Go targets: connection goroutines blocked past the idle horizon, found when an idle-connection
+    /// verdict was raised.
+    blocked_connections: Option<BlockedConnections>,
+}
+
+/// What the goroutine dump says about an idle-connection verdict: Go prints how long each goroutine has
+/// been blocked, so the dump is direct age evidence for connections held idle.
+#[derive(Clone, Debug, PartialEq)]
+struct BlockedConnections {
+    min_minutes: u64,
+    total: u64,
+    per_stack: Vec<(String, u64)>,
 }
 
 impl Engine {
@@ -81,11 +94,13 @@ impl Engine {
             shared,
             target_name: target_name.to_string(),
             stats: RunStats::default(),
+            scrape_failing: false,
             raised: Vec::new(),
             last: None,
             recorder: None,
             profiler: None,
             goroutine_growth: Vec::new(),
+            blocked_connections: None,
         }
     }
 
@@ -102,8 +117,23 @@ impl Engine {
         let (snap, target_events) = self.collector.tick().await;
         self.stats.ticks += 1;
         match &snap.app {
-            ScrapeOutcome::Ok(_) => self.stats.scrapes_ok += 1,
-            ScrapeOutcome::Failed { .. } => self.stats.scrapes_failed += 1,
+            ScrapeOutcome::Ok(_) => {
+                if self.scrape_failing {
+                    tracing::info!("the tunnel's metrics are readable again");
+                }
+                self.scrape_failing = false;
+                self.stats.scrapes_ok += 1;
+            }
+            ScrapeOutcome::Failed { reason } => {
+                // Logged when it starts failing, not every tick: the metric counts every failure.
+                if !self.scrape_failing {
+                    tracing::warn!(
+                        "cannot read the tunnel's metrics: {reason}; ledger checks pause, kernel checks go on"
+                    );
+                }
+                self.scrape_failing = true;
+                self.stats.scrapes_failed += 1;
+            }
             ScrapeOutcome::NotConfigured => {}
         }
         for e in &target_events {
@@ -111,6 +141,7 @@ impl Engine {
                 self.stats.target_restarts += 1;
                 // A new process: its goroutines are compared with its own baseline, not the old one's.
                 self.goroutine_growth.clear();
+                self.blocked_connections = None;
                 if let Some(p) = &mut self.profiler {
                     p.reset();
                 }
@@ -123,9 +154,10 @@ impl Engine {
             r.write(&snap);
         }
         let mut changes = self.analyzer.observe(&snap);
+        let blocked_before = self.blocked_connections.clone();
         self.add_stack_evidence(&snap, &mut changes).await;
         for c in &changes {
-            log_change(c);
+            log_change(c, snap.unix - snap.t);
             if let VerdictChange::Raised(v) = c {
                 self.raised.push(Raised {
                     verdict: v.clone(),
@@ -145,6 +177,17 @@ impl Engine {
                 self.analyzer.config().side,
                 &changes,
             );
+            // Dumps are read rarely (a baseline, then per verdict): the tasks chart shows each reading.
+            if let Some(b) = self
+                .blocked_connections
+                .as_ref()
+                .filter(|b| Some(*b) != blocked_before.as_ref())
+            {
+                h.set_blocked_ages(&[(
+                    format!("{}+ min (connection goroutines)", b.min_minutes),
+                    b.total as f64,
+                )]);
+            }
         }
         let active = self.active();
         let derived = self.analyzer.derived().clone();
@@ -190,11 +233,23 @@ impl Engine {
         {
             attach_stacks(v, &self.goroutine_growth);
         }
+        if let Some(b) = &self.blocked_connections {
+            for v in active.iter_mut().filter(|v| is_ledger_idle_verdict(v)) {
+                attach_blocked(v, b);
+            }
+        }
         active
     }
 
     /// On a task-growth verdict, asks the target which goroutine stacks grew (the seed's pprof step).
     async fn add_stack_evidence(&mut self, snap: &Snapshot, changes: &mut [VerdictChange]) {
+        let min_minutes = (self.analyzer.config().idle_horizon_s() / 60.0).ceil() as u64;
+        // An idle verdict the dump could not confirm yet is looked at again: ages only grow.
+        let recheck = self
+            .blocked_connections
+            .as_ref()
+            .is_some_and(|b| b.total == 0)
+            && self.analyzer.active().iter().any(is_ledger_idle_verdict);
         let (Some(profiler), Some(scraper)) = (self.profiler.as_mut(), self.collector.scraper())
         else {
             return;
@@ -202,10 +257,34 @@ impl Engine {
         if matches!(snap.app, ScrapeOutcome::Ok(_)) {
             profiler.ensure_baseline(scraper).await;
         }
+        if recheck {
+            if let Some((total, per_stack)) = profiler.blocked_beyond(scraper, min_minutes).await {
+                self.blocked_connections = Some(BlockedConnections {
+                    min_minutes,
+                    total,
+                    per_stack,
+                });
+            }
+        }
         for c in changes.iter_mut() {
             let VerdictChange::Raised(v) = c else {
                 continue;
             };
+            if is_ledger_idle_verdict(v) {
+                // Go rounds ages down to whole minutes: count only those certainly past the horizon.
+                if let Some((total, per_stack)) =
+                    profiler.blocked_beyond(scraper, min_minutes).await
+                {
+                    let b = BlockedConnections {
+                        min_minutes,
+                        total,
+                        per_stack,
+                    };
+                    attach_blocked(v, &b);
+                    self.blocked_connections = Some(b);
+                }
+                continue;
+            }
             if v.kind != VerdictKind::TaskGrowth {
                 continue;
             }
@@ -255,6 +334,45 @@ impl Engine {
             notes.push("target process not found".into());
         }
         notes
+    }
+}
+
+/// The server-side idle-connection verdict (from the ledger), as opposed to the agent's (from sockets).
+fn is_ledger_idle_verdict(v: &Verdict) -> bool {
+    v.kind == VerdictKind::IdleConnectionLeak && v.subject.starts_with("clientkey=")
+}
+
+/// Puts the goroutine-age evidence into an idle-connection verdict: it confirms the verdict, or, when no
+/// connection goroutine has been blocked that long, says so and lowers it to a warning (the ledger's old
+/// connections may be in use after all, e.g. reused by a pool the ledger cannot see into).
+fn attach_blocked(v: &mut Verdict, b: &BlockedConnections) {
+    if v.evidence
+        .contains_key("pprof.connection_goroutines_blocked_beyond_horizon")
+    {
+        return;
+    }
+    v.evidence.insert(
+        "pprof.connection_goroutines_blocked_beyond_horizon".into(),
+        b.total as f64,
+    );
+    for (stack, n) in b.per_stack.iter().take(3) {
+        v.evidence
+            .insert(format!("pprof.blocked_beyond_horizon[{stack}]"), *n as f64);
+    }
+    match b.per_stack.first() {
+        Some((stack, _)) => {
+            v.explanation += &format!(
+                "; confirmed by the goroutine dump: {} connection goroutines blocked for {}+ minutes (most: {stack})",
+                b.total, b.min_minutes
+            )
+        }
+        None => {
+            v.severity = crate::verdict::Severity::Warning;
+            v.explanation += &format!(
+                "; not confirmed by the goroutine dump: no connection goroutine blocked for {}+ minutes",
+                b.min_minutes
+            );
+        }
     }
 }
 

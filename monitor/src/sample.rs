@@ -61,6 +61,34 @@ impl KernelSample {
     }
 }
 
+/// Upper bounds (exclusive) of the idle-age buckets, in ms; the last bucket holds everything older. 90 s is
+/// Go's default `IdleConnTimeout`: a pooled connection of a healthy Go client never gets past the third.
+pub const IDLE_BUCKET_BOUNDS_MS: [u32; 5] = [10_000, 30_000, 90_000, 300_000, 1_800_000];
+pub const IDLE_BUCKETS: usize = IDLE_BUCKET_BOUNDS_MS.len() + 1;
+/// Names of the buckets, for labels and reports, in the order of [`RemoteIdle::buckets`].
+pub const IDLE_BUCKET_LABELS: [&str; IDLE_BUCKETS] =
+    ["lt_10s", "lt_30s", "lt_90s", "lt_5m", "lt_30m", "ge_30m"];
+
+/// The name of the row that `sources::sockdiag::idle_by_remote` folds the groups beyond its cap into.
+pub const OTHER_REMOTE: &str = "_other";
+
+/// Idle ages of the ESTABLISHED sockets to one remote address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteIdle {
+    /// `ip:port` (IPv4-mapped IPv6 addresses written as IPv4), or [`OTHER_REMOTE`] for the folded tail.
+    pub remote: String,
+    pub established: u64,
+    /// Counted apart and left out of the ages: a CLOSE_WAIT socket is the peer's hang-up waiting on the
+    /// process, a different leak with its own verdict.
+    pub close_wait: u64,
+    /// ESTABLISHED sockets idle for strictly longer than the horizon.
+    pub idle_over_horizon: u64,
+    /// The largest idle age among the ESTABLISHED sockets (0 when there are none).
+    pub oldest_idle_ms: u32,
+    /// ESTABLISHED sockets per idle-age bucket ([`IDLE_BUCKET_BOUNDS_MS`]).
+    pub buckets: [u64; IDLE_BUCKETS],
+}
+
 /// What procfs says about the target.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProcSample {
@@ -72,6 +100,13 @@ pub struct ProcSample {
     pub tcp_by_state: [u64; 13],
     pub threads: u64,
     pub rss_bytes: u64,
+    /// Idle ages of the ESTABLISHED sockets the target dialed (not accepted), per remote address, from
+    /// the kernel's tcp_info (sock_diag), taken with the full procfs pass; empty when unavailable.
+    #[serde(default)]
+    pub dialed_idle: Vec<RemoteIdle>,
+    /// The idle horizon `dialed_idle` counts against, seconds (0 when not measured).
+    #[serde(default)]
+    pub dialed_idle_horizon_s: f64,
 }
 
 impl ProcSample {

@@ -1,7 +1,7 @@
 //! Finding the target process, and noticing when it restarts. A restart (new pid, or the same pid with a
 //! new start time) is reported as such so that counters going back to zero are never read as a leak.
 use regex::Regex;
-use tracing::info;
+use tracing::warn;
 
 use crate::{
     sample::TargetId,
@@ -68,6 +68,20 @@ impl TargetTracker {
         found
     }
 
+    /// The selector as the user gave it, for messages.
+    pub fn describe(&self) -> String {
+        match &self.selector {
+            TargetSelector::Pid(p) => format!("--pid {p}"),
+            TargetSelector::Match(re) => format!("--match {:?}", re.as_str()),
+        }
+    }
+
+    /// The name of the process the selector finds now (its `comm`), if it finds one.
+    pub fn process_name(&self) -> Option<String> {
+        let id = self.candidates().into_iter().next()?;
+        self.procfs.comm(id.pid)
+    }
+
     /// Another leakwatch's command line contains the pattern too; never watch a watcher.
     fn is_leakwatch(&self, pid: u32) -> bool {
         self.procfs.comm(pid).is_some_and(|c| c == "leakwatch")
@@ -84,10 +98,12 @@ impl TargetTracker {
         let candidates = self.candidates();
         if candidates.len() > 1 {
             let others: Vec<u32> = candidates.iter().skip(1).map(|t| t.pid).collect();
-            info!(
+            warn!(
                 chosen = candidates[0].pid,
                 ?others,
-                "several processes match; watching the oldest"
+                "several processes match {}; watching the oldest. Give --pid, or a --match pattern that \
+                 matches one command line, to choose another",
+                self.describe()
             );
         }
         match (candidates.into_iter().next(), self.current.take()) {

@@ -602,10 +602,48 @@ fn the_bug(with_noise: bool) {
         170,
         &[],
     );
+    // The agent side, watched at the same time by a second leakwatch with the kernel alone (agents have
+    // no ledger): the leaked connections are its idle sockets to the backend.
+    let agent_watch =
+        (!with_noise).then(|| leakwatch_check(tunnel.agent.pid(), None, "agent", 170, &[]));
     let leak_start = now_unix();
     // 2 requests/s from a keep-alive caller: every request leaves its idle tunneled connection behind.
     let _load = tunnel.keep_alive_load_bg("/", 400, 2.0, 1);
     let report = watch.report();
+    if let Some(agent_watch) = agent_watch {
+        let agent_report = agent_watch.report();
+        assert_row(
+            evaluate(
+                "per-request (v2.10.3), agent side",
+                &agent_report,
+                Expect {
+                    primary: &["idle_connection_leak"],
+                    consequences: &["quiescence_failure"],
+                },
+                leak_start,
+                150.0,
+            ),
+            &agent_report,
+        );
+        let target = format!("target={}", tunnel.backend_addr);
+        let named = agent_report["verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["verdict"]["kind"] == "idle_connection_leak")
+            .any(|r| {
+                r["verdict"]["subject"]
+                    .as_str()
+                    .is_some_and(|s| s.contains(&target))
+                    && r["verdict"]["explanation"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("idle ages:"))
+            });
+        assert!(
+            named,
+            "the agent's verdict names {target} and the idle ages: {agent_report:#}"
+        );
+    }
     let name = if with_noise {
         "per-request (v2.10.3) + noise"
     } else {
@@ -625,6 +663,20 @@ fn the_bug(with_noise: bool) {
         &report,
     );
     assert_names_idle_rows(&report, &tunnel.backend_addr);
+    // The tunnel's goroutine dump (Go's layout, with blocked ages) confirms the connections are idle.
+    let confirmed = report["active_at_end"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["kind"] == "idle_connection_leak")
+        .filter_map(|v| {
+            v["evidence"]["pprof.connection_goroutines_blocked_beyond_horizon"].as_f64()
+        })
+        .fold(0.0, f64::max);
+    assert!(
+        confirmed > 0.0,
+        "goroutines blocked past the horizon confirm the verdict: {report:#}"
+    );
 }
 
 #[test]

@@ -138,6 +138,7 @@ impl Analyzer {
         let mut out: Vec<_> = [
             rules::bookkeeping(s, cfg, t, self.stale_after()),
             rules::idle_connections(s, cfg, t),
+            rules::idle_sockets(s, cfg),
             rules::close_wait(s, cfg, t),
             rules::fd_growth(s, cfg, t),
             rules::task_growth(s, cfg, t),
@@ -146,6 +147,17 @@ impl Analyzer {
         .into_iter()
         .flatten()
         .collect();
+        // A ledger that is not decremented also looks like old connections that never close; their
+        // "age" is the ledger's mistake, not connections held idle. One verdict says what is wrong.
+        let ledger_lies = out
+            .iter()
+            .any(|f| f.verdict.kind == VerdictKind::BookkeepingLeak)
+            || self.conditions.holding(VerdictKind::BookkeepingLeak);
+        if ledger_lies {
+            out.retain(|f| {
+                !(f.verdict.kind == VerdictKind::IdleConnectionLeak && f.scope == "idle")
+            });
+        }
         const HEAP_HOLDERS: [VerdictKind; 3] = [
             VerdictKind::TaskGrowth,
             VerdictKind::BookkeepingLeak,

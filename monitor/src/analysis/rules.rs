@@ -198,6 +198,68 @@ pub fn idle_connections(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Fin
     ))
 }
 
+/// The agent side of the same leak, from the kernel's own clock: ESTABLISHED sockets the target dialed
+/// that carried no data for longer than the idle horizon, piling up per target. A healthy pool closes an
+/// idle connection within its idle timeout, or reuses it, which resets its idle age.
+pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
+    let rows = s.dialed_idle_excess();
+    let total: u64 = rows.iter().map(|(_, n)| n).sum();
+    if (total as f64) <= cfg.idle_tolerance {
+        return None;
+    }
+    let horizon = s.dialed_idle_horizon_s;
+    let mut evidence = BTreeMap::new();
+    let mut names = Vec::new();
+    for (g, n) in rows.iter().take(3) {
+        evidence.insert(
+            format!("kernel.idle_beyond_horizon[{}]", g.remote),
+            *n as f64,
+        );
+        evidence.insert(
+            format!("kernel.established[{}]", g.remote),
+            g.established as f64,
+        );
+        evidence.insert(
+            format!("kernel.oldest_idle_s[{}]", g.remote),
+            f64::from(g.oldest_idle_ms) / 1000.0,
+        );
+        for (label, count) in crate::sample::IDLE_BUCKET_LABELS.iter().zip(g.buckets) {
+            evidence.insert(
+                format!("kernel.idle_age_{label}[{}]", g.remote),
+                count as f64,
+            );
+        }
+        names.push(format!("target={} ({n} idle)", g.remote));
+    }
+    evidence.insert("config.idle_horizon_s".into(), horizon);
+    let (top, n) = rows.first()?;
+    let ages: Vec<String> = crate::sample::IDLE_BUCKET_LABELS
+        .iter()
+        .zip(top.buckets)
+        .filter(|(_, c)| *c > 0)
+        .map(|(l, c)| format!("{c} {}", l.replace('_', " ")))
+        .collect();
+    let severity = if total as f64 > 4.0 * cfg.idle_tolerance {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    Some(finding(
+        VerdictKind::IdleConnectionLeak,
+        severity,
+        names.join("; "),
+        evidence,
+        format!(
+            "{n} ESTABLISHED sockets to {} have been idle with no data either way for more than {horizon:.0}s (oldest {:.0}s; idle ages: {}), longer than any plausible idle timeout: the tunnel holds connections nobody uses (the agent side of the Rancher v2.10.3 leak)",
+            top.remote,
+            f64::from(top.oldest_idle_ms) / 1000.0,
+            ages.join(", ")
+        ),
+        cfg.idle_min_s,
+        "sockets",
+    ))
+}
+
 /// Sockets left in CLOSE_WAIT: the peer closed, the process never did.
 pub fn close_wait(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
     let cw = s.close_wait.last()?;

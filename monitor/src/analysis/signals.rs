@@ -123,6 +123,11 @@ pub struct Signals {
     pub kernel_conn_floor: Option<f64>,
     /// When the first snapshot of this incarnation was taken.
     watching_since: Option<f64>,
+    /// Idle ages of the sockets the target dialed, per remote (kernel tcp_info, refreshed with each full
+    /// procfs pass), and per remote the fewest sockets idle past the horizon seen in this incarnation.
+    pub dialed_idle: Vec<crate::sample::RemoteIdle>,
+    pub dialed_idle_horizon_s: f64,
+    pub dialed_idle_floor: BTreeMap<String, u64>,
     /// Kernel connections seen while the app had none live: sockets that are not tunneled connections
     /// (the agent's websocket, scrapes). Subtracted before comparing.
     kernel_offset: Option<f64>,
@@ -225,6 +230,17 @@ impl Signals {
         if app.is_some() || s.kernel.is_some() {
             self.opened.push(t, self.opened_total, horizon);
         }
+        if let Some(p) = s.proc.as_ref().filter(|p| p.dialed_idle_horizon_s > 0.0) {
+            for g in &p.dialed_idle {
+                let floor = self
+                    .dialed_idle_floor
+                    .entry(g.remote.clone())
+                    .or_insert(g.idle_over_horizon);
+                *floor = (*floor).min(g.idle_over_horizon);
+            }
+            self.dialed_idle.clone_from(&p.dialed_idle);
+            self.dialed_idle_horizon_s = p.dialed_idle_horizon_s;
+        }
         if let Some(p) = &s.proc {
             self.fds.push(t, p.open_fds as f64, horizon);
             self.fd_limit = p.fd_limit.map(|l| l as f64);
@@ -271,6 +287,22 @@ impl Signals {
             callers_explained,
             excess: (above_floor - callers_explained).max(0.0),
         })
+    }
+
+    /// Dialed sockets idle past the horizon, per remote, beyond the fewest seen there in this
+    /// incarnation (what was already idle when the watch began explains nothing new), most first.
+    pub fn dialed_idle_excess(&self) -> Vec<(&crate::sample::RemoteIdle, u64)> {
+        let mut rows: Vec<_> = self
+            .dialed_idle
+            .iter()
+            .map(|g| {
+                let floor = self.dialed_idle_floor.get(&g.remote).copied().unwrap_or(0);
+                (g, g.idle_over_horizon.saturating_sub(floor))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.remote.cmp(&b.0.remote)));
+        rows
     }
 
     /// The rows holding the most old connections above their own floor, most first.

@@ -94,6 +94,7 @@ impl Tunnel {
                 tcp_by_state: by_state,
                 threads: self.threads,
                 rss_bytes: 30 << 20,
+                ..ProcSample::default()
             }),
             app,
         }
@@ -817,5 +818,87 @@ fn a_task_leak_that_stopped_growing_holds_until_its_tasks_are_released() {
         cleared_at - release <= 30.0,
         "cleared after {}s",
         cleared_at - release
+    );
+}
+
+#[test]
+fn agent_sockets_idle_past_the_horizon_are_named_with_their_ages() {
+    use crate::sample::RemoteIdle;
+    let mut an = Analyzer::new(AnalysisConfig {
+        side: Side::Agent,
+        ..AnalysisConfig::default()
+    });
+    let mut tun = Tunnel::new();
+    tun.scrape_ok = false;
+    let group = |established: u64, old: u64| RemoteIdle {
+        remote: "127.0.0.1:6080".into(),
+        established,
+        idle_over_horizon: old,
+        oldest_idle_ms: (old as u32) * 500 + 105_000,
+        buckets: [0, 0, established - old, old, 0, 0],
+        ..RemoteIdle::default()
+    };
+    let mut changes = Vec::new();
+    // Two sockets a second from t=0, each idle from then on; a full procfs pass every 15 s sees them.
+    for i in 0..200u32 {
+        tun.t += 1.0;
+        let mut snap = tun.snapshot();
+        let seen_at = i - i % 15;
+        let established = 2 * u64::from(seen_at);
+        let old = 2 * u64::from(seen_at.saturating_sub(105));
+        if let Some(p) = snap.proc.as_mut() {
+            p.dialed_idle = vec![group(established.max(1), old)];
+            p.dialed_idle_horizon_s = 105.0;
+        }
+        changes.extend(an.observe(&snap));
+    }
+    let v = changes
+        .iter()
+        .find_map(|c| match c {
+            VerdictChange::Raised(v) if v.kind == VerdictKind::IdleConnectionLeak => Some(v),
+            _ => None,
+        })
+        .expect("an idle-connection verdict from the kernel's idle ages");
+    assert!(v.subject.contains("target=127.0.0.1:6080"), "{}", v.subject);
+    assert!(
+        v.explanation
+            .contains("idle with no data either way for more than 105s")
+            && v.explanation.contains("lt 5m"),
+        "{}",
+        v.explanation
+    );
+    assert!(v.evidence["kernel.idle_beyond_horizon[127.0.0.1:6080]"] > 10.0);
+
+    // The same pile already there when the watch began, and not growing: nothing new to say.
+    let mut an = Analyzer::new(AnalysisConfig {
+        side: Side::Agent,
+        ..AnalysisConfig::default()
+    });
+    let mut changes = Vec::new();
+    for _ in 0..120 {
+        tun.t += 1.0;
+        let mut snap = tun.snapshot();
+        if let Some(p) = snap.proc.as_mut() {
+            p.dialed_idle = vec![group(80, 40)];
+            p.dialed_idle_horizon_s = 105.0;
+        }
+        changes.extend(an.observe(&snap));
+    }
+    assert_eq!(raised(&changes), vec![]);
+}
+
+#[test]
+fn a_ledger_that_is_not_decremented_is_not_also_called_idle_connections() {
+    let (mut an, mut tun) = (analyzer(), Tunnel::new());
+    replay(&mut an, &mut tun, 20, |t, i| {
+        healthy_traffic(t, 0.0, (i % 2) as u64)
+    });
+    // Past the idle horizon, the never-removed connections look old too; they hold nothing.
+    let changes = replay(&mut an, &mut tun, 200, |t, _| t.added += 5.0);
+    let kinds: Vec<_> = raised(&changes).into_iter().map(|(k, _)| k).collect();
+    assert!(kinds.contains(&VerdictKind::BookkeepingLeak), "{kinds:?}");
+    assert!(
+        !kinds.contains(&VerdictKind::IdleConnectionLeak),
+        "{kinds:?}"
     );
 }

@@ -27,12 +27,13 @@ pub fn collector_options(cfg: &SidecarConfig) -> CollectorOptions {
         selector: cfg.selector.clone(),
         no_ebpf: cfg.no_ebpf,
         probes: ProbeOptions {
-            max_sockets: cfg.kernel.max_sockets,
+            max_sockets: cfg.kernel.max_sockets(),
             follow_forks: cfg.kernel.follow_forks,
             ..ProbeOptions::default()
         },
         bpf_stats: false,
-        procfs_scan_interval: cfg.kernel.procfs_scan_interval,
+        procfs_scan_interval: cfg.kernel.procfs_scan_interval(),
+        idle_horizon: std::time::Duration::from_secs_f64(cfg.analysis.idle_horizon_s()),
     }
 }
 

@@ -17,13 +17,16 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
         selector,
         no_ebpf: args.kernel.no_ebpf,
         probes: ProbeOptions {
-            max_sockets: args.kernel.max_sockets,
+            max_sockets: args.kernel.max_sockets(),
             follow_forks: args.kernel.follow_forks,
             ..ProbeOptions::default()
         },
         bpf_stats: false,
         // The raw view shows kernel and procfs side by side: both fresh on every line.
         procfs_scan_interval: std::time::Duration::ZERO,
+        idle_horizon: std::time::Duration::from_secs_f64(
+            crate::analysis::AnalysisConfig::default().idle_horizon_s(),
+        ),
     };
     let mut collector = Collector::new(opts, None);
     if let KernelMode::ProcfsOnly(reason) = collector.mode() {

@@ -17,7 +17,7 @@ use crate::{
         goroutines::GoroutineProfiler,
         scrape::{ScrapeConfig, Scraper},
     },
-    target::TargetSelector,
+    target::{TargetSelector, TargetTracker},
 };
 
 #[derive(Args, Debug)]
@@ -45,9 +45,15 @@ pub fn build_engine(prepared: Prepared) -> Result<Engine> {
         None => None,
     };
     let collector = Collector::with_kernel(collector_options(cfg), scraper, kernel);
-    let name = cfg.name.clone().unwrap_or_else(|| match &cfg.selector {
-        TargetSelector::Pid(p) => format!("pid-{p}"),
-        TargetSelector::Match(re) => re.as_str().to_string(),
+    // The `target` label of every series: the process name, so that dashboards read "rancher", not a
+    // pattern or a pid that changes with every restart.
+    let name = cfg.name.clone().unwrap_or_else(|| {
+        TargetTracker::new(cfg.selector.clone())
+            .process_name()
+            .unwrap_or_else(|| match &cfg.selector {
+                TargetSelector::Pid(p) => format!("pid-{p}"),
+                TargetSelector::Match(re) => re.as_str().to_string(),
+            })
     });
     let stale_after = (cfg.interval * 5).max(Duration::from_secs(10));
     let mut engine = Engine::new(

@@ -547,7 +547,11 @@ mod tests {
         fill(&mut live, 2000);
         assert_eq!(live.ticks().len(), 1800);
         let page = live_page(&StatusDoc::default(), &live, 1800.0, 5, Side::Server);
-        assert!(page.len() < 1_500_000, "live page of 30 min: {} bytes", page.len());
+        assert!(
+            page.len() < 1_500_000,
+            "live page of 30 min: {} bytes",
+            page.len()
+        );
         assert!(page.contains("data-series=\"app_live\" data-source=\"app\" data-points=\"1800\""));
 
         let mut day = History::with_capacity(86_400);
@@ -558,8 +562,15 @@ mod tests {
             page.len(),
             report.len()
         );
-        assert!(report.len() < 2_500_000, "report of a day: {} bytes", report.len());
-        assert!(report.contains("data-points=\"86400\""), "the legend counts every tick held");
+        assert!(
+            report.len() < 2_500_000,
+            "report of a day: {} bytes",
+            report.len()
+        );
+        assert!(
+            report.contains("data-points=\"86400\""),
+            "the legend counts every tick held"
+        );
     }
 
     #[test]

@@ -26,6 +26,44 @@ pub struct StackProfile {
     pub by_stack: BTreeMap<String, u64>,
     /// Goroutines whose stack did not fit under the cap of distinct stacks.
     pub other: u64,
+    /// Per stack, how many goroutines have been blocked for how many whole minutes (Go prints the age of
+    /// a goroutine blocked for a minute or more: `goroutine 7 [select, 12 minutes]:`).
+    pub blocked_minutes: BTreeMap<String, BTreeMap<u64, u64>>,
+}
+
+/// The connection-holding code of a tunnel: a goroutine blocked here holds a tunneled connection (an idle
+/// pooled connection waits in `persistConn.readLoop`; remotedialer's pipes wait in `connection.Read`).
+const CONNECTION_FRAMES: [&str; 3] = [
+    "remotedialer",
+    "net/http.(*persistConn)",
+    "http.(*persistConn)",
+];
+
+/// The whole minutes a goroutine header says it has been blocked, if it says so.
+fn blocked_minutes(header: &str) -> Option<u64> {
+    let inside = header.split_once('[')?.1.split_once(']')?.0;
+    // `[select, 12 minutes]`, or with a suffix: `[select, 12 minutes, locked to thread]`.
+    inside
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" minutes")?.trim().parse().ok())
+}
+
+/// Goroutines of connection-holding stacks blocked for at least `min_minutes`, total and per stack
+/// (most first). Go prints whole minutes rounded down, so `min_minutes = ceil(horizon / 60)` counts only
+/// goroutines certainly blocked for longer than the horizon.
+pub fn blocked_connections(p: &StackProfile, min_minutes: u64) -> (u64, Vec<(String, u64)>) {
+    let mut per_stack: Vec<(String, u64)> = p
+        .blocked_minutes
+        .iter()
+        .filter(|(stack, _)| CONNECTION_FRAMES.iter().any(|f| stack.contains(f)))
+        .map(|(stack, ages)| {
+            let n = ages.range(min_minutes..).map(|(_, c)| c).sum();
+            (stack.clone(), n)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    per_stack.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    (per_stack.iter().map(|(_, n)| n).sum(), per_stack)
 }
 
 /// `pkg/path.(*T).Method(0xc000, ...)` -> `path.(*T).Method`: the arguments and the module path prefix
@@ -65,6 +103,14 @@ pub fn parse_goroutine_dump(text: &str) -> StackProfile {
             frames.join(" <- ")
         };
         if profile.by_stack.len() < MAX_STACKS || profile.by_stack.contains_key(&key) {
+            if let Some(minutes) = blocked_minutes(header) {
+                *profile
+                    .blocked_minutes
+                    .entry(key.clone())
+                    .or_default()
+                    .entry(minutes)
+                    .or_default() += 1;
+            }
             *profile.by_stack.entry(key).or_default() += 1;
         } else {
             profile.other += 1;
@@ -115,6 +161,9 @@ pub struct GoroutineProfiler {
     min_interval: Duration,
     /// Set when the target turned out to serve no profiles: asking again would only add load.
     disabled: bool,
+    /// When connection ages were last asked for: an unconfirmed idle verdict asks again, at most once a
+    /// minute (ages only grow, so the next look can confirm what the last could not yet).
+    last_age_fetch: Option<Instant>,
 }
 
 impl GoroutineProfiler {
@@ -126,6 +175,7 @@ impl GoroutineProfiler {
             last_fetch: None,
             min_interval: Duration::from_secs(300),
             disabled: false,
+            last_age_fetch: None,
         }
     }
 
@@ -160,6 +210,25 @@ impl GoroutineProfiler {
             self.baseline_tried = true;
             self.baseline = self.fetch(scraper).await;
         }
+    }
+
+    /// Goroutines of connection-holding stacks blocked for at least `min_minutes` (see
+    /// [`blocked_connections`]); `None` when rate-limited, disabled or failed.
+    pub async fn blocked_beyond(
+        &mut self,
+        scraper: &Scraper,
+        min_minutes: u64,
+    ) -> Option<(u64, Vec<(String, u64)>)> {
+        if self.disabled
+            || self
+                .last_age_fetch
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            return None;
+        }
+        self.last_age_fetch = Some(Instant::now());
+        let now = self.fetch(scraper).await?;
+        Some(blocked_connections(&now, min_minutes))
     }
 
     /// The stacks that grew since the baseline, or `None` when rate-limited, disabled or failed.
@@ -224,6 +293,28 @@ mod tests {
                 "remotedialer.(*connection).Read <- remotedialer.pipe.func2".to_string(),
                 48
             )]
+        );
+    }
+
+    #[test]
+    fn blocked_ages_are_counted_per_stack_in_whole_minutes() {
+        // dump() blocks every pipe goroutine for 3 minutes; the main goroutine has no age.
+        let p = parse_goroutine_dump(&dump(5));
+        let stack = "remotedialer.(*connection).Read <- remotedialer.pipe.func2";
+        assert_eq!(p.blocked_minutes[stack][&3], 5);
+        assert_eq!(
+            blocked_connections(&p, 2),
+            (5, vec![(stack.to_string(), 5)])
+        );
+        assert_eq!(blocked_connections(&p, 4).0, 0, "3 minutes is not 4");
+        assert_eq!(blocked_minutes("goroutine 9 [IO wait]:"), None);
+        assert_eq!(
+            blocked_minutes("goroutine 9 [sync.Cond.Wait, 1 minutes]:"),
+            Some(1)
+        );
+        assert_eq!(
+            blocked_minutes("goroutine 9 [select, 12 minutes, locked to thread]:"),
+            Some(12)
         );
     }
 

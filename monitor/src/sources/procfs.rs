@@ -283,23 +283,38 @@ impl ProcfsSampler {
     }
 
     pub fn sample(&self, pid: u32) -> Result<ProcSample, ProcError> {
+        Ok(self.sample_with_sockets(pid)?.0)
+    }
+
+    /// A full sample, and from the same pass the target's socket inodes and its listening ports: what a
+    /// sock_diag dump needs to pick out the sockets the target dialed, without reading the tables twice.
+    pub fn sample_with_sockets(
+        &self,
+        pid: u32,
+    ) -> Result<(ProcSample, HashSet<u64>, HashSet<u16>), ProcError> {
         let (threads, rss_pages, _) = self.stat(pid)?;
         let (open_fds, inodes) = self.fds(pid)?;
         let mut tcp_by_state = [0u64; 13];
+        let mut listening = HashSet::new();
         self.tcp_entries(pid, &inodes, |e| {
             if let Some(slot) = tcp_by_state.get_mut(e.state as usize) {
                 *slot += 1;
             }
+            if e.state == monitor_ebpf::tcp_state::LISTEN {
+                listening.insert(e.local.port());
+            }
         })?;
         let limits = read_bounded(&self.pid_path(pid, "limits"), MAX_SMALL_FILE)?;
-        Ok(ProcSample {
+        let sample = ProcSample {
             open_fds,
             fd_limit: parse_fd_limit(&limits),
             socket_fds: inodes.len() as u64,
             tcp_by_state,
             threads,
             rss_bytes: rss_pages * self.page_size,
-        })
+            ..ProcSample::default()
+        };
+        Ok((sample, inodes, listening))
     }
 
     /// The target's TCP sockets with addresses and states.

@@ -67,6 +67,10 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
 use serde::Serialize;
+
+pub use crate::sample::{
+    IDLE_BUCKET_BOUNDS_MS, IDLE_BUCKET_LABELS, IDLE_BUCKETS, OTHER_REMOTE, RemoteIdle,
+};
 use thiserror::Error;
 
 /// How many of the target's sockets one dump keeps. A tunnel agent with this many connections open is
@@ -88,17 +92,6 @@ const INET_DIAG_MSG_LEN: usize = 72;
 const TCPI_LAST_DATA_SENT: usize = 44;
 const TCPI_LAST_DATA_RECV: usize = 52;
 const TCPI_LAST_ACK_RECV: usize = 56;
-
-/// Upper bounds (exclusive) of the idle-age buckets, in ms; the last bucket holds everything older. 90 s is
-/// Go's default `IdleConnTimeout`: a pooled connection of a healthy Go client never gets past the third.
-pub const IDLE_BUCKET_BOUNDS_MS: [u32; 5] = [10_000, 30_000, 90_000, 300_000, 1_800_000];
-pub const IDLE_BUCKETS: usize = IDLE_BUCKET_BOUNDS_MS.len() + 1;
-/// Names of the buckets, for labels and reports, in the order of [`RemoteIdle::buckets`].
-pub const IDLE_BUCKET_LABELS: [&str; IDLE_BUCKETS] =
-    ["lt_10s", "lt_30s", "lt_90s", "lt_5m", "lt_30m", "ge_30m"];
-
-/// The name of the row that [`idle_by_remote`] folds the groups beyond its cap into.
-pub const OTHER_REMOTE: &str = "_other";
 
 /// One TCP socket of the target, as the kernel describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -430,23 +423,6 @@ pub fn parse_datagram(
         }
     }
     Ok(Flow::More)
-}
-
-/// Idle ages of the ESTABLISHED sockets to one remote address.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct RemoteIdle {
-    /// `ip:port` (IPv4-mapped IPv6 addresses written as IPv4), or [`OTHER_REMOTE`] for the folded tail.
-    pub remote: String,
-    pub established: u64,
-    /// Counted apart and left out of the ages: a CLOSE_WAIT socket is the peer's hang-up waiting on the
-    /// process, a different leak with its own verdict.
-    pub close_wait: u64,
-    /// ESTABLISHED sockets idle for strictly longer than the horizon.
-    pub idle_over_horizon: u64,
-    /// The largest idle age among the ESTABLISHED sockets (0 when there are none).
-    pub oldest_idle_ms: u32,
-    /// ESTABLISHED sockets per idle-age bucket ([`IDLE_BUCKET_BOUNDS_MS`]).
-    pub buckets: [u64; IDLE_BUCKETS],
 }
 
 impl RemoteIdle {
