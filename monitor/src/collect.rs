@@ -219,6 +219,11 @@ impl Collector {
         }
     }
 
+    /// Seconds since the collector started: the clock of every snapshot's `t`.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
     /// Idle ages of the sockets the target dialed, from the kernel's tcp_info. Sockets accepted on one of
     /// its listening ports are callers (or scrapers), whose idleness is theirs, not the target's.
     fn add_dialed_idle(

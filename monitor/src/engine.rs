@@ -9,6 +9,7 @@ use crate::{
     analysis::Analyzer,
     collect::{Collector, KernelMode, TargetEvent},
     outputs::{
+        history::History,
         http::{Shared, SocketView, StatusDoc},
         log::log_change,
         metrics::LeakwatchMetrics,
@@ -60,7 +61,7 @@ pub struct Engine {
 
 /// What the goroutine dump says about an idle-connection verdict: Go prints how long each goroutine has
 /// been blocked, so the dump is direct age evidence for connections held idle.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct BlockedConnections {
     min_minutes: u64,
     total: u64,
@@ -84,6 +85,8 @@ impl Engine {
             status: Arc::new(RwLock::new(status)),
             last_tick: Arc::new(Mutex::new(Instant::now())),
             stale_after,
+            history: Arc::new(Mutex::new(History::default())),
+            side: analyzer.config().side,
         };
         Self {
             collector,
@@ -99,6 +102,15 @@ impl Engine {
             goroutine_growth: Vec::new(),
             blocked_connections: None,
         }
+    }
+
+    /// Sizes the history for the sampling interval (30 min of it, within a fixed cap). Call before
+    /// serving: the live page holds the same history.
+    pub fn size_history(&mut self, interval: std::time::Duration) {
+        self.shared.history = Arc::new(Mutex::new(History::for_interval(
+            crate::outputs::history::WINDOW,
+            interval,
+        )));
     }
 
     pub async fn step(&mut self) -> Vec<VerdictChange> {
@@ -142,6 +154,7 @@ impl Engine {
             r.write(&snap);
         }
         let mut changes = self.analyzer.observe(&snap);
+        let blocked_before = self.blocked_connections.clone();
         self.add_stack_evidence(&snap, &mut changes).await;
         for c in &changes {
             log_change(c, snap.unix - snap.t);
@@ -154,6 +167,26 @@ impl Engine {
                 if let Ok(m) = self.shared.metrics.lock() {
                     m.verdict_raised(v.kind);
                 }
+            }
+        }
+        if let Ok(mut h) = self.shared.history.lock() {
+            h.record(
+                &snap,
+                self.analyzer.derived(),
+                self.analyzer.load_phase(),
+                self.analyzer.config().side,
+                &changes,
+            );
+            // Dumps are read rarely (a baseline, then per verdict): the tasks chart shows each reading.
+            if let Some(b) = self
+                .blocked_connections
+                .as_ref()
+                .filter(|b| Some(*b) != blocked_before.as_ref())
+            {
+                h.set_blocked_ages(&[(
+                    format!("{}+ min (connection goroutines)", b.min_minutes),
+                    b.total as f64,
+                )]);
             }
         }
         let active = self.active();

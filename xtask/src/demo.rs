@@ -144,8 +144,11 @@ fn leak_phase(title: &str, mode: &str, expect: &str, seconds: u64) -> Result<()>
     println!("{title}");
     let leaky = start_tunnel(Some(mode))?;
     let mut lw = start_leakwatch(&leaky)?;
+    println!("leakwatch draws it live at http://{LEAKWATCH}/ (charts, verdicts with evidence)\n");
     let _load = start_load(&leaky, 20 * seconds, 20)?;
     let (seen, explained) = watch_phase(seconds);
+    // The live page is self-contained: a copy outlives the demo's leakwatch.
+    let saved = save_live_page(mode);
     lw.terminate();
     if !seen.iter().any(|k| k.starts_with(expect)) {
         bail!("leakwatch did not report {expect} during the demo (saw: {seen:?})");
@@ -154,8 +157,24 @@ fn leak_phase(title: &str, mode: &str, expect: &str, seconds: u64) -> Result<()>
     for e in explained {
         println!("  - {e}");
     }
+    if let Some(path) = saved {
+        println!("  the live page as it was at the end: {}", path.display());
+    }
     println!();
     Ok(())
+}
+
+fn results_dir() -> std::path::PathBuf {
+    workspace_root().join("target/leakwatch-results")
+}
+
+/// Keeps a copy of leakwatch's live page (`/`) under target/leakwatch-results.
+fn save_live_page(name: &str) -> Option<std::path::PathBuf> {
+    let page = http_get(&format!("http://{LEAKWATCH}/"))?;
+    let path = results_dir().join(format!("demo-live-{name}.html"));
+    std::fs::create_dir_all(results_dir()).ok()?;
+    std::fs::write(&path, page).ok()?;
+    Some(path)
 }
 
 pub fn run() -> Result<()> {
@@ -186,6 +205,8 @@ pub fn run() -> Result<()> {
 
     println!("=== 4/4  The fix's verification recipe, automated: leakwatch verify ===\n");
     let bin = release_bin(&workspace_root(), "leakwatch");
+    std::fs::create_dir_all(results_dir())?;
+    let report = results_dir().join("demo-verify.html");
     let status = Command::new(bin)
         .args([
             "verify",
@@ -203,10 +224,16 @@ pub fn run() -> Result<()> {
             "8",
         ])
         .args(["--side", "server", "--baseline", "4s", "--settle", "30s"])
+        .arg("--report")
+        .arg(&report)
         .status()?;
     if !status.success() {
         bail!("leakwatch verify failed on the healthy tunnel");
     }
+    println!(
+        "\nverify's report (charts of the run, each criterion marked): {}",
+        report.display()
+    );
     println!(
         "\ndemo complete: the leak was caught live, the healthy tunnel stayed green, and the recipe passed."
     );

@@ -15,8 +15,9 @@ const APT_EBPF: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
 ];
-/// Real Prometheus and promtool for the rule tests and the alerting integration test.
-const APT_TEST: &[&str] = &["prometheus", "python3"];
+/// Real Prometheus and promtool for the rule tests and the alerting integration test; Chromium and a font
+/// for the picture tests (the live page and the reports rendered in a real browser).
+const APT_TEST: &[&str] = &["prometheus", "python3", "chromium", "fonts-dejavu-core"];
 
 fn apt_missing(pkgs: &[&str]) -> Vec<String> {
     pkgs.iter()

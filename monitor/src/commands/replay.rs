@@ -8,9 +8,14 @@ use clap::Args;
 use crate::{
     analysis::{AnalysisConfig, Analyzer, Side},
     config::SideArg,
-    outputs::record::read_recording,
+    engine::Raised,
+    outputs::{history::History, page, record::read_recording},
     verdict::VerdictChange,
 };
+
+/// Ticks a replay report holds at most (about 15 MiB): a day at one a second. Longer recordings are
+/// reported over their last day.
+const REPORT_MAX_TICKS: usize = 86_400;
 
 #[derive(Args, Debug)]
 pub struct ReplayArgs {
@@ -25,6 +30,10 @@ pub struct ReplayArgs {
     /// Print the verdict changes as JSON lines.
     #[arg(long)]
     pub json: bool,
+    /// Also write the recording as one self-contained HTML file (the charts of `verify --report`, with
+    /// the load phases and verdicts this replay found).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 /// Only the [analysis] table of a sidecar config file matters here; other keys are ignored.
@@ -51,12 +60,29 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
         SideArg::Auto => cfg.side,
     };
     let snaps = read_recording(&args.recording)?;
+    let side = cfg.side;
     let mut analyzer = Analyzer::new(cfg);
+    let mut history = args
+        .report
+        .as_ref()
+        .map(|_| History::with_capacity(snaps.len().min(REPORT_MAX_TICKS)));
+    let mut all_raised = Vec::new();
     let mut raised = 0;
     for s in &snaps {
-        for change in analyzer.observe(s) {
-            if matches!(change, VerdictChange::Raised(_)) {
+        let changes = analyzer.observe(s);
+        if let Some(h) = &mut history {
+            h.record(s, analyzer.derived(), analyzer.load_phase(), side, &changes);
+        }
+        for change in changes {
+            if let VerdictChange::Raised(v) = &change {
                 raised += 1;
+                if history.is_some() {
+                    all_raised.push(Raised {
+                        verdict: v.clone(),
+                        raised_t: s.t,
+                        raised_unix: s.unix,
+                    });
+                }
             }
             if args.json {
                 println!("{}", serde_json::to_string(&change)?);
@@ -64,6 +90,31 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
                 println!("{}", describe(s.t, &change));
             }
         }
+    }
+    if let (Some(path), Some(history)) = (&args.report, &history) {
+        let mode = if snaps.iter().any(|s| s.kernel.is_some()) {
+            "ebpf"
+        } else {
+            "procfs-only"
+        };
+        let report = page::Report {
+            title: format!("leakwatch replay: {}", args.recording.display()),
+            target: args.recording.display().to_string(),
+            mode: mode.into(),
+            side: Some(side),
+            passed: None,
+            summary: vec![format!(
+                "{} snapshots replayed ({} charted), {raised} verdict(s) raised",
+                snaps.len(),
+                history.ticks().len()
+            )],
+            raised: all_raised,
+            active_at_end: analyzer.active(),
+            ..page::Report::default()
+        };
+        std::fs::write(path, page::report_page(&report, history))
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+        eprintln!("replay: report written to {}", path.display());
     }
     eprintln!(
         "replay: {} snapshots, {raised} verdict(s) raised, {} active at the end",

@@ -1,7 +1,7 @@
 //! `leakwatch verify`: the recipe that verified the remotedialer leak fix, automated. Measure a baseline,
 //! drive many requests through the tunnel, then check that the add/remove ledger converges, and that
 //! tasks, fds, heap and CLOSE_WAIT sockets return to baseline within a settle time.
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -57,6 +57,10 @@ pub struct VerifyArgs {
     pub heap_tolerance: f64,
     #[arg(long)]
     pub json: bool,
+    /// Also write the run as one self-contained HTML file: charts over time with the baseline, load and
+    /// settle window shaded, verdicts and each criterion marked.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 /// The numbers the recipe compares, at one instant.
@@ -118,6 +122,9 @@ struct Criterion {
     baseline: Option<f64>,
     after: Option<f64>,
     detail: String,
+    /// The level it had to come back under, drawn on the report's chart.
+    #[serde(skip)]
+    limit: Option<f64>,
 }
 
 fn criteria(base: &Levels, now: &Levels, args: &VerifyArgs) -> Vec<Criterion> {
@@ -129,6 +136,7 @@ fn criteria(base: &Levels, now: &Levels, args: &VerifyArgs) -> Vec<Criterion> {
             baseline: b,
             after: a,
             detail: format!("tolerance +{tol}"),
+            limit: b.map(|b| b + tol),
         }
     };
     let ledger = match (base.added, base.removed, now.added, now.removed) {
@@ -140,6 +148,7 @@ fn criteria(base: &Levels, now: &Levels, args: &VerifyArgs) -> Vec<Criterion> {
                 baseline: Some(a0 - r0),
                 after: Some(a1 - r1),
                 detail: format!("added +{da}, removed +{dr} during the run"),
+                limit: None,
             }
         }
         _ => Criterion {
@@ -150,6 +159,7 @@ fn criteria(base: &Levels, now: &Levels, args: &VerifyArgs) -> Vec<Criterion> {
             detail:
                 "no remotedialer ledger in the target's metrics (CATTLE_PROMETHEUS_METRICS=true?)"
                     .into(),
+            limit: None,
         },
     };
     let heap_tol = base.heap.map(|h| h * args.heap_tolerance).unwrap_or(0.0) + 2.0 * 1048576.0;
@@ -241,6 +251,7 @@ pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
     eprintln!("verify: measuring the baseline for {:?}", args.baseline);
     tick_for(&mut engine, interval, args.baseline, &mut samples).await;
     let base = baseline_of(&samples);
+    let load_began = Some(engine.collector.elapsed());
 
     eprintln!(
         "verify: driving {} requests ({} at a time) to {}",
@@ -267,6 +278,7 @@ pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
     eprintln!(
         "verify: load done ({ok} ok, {failed} failed); waiting up to {settle:?} for the tunnel to drain"
     );
+    let load_ended_t = Some(engine.collector.elapsed());
 
     let load_ended = Instant::now();
     let end = load_ended + settle;
@@ -285,6 +297,15 @@ pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
     results.insert(0, load_criterion);
     let passed = results.iter().all(|c| c.pass != Some(false));
     let drained = results.iter().skip(1).all(|c| c.pass != Some(false));
+    if let Some(path) = &args.report {
+        let summary = format!(
+            "{} requests through {} ({ok} ok, {failed} failed), {} at a time; baseline {:?}, settle up to {settle:?}",
+            args.requests, args.load_url, args.concurrency, args.baseline
+        );
+        let phases = [load_began, load_ended_t];
+        write_report(path, &engine, &results, passed, phases, summary)?;
+        eprintln!("verify: report written to {}", path.display());
+    }
     if args.json {
         println!(
             "{}",
@@ -347,11 +368,83 @@ fn load_went_through(ok: u64, requests: u64, min_ratio: f64) -> Criterion {
             "{ok} of {requests} requests succeeded (at least {:.0}% required)",
             min_ratio * 100.0
         ),
+        limit: None,
     }
 }
 
 fn fmt(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into())
+}
+
+/// The run as an HTML page: the engine's history with verify's own phases shaded and its criteria drawn.
+fn write_report(
+    path: &std::path::Path,
+    engine: &Engine,
+    results: &[Criterion],
+    passed: bool,
+    [load_began, load_ended]: [Option<f64>; 2],
+    summary: String,
+) -> Result<()> {
+    use crate::outputs::{charts, page};
+    let history = engine
+        .shared
+        .history
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the history lock was poisoned"))?;
+    let first = history.ticks().next().map(|t| t.t);
+    let end = engine.last.as_ref().map(|s| s.t);
+    let span = |from: Option<f64>, to: Option<f64>, label: &str, color| {
+        Some(charts::Span {
+            from: from?,
+            to: to?,
+            label: label.into(),
+            color,
+        })
+    };
+    let spans = [
+        span(first, load_began, "baseline", charts::GREY),
+        span(load_began, load_ended, "load", charts::ORANGE),
+        span(load_ended, end, "settle window", charts::BLUE),
+    ];
+    let chart_of = |name: &str| match name {
+        n if n.starts_with("tasks") => Some("tasks"),
+        n if n.starts_with("fds") => Some("fds"),
+        n if n.starts_with("CLOSE_WAIT") => Some("close_wait"),
+        n if n.starts_with("heap") => Some("heap"),
+        _ => None,
+    };
+    let target = engine
+        .shared
+        .status
+        .read()
+        .map(|s| s.target.clone())
+        .unwrap_or_default();
+    let report = page::Report {
+        title: format!("leakwatch verify: {target}"),
+        target,
+        mode: crate::engine::mode_name(engine.collector.mode()),
+        side: Some(engine.analyzer.config().side),
+        passed: Some(passed),
+        summary: vec![summary],
+        criteria: results
+            .iter()
+            .map(|c| page::CriterionRow {
+                name: c.name.into(),
+                pass: c.pass,
+                baseline: c.baseline,
+                after: c.after,
+                detail: c.detail.clone(),
+                chart: chart_of(c.name),
+                threshold: c.limit,
+            })
+            .collect(),
+        checked_at: end,
+        spans: spans.into_iter().flatten().collect(),
+        raised: engine.raised.clone(),
+        active_at_end: engine.active(),
+    };
+    std::fs::write(path, page::report_page(&report, &history))
+        .with_context(|| format!("cannot write the report to {}", path.display()))
 }
 
 #[cfg(test)]

@@ -62,6 +62,7 @@ pub fn build_engine(prepared: Prepared) -> Result<Engine> {
         &name,
         stale_after,
     );
+    engine.size_history(cfg.interval);
     engine.profiler = cfg.pprof_url.clone().map(GoroutineProfiler::new);
     if let Some(path) = &cfg.record {
         engine.recorder = Some(Recorder::create(path, RECORD_MAX_BYTES)?);
@@ -75,7 +76,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     let addr = http::serve(listen, engine.shared.clone()).await?;
     info!(
         mode = %crate::engine::mode_name(engine.collector.mode()),
-        "leakwatch watching; /metrics, /status and /healthz on http://{addr}"
+        "leakwatch watching; live page on http://{addr}/ (and /metrics, /status, /healthz)"
     );
     let mut term = signal(SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(interval);

@@ -1,4 +1,4 @@
-//! /metrics, /status and /healthz. Served on loopback by default: the status document names sockets and
+//! The live page (`/`), /metrics, /status and /healthz. Served on loopback by default: the status document names sockets and
 //! peers of the watched process.
 use std::{
     net::SocketAddr,
@@ -8,7 +8,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State},
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
@@ -16,8 +16,8 @@ use axum::{
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use super::metrics::LeakwatchMetrics;
-use crate::{sample::Snapshot, verdict::Verdict};
+use super::{history::History, metrics::LeakwatchMetrics, page};
+use crate::{analysis::Side, sample::Snapshot, verdict::Verdict};
 
 /// What /status returns.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -54,6 +54,40 @@ pub struct Shared {
     pub last_tick: Arc<Mutex<Instant>>,
     /// /healthz fails when no tick completed for this long (the loop is stuck).
     pub stale_after: Duration,
+    /// What the live page draws.
+    pub history: Arc<Mutex<History>>,
+    /// Names the kernel line of the cross-check (callers on a server, targets on an agent).
+    pub side: Side,
+}
+
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    /// How far back the charts look, in minutes (1 to 30; default all the history holds).
+    minutes: Option<f64>,
+}
+
+/// The page reloads itself this often: often enough to watch a leak grow, rarely enough to cost nothing.
+const REFRESH_S: u32 = 5;
+
+async fn index(State(s): State<Shared>, Query(q): Query<PageQuery>) -> impl IntoResponse {
+    let doc = s.status.read().map(|d| d.clone()).unwrap_or_default();
+    let window = q
+        .minutes
+        .filter(|m| m.is_finite())
+        .unwrap_or(30.0)
+        .clamp(1.0, 30.0)
+        * 60.0;
+    let body = match s.history.lock() {
+        Ok(h) => page::live_page(&doc, &h, window, REFRESH_S, s.side),
+        Err(_) => "history unavailable\n".to_string(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
@@ -90,6 +124,7 @@ async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
 
 pub fn router(shared: Shared) -> Router {
     Router::new()
+        .route("/", get(index))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/healthz", get(healthz))
