@@ -22,6 +22,11 @@ pub struct Tunnel {
 }
 
 pub fn start_tunnel(leak: Option<&str>) -> Result<Tunnel> {
+    start_tunnel_with(leak, &[])
+}
+
+/// [`start_tunnel`] with extra `reftunnel server` arguments, e.g. `["--proxy-transport", "per-request"]`.
+pub fn start_tunnel_with(leak: Option<&str>, server_extra: &[&str]) -> Result<Tunnel> {
     let bin = release_bin(&workspace_root(), "reftunnel");
     let backend = Proc::spawn(
         "backend",
@@ -43,6 +48,7 @@ pub fn start_tunnel(leak: Option<&str>) -> Result<Tunnel> {
     if let Some(mode) = leak {
         server_cmd.args(["--leak", mode]);
     }
+    server_cmd.args(server_extra);
     let server = Proc::spawn("server", &mut server_cmd, false)?;
     let addr = server.listening_addr()?;
     let agent = Proc::spawn(
