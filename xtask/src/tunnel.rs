@@ -16,7 +16,7 @@ pub struct Tunnel {
     /// Held for their lifetime: dropping a [`Proc`] kills it.
     _backend: Proc,
     pub server: Proc,
-    _agent: Proc,
+    pub agent: Proc,
     /// The server's listening address (tunnel front, /metrics, agents' /connect).
     pub addr: String,
 }
@@ -62,7 +62,7 @@ pub fn start_tunnel(leak: Option<&str>) -> Result<Tunnel> {
     Ok(Tunnel {
         _backend: backend,
         server,
-        _agent: agent,
+        agent,
         addr,
     })
 }
