@@ -322,6 +322,9 @@ pub const GLOBAL_FOLLOW_FORKS: &str = "FOLLOW_FORKS";
 pub const GLOBAL_PIDNS_DEV: &str = "PIDNS_DEV";
 pub const GLOBAL_PIDNS_INO: &str = "PIDNS_INO";
 
+/// Global set by the loader: the ring buffer's size in bytes, as it sized the map.
+pub const GLOBAL_RING_BYTES: &str = "RING_BYTES";
+
 const _: () = assert!(core::mem::size_of::<SockEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 24);
 const _: () = assert!(core::mem::size_of::<SockOwner>() == 8);

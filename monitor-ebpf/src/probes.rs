@@ -1,8 +1,6 @@
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE, bpf_pidns_info,
-    },
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info},
     helpers::{bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -47,6 +45,11 @@ static FOLLOW_FORKS: u8 = 0;
 static PIDNS_DEV: u64 = 0;
 #[unsafe(no_mangle)]
 static PIDNS_INO: u64 = 0;
+
+/// Set by the loader (rodata): the ring's size, which it chose. Known here, it saves asking the ring for it
+/// on every record.
+#[unsafe(no_mangle)]
+static RING_BYTES: u64 = 1 << 20;
 
 /// This CPU's counters. Index 0 of a per-CPU array always exists, but the verifier wants the check.
 #[inline(always)]
@@ -280,7 +283,9 @@ fn listener_owner(ctx: &TracePointContext) -> Option<u32> {
 /// batch: userspace also drains on a short timer, so a quiet ring is never left unread for long.
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > EVENTS.query(BPF_RB_RING_SIZE as u64) / 4 {
+    // SAFETY: rodata global written by the loader before load.
+    let ring_bytes = unsafe { core::ptr::read_volatile(&RING_BYTES) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > ring_bytes / 4 {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

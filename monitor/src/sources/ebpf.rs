@@ -12,9 +12,9 @@ use aya::{
     programs::{ProgramError, TracePoint},
 };
 use monitor_ebpf::{
-    Counters, GLOBAL_FOLLOW_FORKS, GLOBAL_PIDNS_DEV, GLOBAL_PIDNS_INO, MAX_WATCHED, PROGRAMS,
-    ProcessEvent, SockEvent, WatchSet, WatchSlot, counter, event_kind, layout, listen_key,
-    map_name, origin, tcp_state,
+    Counters, GLOBAL_FOLLOW_FORKS, GLOBAL_PIDNS_DEV, GLOBAL_PIDNS_INO, GLOBAL_RING_BYTES,
+    MAX_WATCHED, PROGRAMS, ProcessEvent, SockEvent, WatchSet, WatchSlot, counter, event_kind,
+    layout, listen_key, map_name, origin, tcp_state,
 };
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
@@ -192,10 +192,12 @@ impl Probes {
         let _ = system::raise_memlock_rlimit();
         let follow = u8::from(opts.follow_forks);
         let (pidns_dev, pidns_ino) = system::own_pid_namespace().unwrap_or((0, 0));
+        let ring_bytes = u64::from(opts.ring_bytes);
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FOLLOW_FORKS, &follow, true)
             .override_global(GLOBAL_PIDNS_DEV, &pidns_dev, true)
             .override_global(GLOBAL_PIDNS_INO, &pidns_ino, true)
+            .override_global(GLOBAL_RING_BYTES, &ring_bytes, true)
             .map_max_entries(map_name::SOCKS, opts.max_sockets)
             .map_max_entries(map_name::EVENTS, opts.ring_bytes)
             .load(PROBES_OBJECT)?;
