@@ -221,8 +221,8 @@ pub struct ProcessEvent {
     pub _pad1: u32,
 }
 
-/// Value of the in-kernel socket table: which watched process a socket belongs to, and the state it was
-/// last seen in. Out-transitions are counted from `state`, not from the tracepoint's `oldstate`, so a
+/// Value of the in-kernel socket table: which watched process a socket belongs to, the state it was
+/// last seen in, and the remote port its `PORT_REFS` reference was taken under. Out-transitions are counted from `state`, not from the tracepoint's `oldstate`, so a
 /// transition the probe skipped (made by an unwatched task on a watched socket, see probes.rs) cannot leave
 /// a socket counted in a state it already left.
 #[repr(C)]
@@ -231,7 +231,7 @@ pub struct SockOwner {
     pub tgid: u32,
     pub origin: u8,
     pub state: u8,
-    pub _pad: [u8; 2],
+    pub port: u16,
 }
 
 /// Key of the listener table: a watched process's listening port, per address family.
@@ -310,6 +310,7 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
 pub mod map_name {
     pub const WATCHED: &str = "WATCHED";
     pub const SOCKS: &str = "SOCKS";
+    pub const PORT_REFS: &str = "PORT_REFS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";

@@ -12,6 +12,8 @@
 //! that the socket is followed by its kernel address alone, whatever task is current.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// For the one atomic add the probes need (see `add_port_ref`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod probes;

@@ -24,6 +24,15 @@ static WATCHED: Array<WatchSet> = Array::with_max_entries(1, 0);
 #[map]
 static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(65536, 0);
 
+/// Tracked sockets per remote port. A TCP state change that may run in softirq (where current says nothing)
+/// would otherwise cost every socket of the node a `SOCKS` hash lookup; with this array, an inlined load
+/// says "no tracked socket has this remote port" for nearly all of them. The remote port is set before a
+/// socket's first tracked transition (connect sets it before SYN_SENT, accept before SYN_RECV) and kept
+/// until its CLOSE, so a tracked socket always finds its count non-zero; an untracked one that shares a
+/// remote port with a tracked one only pays the lookup it paid before.
+#[map]
+static PORT_REFS: Array<u64> = Array::with_max_entries(65536, 0);
+
 /// Listening ports of watched processes: key (family << 16 | port) -> tgid.
 #[map]
 static LISTENERS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
@@ -195,16 +204,20 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
     } else {
         None
     };
+    let dport: u16 = read(ctx, layout::SOCK_DPORT);
+    if owner_tgid.is_none() && new != tcp_state::SYN_RECV && port_refs(dport) == 0 {
+        return None;
+    }
     let skaddr: u64 = read(ctx, layout::SOCK_SKADDR);
 
     let mut c = counters();
-    let (tgid, origin) = match SOCKS.get_ptr_mut(skaddr) {
+    let (tgid, origin, port) = match SOCKS.get_ptr_mut(skaddr) {
         Some(owner) => {
             // SAFETY: value of a preallocated hash slot; a concurrent delete can at worst give a stale owner.
             let o = unsafe { &mut *owner };
             bump(&mut c, counter::STATE_OUT_BASE + o.state as u32);
             o.state = new;
-            (o.tgid, o.origin)
+            (o.tgid, o.origin, o.port)
         }
         None => {
             let tgid = match owner_tgid {
@@ -224,15 +237,16 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
                 tgid,
                 origin,
                 state: new,
-                _pad: [0; 2],
+                port: dport,
             };
             if SOCKS.insert(skaddr, owner, 0).is_err() {
                 bump(&mut c, counter::SOCK_TABLE_FULL);
                 return None;
             }
+            add_port_ref(dport, 1);
             bump(&mut c, counter::SOCK_TRACKED);
             bump(&mut c, counter::ORIGIN_OPEN_BASE + origin as u32);
-            (tgid, origin)
+            (tgid, origin, dport)
         }
     };
 
@@ -253,6 +267,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
             bump(&mut c, counter::SOCK_CLOSED);
             bump(&mut c, counter::ORIGIN_CLOSE_BASE + origin as u32);
             let _ = SOCKS.remove(skaddr);
+            add_port_ref(port, u64::MAX);
             if old == tcp_state::LISTEN {
                 let key = listen_key(
                     read(ctx, layout::SOCK_FAMILY),
@@ -265,6 +280,24 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
     }
     emit_sock_event(ctx, &mut c, tgid, skaddr, old, new);
     Some(())
+}
+
+#[inline(always)]
+fn port_refs(port: u16) -> u64 {
+    PORT_REFS.get(u32::from(port)).copied().unwrap_or(0)
+}
+
+/// Adds `delta` (u64::MAX to subtract one) to a port's count, atomically: two CPUs may track or close
+/// sockets with the same remote port at once. The BPF target has no `core::sync::atomic` types, so this is
+/// the instruction itself: BPF_XADD, a 64-bit atomic add every BPF CPU version has.
+#[inline(always)]
+fn add_port_ref(port: u16, delta: u64) {
+    if let Some(p) = PORT_REFS.get_ptr_mut(u32::from(port)) {
+        // SAFETY: `p` points to an aligned u64 slot of an array map, valid while the program runs.
+        unsafe {
+            core::arch::asm!("lock *(u64 *)({p} + 0) += {d}", p = in(reg) p, d = in(reg) delta);
+        }
+    }
 }
 
 /// The watched process listening on the port an embryonic socket arrived at, if any.
