@@ -260,8 +260,16 @@ fn tunnel_load(
     }
     let v: Value =
         serde_json::from_str(out.trim()).with_context(|| format!("load driver JSON: {out}"))?;
-    if v["errors"].as_u64().unwrap_or(0) > 0 {
-        bail!("load round had errors: {out}");
+    // A rare failed request (a 502 when the machine stalls) does not spoil a timed round; many would.
+    let (ok, errors) = (
+        v["ok"].as_f64().unwrap_or(0.0),
+        v["errors"].as_f64().unwrap_or(0.0),
+    );
+    if errors > ok / 1000.0 {
+        bail!("load round had too many errors: {out}");
+    }
+    if errors > 0.0 {
+        eprintln!("bench: {errors} failed request(s) of {ok} in a round (tolerated below 0.1%)");
     }
     Ok((
         v["ok"].as_f64().unwrap_or(f64::NAN),
