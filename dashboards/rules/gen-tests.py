@@ -157,7 +157,7 @@ tests.append(simple("LeakwatchLosingEvents", [
 tf = dict(LW, table="socks")
 tests.append(simple("LeakwatchTableFull", [
     series("leakwatch_kernel_table_full_total", tf, "0 0 0 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5"),
-    series("leakwatch_kernel_table_full_total", dict(LW, table="sock_fds"), "0x20"),
+    series("leakwatch_kernel_table_full_total", dict(LW, table="listeners"), "0x20"),
 ], [("3m", []), ("5m", [(tf, None)]), ("20m", [])]))
 
 tests.append(simple("LeakwatchTunnelScrapeFailing", [

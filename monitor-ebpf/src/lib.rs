@@ -41,42 +41,73 @@ pub mod tcp_state {
     }
 }
 
+/// The one list of the scalar kernel counters: `(CONSTANT, field_name, index, export, help)`. It is a
+/// callback macro so that each side can expand it into what it needs from the same rows: the indices here,
+/// `KernelCounters` in userspace, and the exported series. `export` says where the counter goes:
+/// `Event` is a `leakwatch_kernel_events_total{event=<field_name>}` series, `Lost` the lost-events counter,
+/// `TableFull(<table>)` a `leakwatch_kernel_table_full_total{table=<table>}` series.
+#[macro_export]
+macro_rules! with_counters {
+    ($callback:ident) => {
+        $callback! {
+            (SOCK_TRACKED, sock_tracked, 0, Event,
+                "A TCP socket was attributed to a watched process (first state change seen for it).");
+            (SOCK_ESTABLISHED, sock_established, 1, Event, "A watched socket reached ESTABLISHED.");
+            (SOCK_CLOSED, sock_closed, 2, Event, "A watched socket reached CLOSE and left the in-kernel table.");
+            (SOCK_CLOSE_WAIT, sock_close_wait, 3, Event,
+                "A watched socket entered CLOSE_WAIT (the peer closed, the process has not yet).");
+            (TASK_NEW_THREAD, task_new_thread, 4, Event, "A watched process created a thread.");
+            (TASK_EXIT, task_exit, 5, Event, "A thread of a watched process exited (the last thread counts too).");
+            (PROCESS_FORK, process_fork, 6, Event, "A watched process forked a child process.");
+            (PROCESS_EXIT, process_exit, 7, Event, "The last thread of a watched process exited.");
+            (EVENTS_LOST, events_lost, 8, Lost,
+                "The ring buffer was full: an event was dropped (the counters stay exact).");
+            (SOCK_TABLE_FULL, sock_table_full, 9, TableFull("socks"),
+                "The socket table was full: a socket could not be tracked.");
+            (LISTEN_TABLE_FULL, listen_table_full, 10, TableFull("listeners"),
+                "The listener table was full: accepted children of a listener may be missed.");
+        }
+    };
+}
+
+/// Where a scalar counter is exported (see [`with_counters`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Export {
+    Event,
+    Lost,
+    TableFull(&'static str),
+}
+
+/// One row of [`with_counters`], for code that iterates instead of naming fields.
+#[derive(Clone, Copy, Debug)]
+pub struct CounterDef {
+    pub index: u32,
+    pub name: &'static str,
+    pub export: Export,
+    pub help: &'static str,
+}
+
+macro_rules! define_counter_indices {
+    ($(($konst:ident, $field:ident, $index:literal, $export:ident $(($table:literal))?, $help:literal);)*) => {
+        $(#[doc = $help] pub const $konst: u32 = $index;)*
+        /// Every scalar counter, in index order.
+        pub const SCALARS: &[$crate::CounterDef] = &[$($crate::CounterDef {
+            index: $index,
+            name: stringify!($field),
+            export: $crate::Export::$export $(($table))?,
+            help: $help,
+        }),*];
+        /// The per-state and per-origin blocks start after the scalars.
+        const SCALAR_COUNT: u32 = 0 $(+ { let _ = $index; 1 })*;
+    };
+}
+
 /// Indices into the per-CPU `COUNTERS` array. Userspace sums each index over all CPUs.
 pub mod counter {
-    /// A TCP socket was attributed to a watched process (first state change seen for it).
-    pub const SOCK_TRACKED: u32 = 0;
-    /// A watched socket reached ESTABLISHED.
-    pub const SOCK_ESTABLISHED: u32 = 1;
-    /// A watched socket reached CLOSE and left the in-kernel table.
-    pub const SOCK_CLOSED: u32 = 2;
-    /// A watched socket entered CLOSE_WAIT (the peer closed, the process has not yet).
-    pub const SOCK_CLOSE_WAIT: u32 = 3;
-    /// `socket(2)` returned an fd in a watched process.
-    pub const SYS_SOCKET: u32 = 4;
-    /// `connect(2)` returned in a watched process (success or EINPROGRESS).
-    pub const SYS_CONNECT: u32 = 5;
-    /// `accept(2)`/`accept4(2)` returned an fd in a watched process.
-    pub const SYS_ACCEPT: u32 = 6;
-    /// `close(2)` of an fd that `socket`/`accept` handed to a watched process.
-    pub const SYS_CLOSE_SOCKET_FD: u32 = 7;
-    /// A watched process created a thread.
-    pub const TASK_NEW_THREAD: u32 = 8;
-    /// A thread of a watched process exited (the last thread counts too).
-    pub const TASK_EXIT: u32 = 9;
-    /// A watched process forked a child process.
-    pub const PROCESS_FORK: u32 = 10;
-    /// The last thread of a watched process exited.
-    pub const PROCESS_EXIT: u32 = 11;
-    /// The ring buffer was full: an event was dropped (the counters above are still exact).
-    pub const EVENTS_LOST: u32 = 12;
-    /// The socket table was full: a socket could not be tracked.
-    pub const SOCK_TABLE_FULL: u32 = 13;
-    /// The socket-fd table was full: an fd could not be tracked.
-    pub const FD_TABLE_FULL: u32 = 14;
-    /// The listener table was full: accepted children of a listener may be missed.
-    pub const LISTEN_TABLE_FULL: u32 = 15;
+    with_counters!(define_counter_indices);
+
     /// Transitions of watched sockets into each TCP state, at `STATE_BASE + state`.
-    pub const STATE_BASE: u32 = 16;
+    pub const STATE_BASE: u32 = SCALAR_COUNT;
     /// Transitions of already-tracked sockets out of each state, at `STATE_OUT_BASE + state`. Sockets
     /// live in a state = into - out: exact, whatever the ring buffer dropped.
     pub const STATE_OUT_BASE: u32 = STATE_BASE + super::tcp_state::COUNT as u32;
@@ -86,24 +117,14 @@ pub mod counter {
     pub const ORIGIN_CLOSE_BASE: u32 = ORIGIN_OPEN_BASE + super::origin::COUNT as u32;
     pub const COUNT: u32 = ORIGIN_CLOSE_BASE + super::origin::COUNT as u32;
 
-    pub const NAMES: [&str; STATE_BASE as usize] = [
-        "sock_tracked",
-        "sock_established",
-        "sock_closed",
-        "sock_close_wait",
-        "sys_socket",
-        "sys_connect",
-        "sys_accept",
-        "sys_close_socket_fd",
-        "task_new_thread",
-        "task_exit",
-        "process_fork",
-        "process_exit",
-        "events_lost",
-        "sock_table_full",
-        "fd_table_full",
-        "listen_table_full",
-    ];
+    // The table's indices must be 0..SCALAR_COUNT in order, or two counters would share a slot.
+    const _: () = {
+        let mut i = 0;
+        while i < SCALARS.len() {
+            assert!(SCALARS[i].index == i as u32);
+            i += 1;
+        }
+    };
 }
 
 /// All counters of one CPU, in one per-CPU array slot: one (inlined) map lookup per event instead of one
@@ -122,9 +143,29 @@ impl Default for Counters {
     }
 }
 
-/// Slots of the watched-process array. An array, not a hash: array lookups are inlined by the verifier,
-/// and a scan of a few slots is cheaper than hashing on every syscall of every process on the machine.
+/// Slots of the watch set.
 pub const MAX_WATCHED: u32 = 16;
+
+/// One watched process. `tgid` is the pid as leakwatch sees it (its own pid namespace's); `host_tgid` is
+/// the kernel's, which is what `bpf_get_current_pid_tgid` returns. In the host namespace userspace writes
+/// both; in a pod's namespace the host pid is not visible from there, so userspace leaves it 0 and the
+/// probes learn it the first time the process itself runs a probe (with the costly ns-pid helper, once).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchSlot {
+    pub tgid: u32,
+    pub host_tgid: u32,
+}
+
+/// The whole watch set in one array slot: one inlined lookup answers "is current watched?". `used` is one
+/// past the highest slot ever filled, so the common single-target case compares slot 0 and stops.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchSet {
+    pub used: u32,
+    pub _pad: u32,
+    pub slots: [WatchSlot; MAX_WATCHED as usize],
+}
 
 /// How a socket came to be tracked: on a tunnel server, accepted sockets are callers; on an agent,
 /// connected sockets are dials to targets.
@@ -180,13 +221,17 @@ pub struct ProcessEvent {
     pub _pad1: u32,
 }
 
-/// Value of the in-kernel socket table: which watched process a socket belongs to.
+/// Value of the in-kernel socket table: which watched process a socket belongs to, the state it was
+/// last seen in, and the remote port its `PORT_REFS` reference was taken under. Out-transitions are counted from `state`, not from the tracepoint's `oldstate`, so a
+/// transition the probe skipped (made by an unwatched task on a watched socket, see probes.rs) cannot leave
+/// a socket counted in a state it already left.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockOwner {
     pub tgid: u32,
     pub origin: u8,
-    pub _pad: [u8; 3],
+    pub state: u8,
+    pub port: u16,
 }
 
 /// Key of the listener table: a watched process's listening port, per address family.
@@ -194,64 +239,69 @@ pub const fn listen_key(family: u16, port: u16) -> u32 {
     ((family as u32) << 16) | port as u32
 }
 
-/// Key of the socket-fd table.
-pub const fn fd_key(tgid: u32, fd: u32) -> u64 {
-    ((tgid as u64) << 32) | fd as u64
-}
-
-/// Tracepoint field offsets the programs are compiled against. Userspace checks them against the running
-/// kernel's `format` files before loading, and falls back to procfs-only mode on a mismatch rather than
-/// read the wrong bytes.
+/// Tracepoint field offsets the programs are compiled against. Userspace checks every one against the
+/// running kernel's `format` files before loading, and falls back to procfs-only mode on a mismatch rather
+/// than read the wrong bytes; the probes read through the same constants.
 pub mod layout {
-    /// (event, field, offset, size)
-    pub const EXPECTED: &[(&str, &str, usize, usize)] = &[
-        ("sock/inet_sock_set_state", "skaddr", 8, 8),
-        ("sock/inet_sock_set_state", "oldstate", 16, 4),
-        ("sock/inet_sock_set_state", "newstate", 20, 4),
-        ("sock/inet_sock_set_state", "sport", 24, 2),
-        ("sock/inet_sock_set_state", "dport", 26, 2),
-        ("sock/inet_sock_set_state", "family", 28, 2),
-        ("sock/inet_sock_set_state", "protocol", 30, 2),
-        ("sock/inet_sock_set_state", "saddr_v6", 40, 16),
-        ("sock/inet_sock_set_state", "daddr_v6", 56, 16),
-        ("sock/inet_sock_set_state", "saddr", 32, 4),
-        ("sock/inet_sock_set_state", "daddr", 36, 4),
-        ("syscalls/sys_exit_socket", "ret", 16, 8),
-        ("syscalls/sys_exit_connect", "ret", 16, 8),
-        ("syscalls/sys_exit_accept", "ret", 16, 8),
-        ("syscalls/sys_exit_accept4", "ret", 16, 8),
-        ("syscalls/sys_enter_close", "fd", 16, 8),
-        ("task/task_newtask", "pid", 8, 4),
-        ("task/task_newtask", "clone_flags", 32, 8),
-        ("sched/sched_process_exit", "pid", 24, 4),
-        ("sched/sched_process_exit", "group_dead", 32, 1),
+    /// One field of a tracepoint record.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Field {
+        pub event: &'static str,
+        pub name: &'static str,
+        pub offset: usize,
+        pub size: usize,
+    }
+
+    const fn f(event: &'static str, name: &'static str, offset: usize, size: usize) -> Field {
+        Field {
+            event,
+            name,
+            offset,
+            size,
+        }
+    }
+
+    const SOCK: &str = "sock/inet_sock_set_state";
+    pub const SOCK_SKADDR: Field = f(SOCK, "skaddr", 8, 8);
+    pub const SOCK_OLDSTATE: Field = f(SOCK, "oldstate", 16, 4);
+    pub const SOCK_NEWSTATE: Field = f(SOCK, "newstate", 20, 4);
+    pub const SOCK_SPORT: Field = f(SOCK, "sport", 24, 2);
+    pub const SOCK_DPORT: Field = f(SOCK, "dport", 26, 2);
+    pub const SOCK_FAMILY: Field = f(SOCK, "family", 28, 2);
+    pub const SOCK_PROTOCOL: Field = f(SOCK, "protocol", 30, 2);
+    pub const SOCK_SADDR: Field = f(SOCK, "saddr", 32, 4);
+    pub const SOCK_DADDR: Field = f(SOCK, "daddr", 36, 4);
+    pub const SOCK_SADDR_V6: Field = f(SOCK, "saddr_v6", 40, 16);
+    pub const SOCK_DADDR_V6: Field = f(SOCK, "daddr_v6", 56, 16);
+    pub const NEWTASK_PID: Field = f("task/task_newtask", "pid", 8, 4);
+    pub const NEWTASK_CLONE_FLAGS: Field = f("task/task_newtask", "clone_flags", 32, 8);
+    pub const EXIT_GROUP_DEAD: Field = f("sched/sched_process_exit", "group_dead", 32, 1);
+
+    /// Every field a probe reads: what userspace checks.
+    pub const EXPECTED: &[Field] = &[
+        SOCK_SKADDR,
+        SOCK_OLDSTATE,
+        SOCK_NEWSTATE,
+        SOCK_SPORT,
+        SOCK_DPORT,
+        SOCK_FAMILY,
+        SOCK_PROTOCOL,
+        SOCK_SADDR,
+        SOCK_DADDR,
+        SOCK_SADDR_V6,
+        SOCK_DADDR_V6,
+        NEWTASK_PID,
+        NEWTASK_CLONE_FLAGS,
+        EXIT_GROUP_DEAD,
     ];
-    pub const SOCK_SKADDR: usize = 8;
-    pub const SOCK_OLDSTATE: usize = 16;
-    pub const SOCK_NEWSTATE: usize = 20;
-    pub const SOCK_SPORT: usize = 24;
-    pub const SOCK_DPORT: usize = 26;
-    pub const SOCK_FAMILY: usize = 28;
-    pub const SOCK_PROTOCOL: usize = 30;
-    pub const SOCK_SADDR: usize = 32;
-    pub const SOCK_DADDR: usize = 36;
-    pub const SOCK_SADDR_V6: usize = 40;
-    pub const SOCK_DADDR_V6: usize = 56;
-    pub const SYSCALL_RET: usize = 16;
-    pub const SYSCALL_ARG0: usize = 16;
-    pub const NEWTASK_PID: usize = 8;
-    pub const NEWTASK_CLONE_FLAGS: usize = 32;
-    pub const EXIT_GROUP_DEAD: usize = 32;
 }
 
-/// The programs and the tracepoints they attach to: (program name, category, tracepoint name).
+/// The programs and the tracepoints they attach to: (program name, category, tracepoint name). None is a
+/// `syscalls:*` tracepoint: attaching any of those puts every task of the machine on the slow syscall path
+/// (+42 ns on every syscall, +175 ns on a traced one, docs in ebpf-cost.md), a tax the whole node would pay
+/// for leakwatch. fd counts come from procfs instead, and sockets from their TCP state changes.
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("sys_exit_socket", "syscalls", "sys_exit_socket"),
-    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
-    ("sys_exit_accept", "syscalls", "sys_exit_accept"),
-    ("sys_exit_accept4", "syscalls", "sys_exit_accept4"),
-    ("sys_enter_close", "syscalls", "sys_enter_close"),
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
@@ -260,7 +310,7 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
 pub mod map_name {
     pub const WATCHED: &str = "WATCHED";
     pub const SOCKS: &str = "SOCKS";
-    pub const SOCK_FDS: &str = "SOCK_FDS";
+    pub const PORT_REFS: &str = "PORT_REFS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
@@ -273,9 +323,13 @@ pub const GLOBAL_FOLLOW_FORKS: &str = "FOLLOW_FORKS";
 pub const GLOBAL_PIDNS_DEV: &str = "PIDNS_DEV";
 pub const GLOBAL_PIDNS_INO: &str = "PIDNS_INO";
 
+/// Global set by the loader: the ring buffer's size in bytes, as it sized the map.
+pub const GLOBAL_RING_BYTES: &str = "RING_BYTES";
+
 const _: () = assert!(core::mem::size_of::<SockEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 24);
 const _: () = assert!(core::mem::size_of::<SockOwner>() == 8);
+const _: () = assert!(core::mem::size_of::<WatchSet>() == 8 + 8 * MAX_WATCHED as usize);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -284,4 +338,5 @@ mod pod {
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::SockOwner {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::WatchSet {}
 }

@@ -1,5 +1,8 @@
-//! leakwatch's eBPF programs: classic tracepoints only (no kprobes needed), filtered in the kernel to the
-//! watched processes so that the rest of the machine pays one hash lookup per event at most.
+//! leakwatch's eBPF programs: three classic tracepoints (`sock:inet_sock_set_state`, `task:task_newtask`,
+//! `sched:sched_process_exit`; no kprobes, and no `syscalls:*` tracepoint, whose mere presence slows every
+//! syscall of every process on the node), filtered in the kernel to the watched processes. What the rest of
+//! the machine pays per event is a pid compare, plus one socket-table lookup on the TCP state changes that
+//! may run in softirq, where the current task says nothing about who owns the socket.
 //!
 //! Attribution rule, the one subtle part: `sock/inet_sock_set_state` often fires in softirq context, where
 //! "current" is whatever task the CPU interrupted; on loopback that is frequently the *peer* process. So a
@@ -9,6 +12,8 @@
 //! that the socket is followed by its kernel address alone, whatever task is current.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// For the one atomic add the probes need (see `add_port_ref`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod probes;

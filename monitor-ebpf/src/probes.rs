@@ -1,32 +1,37 @@
 use aya_ebpf::{
     EbpfContext,
-    bindings::bpf_pidns_info,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info},
     helpers::{bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use monitor_ebpf::{
-    Counters, MAX_WATCHED, ProcessEvent, SockEvent, SockOwner, counter, event_kind, fd_key, layout,
+    Counters, MAX_WATCHED, ProcessEvent, SockEvent, SockOwner, WatchSet, counter, event_kind,
+    layout::{self, Field},
     listen_key, origin, tcp_state,
 };
 
 const IPPROTO_TCP: u16 = 6;
 const AF_INET: u16 = 2;
 const CLONE_THREAD: u64 = 0x0001_0000;
-const EINPROGRESS: i64 = 115;
 
-/// Watched process ids, one per slot, 0 = free. Userspace fills it; forks are added here when following.
+/// The watch set, in slot 0. Userspace fills it; the probes learn host pids and follow forks into it.
 #[map]
-static WATCHED: Array<u32> = Array::with_max_entries(MAX_WATCHED, 0);
+static WATCHED: Array<WatchSet> = Array::with_max_entries(1, 0);
 
 /// Sockets attributed to a watched process, by `struct sock` address. Max entries are set by the loader.
 #[map]
 static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(65536, 0);
 
-/// Socket fds handed out by socket()/accept() to a watched process: key (tgid << 32 | fd).
+/// Tracked sockets per remote port. A TCP state change that may run in softirq (where current says nothing)
+/// would otherwise cost every socket of the node a `SOCKS` hash lookup; with this array, an inlined load
+/// says "no tracked socket has this remote port" for nearly all of them. The remote port is set before a
+/// socket's first tracked transition (connect sets it before SYN_SENT, accept before SYN_RECV) and kept
+/// until its CLOSE, so a tracked socket always finds its count non-zero; an untracked one that shares a
+/// remote port with a tracked one only pays the lookup it paid before.
 #[map]
-static SOCK_FDS: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
+static PORT_REFS: Array<u64> = Array::with_max_entries(65536, 0);
 
 /// Listening ports of watched processes: key (family << 16 | port) -> tgid.
 #[map]
@@ -42,8 +47,20 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[unsafe(no_mangle)]
 static FOLLOW_FORKS: u8 = 0;
 
-/// This CPU's counters. Looked up once per event; `None` cannot happen for index 0 of a per-CPU array,
-/// but the verifier wants the check.
+/// Set by the loader (rodata) when leakwatch runs in a pid namespace of its own (a pod with
+/// `shareProcessNamespace`): the device and inode of that namespace. Only needed to learn a watched
+/// process's host pid, see `watched_current`.
+#[unsafe(no_mangle)]
+static PIDNS_DEV: u64 = 0;
+#[unsafe(no_mangle)]
+static PIDNS_INO: u64 = 0;
+
+/// Set by the loader (rodata): the ring's size, which it chose. Known here, it saves asking the ring for it
+/// on every record.
+#[unsafe(no_mangle)]
+static RING_BYTES: u64 = 1 << 20;
+
+/// This CPU's counters. Index 0 of a per-CPU array always exists, but the verifier wants the check.
 #[inline(always)]
 fn counters() -> Option<&'static mut Counters> {
     // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
@@ -59,17 +76,62 @@ fn bump(c: &mut Option<&'static mut Counters>, index: u32) {
     }
 }
 
-/// Set by the loader (rodata) when leakwatch runs in a pid namespace of its own (a pod with
-/// `shareProcessNamespace`): the device and inode of that namespace. The pids userspace puts in `WATCHED`
-/// are then that namespace's, while the kernel's current pid is the host's, so the probes must ask the
-/// kernel for the pid as that namespace sees it. Zero (the host namespace) keeps the cheaper helper.
-#[unsafe(no_mangle)]
-static PIDNS_DEV: u64 = 0;
-#[unsafe(no_mangle)]
-static PIDNS_INO: u64 = 0;
+#[inline(always)]
+fn watch_set() -> Option<&'static mut WatchSet> {
+    // SAFETY: array slot of a map we own; concurrent writers (userspace, other CPUs) only store whole u32s.
+    WATCHED.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The tgid, as leakwatch sees it, of the current task's process when that process is watched.
+///
+/// This runs for every event of every process on the machine, so the common case is one helper call and
+/// one compare: slot 0's host pid. Only with several targets, or while a target's host pid is still
+/// unknown (leakwatch in a pid namespace, before the target ran a probe), does it scan the used slots, and
+/// only in the latter case does it call the ns-pid helper, which costs about 100 ns more.
+#[inline(always)]
+fn watched_current() -> Option<u32> {
+    let host = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // Host pid 0 is the idle task (softirq on an idle CPU), and 0 also marks an unknown host pid.
+    if host == 0 {
+        return None;
+    }
+    let set = watch_set()?;
+    if set.slots[0].host_tgid == host {
+        return Some(set.slots[0].tgid);
+    }
+    if set.used <= 1 && (set.slots[0].host_tgid != 0 || set.slots[0].tgid == 0) {
+        return None;
+    }
+    watched_current_slow(set, host)
+}
 
 #[inline(always)]
-fn current_tgid() -> u32 {
+fn watched_current_slow(set: &mut WatchSet, host: u32) -> Option<u32> {
+    let mut ns_tgid = 0u32;
+    let mut i = 0usize;
+    while i < MAX_WATCHED as usize && i < set.used as usize {
+        let slot = &mut set.slots[i];
+        if slot.host_tgid == host && host != 0 {
+            return Some(slot.tgid);
+        }
+        if slot.host_tgid == 0 && slot.tgid != 0 {
+            if ns_tgid == 0 {
+                ns_tgid = current_ns_tgid();
+            }
+            if ns_tgid != 0 && slot.tgid == ns_tgid {
+                slot.host_tgid = host;
+                return Some(slot.tgid);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The current task's tgid in leakwatch's pid namespace; 0 when it has none there (a task of the host or a
+/// sibling pod), or when leakwatch runs in the host's namespace (then userspace knows every host pid).
+#[inline(always)]
+fn current_ns_tgid() -> u32 {
     // SAFETY: rodata globals written by the loader before load.
     let (dev, ino) = unsafe {
         (
@@ -78,7 +140,7 @@ fn current_tgid() -> u32 {
         )
     };
     if ino == 0 {
-        return (bpf_get_current_pid_tgid() >> 32) as u32;
+        return 0;
     }
     let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
     // SAFETY: the helper writes at most `size` bytes into `info`, which lives on this stack frame.
@@ -90,8 +152,6 @@ fn current_tgid() -> u32 {
             core::mem::size_of::<bpf_pidns_info>() as u32,
         )
     };
-    // A task outside leakwatch's namespace (the host's or a sibling pod's) has no pid in it: tgid 0, which
-    // is_watched() never matches.
     if rc == 0 { info.tgid } else { 0 }
 }
 
@@ -101,29 +161,25 @@ fn in_pid_namespace() -> bool {
     unsafe { core::ptr::read_volatile(&PIDNS_INO) != 0 }
 }
 
-#[inline(always)]
-fn is_watched(tgid: u32) -> bool {
-    // tgid 0 is the idle task (softirq on an idle CPU), and 0 also marks a free slot.
-    if tgid == 0 {
-        return false;
-    }
-    let mut i = 0;
-    while i < MAX_WATCHED {
-        if WATCHED.get(i).is_some_and(|w| *w == tgid) {
-            return true;
-        }
-        i += 1;
-    }
-    false
-}
-
 /// Reads a tracepoint field straight from the context: the verifier allows aligned loads from a
 /// tracepoint's record, which saves a `bpf_probe_read` helper call per field on the hot path.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TracePointContext, offset: usize) -> Option<T> {
+fn read<T: Copy>(ctx: &TracePointContext, field: Field) -> T {
     // SAFETY: offsets and sizes are checked against the running kernel's tracepoint format before load,
     // and every field we read is naturally aligned in the record.
-    Some(unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const T) })
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(field.offset) as *const T) }
+}
+
+/// Transitions that only ever run in the syscall context of a task holding the socket (connect, listen,
+/// close or shutdown). For these, current is the owner; every other transition may run in softirq, where
+/// current is whichever task the CPU interrupted.
+#[inline(always)]
+fn in_owner_context(old: u8, new: u8) -> bool {
+    use tcp_state::*;
+    matches!(
+        (old, new),
+        (CLOSE, SYN_SENT) | (CLOSE, LISTEN) | (ESTABLISHED, FIN_WAIT1) | (CLOSE_WAIT, LAST_ACK)
+    )
 }
 
 #[tracepoint]
@@ -133,23 +189,42 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
-    if read::<u16>(ctx, layout::SOCK_PROTOCOL)? != IPPROTO_TCP {
+    if read::<u16>(ctx, layout::SOCK_PROTOCOL) != IPPROTO_TCP {
         return None;
     }
-    let skaddr: u64 = read(ctx, layout::SOCK_SKADDR)?;
-    let old = read::<i32>(ctx, layout::SOCK_OLDSTATE)? as u8;
-    let new = read::<i32>(ctx, layout::SOCK_NEWSTATE)? as u8;
+    let old = read::<i32>(ctx, layout::SOCK_OLDSTATE) as u8;
+    let new = read::<i32>(ctx, layout::SOCK_NEWSTATE) as u8;
+    // An owner-context transition made by an unwatched task is not ours: stop at the pid compare, without
+    // the socket-table lookup. The one socket this can skip is a watched process's socket closed by an
+    // unwatched process it shared the fd with; its next transition (in softirq, looked up) finds it and
+    // moves it out of the state recorded in the table, so the live counts stay exact and only the skipped
+    // transition's "into" count is missing.
+    let owner_tgid = if in_owner_context(old, new) {
+        Some(watched_current()?)
+    } else {
+        None
+    };
+    let dport: u16 = read(ctx, layout::SOCK_DPORT);
+    if owner_tgid.is_none() && new != tcp_state::SYN_RECV && port_refs(dport) == 0 {
+        return None;
+    }
+    let skaddr: u64 = read(ctx, layout::SOCK_SKADDR);
 
     let mut c = counters();
-    let (tgid, origin) = match SOCKS.get_ptr(skaddr) {
+    let (tgid, origin, port) = match SOCKS.get_ptr_mut(skaddr) {
         Some(owner) => {
-            // SAFETY: value is a plain struct; a concurrent delete can at worst give a stale owner.
-            let o = unsafe { *owner };
-            bump(&mut c, counter::STATE_OUT_BASE + old as u32);
-            (o.tgid, o.origin)
+            // SAFETY: value of a preallocated hash slot; a concurrent delete can at worst give a stale owner.
+            let o = unsafe { &mut *owner };
+            bump(&mut c, counter::STATE_OUT_BASE + o.state as u32);
+            o.state = new;
+            (o.tgid, o.origin, o.port)
         }
         None => {
-            let tgid = attribute(ctx, old, new)?;
+            let tgid = match owner_tgid {
+                Some(t) => t,
+                None if new == tcp_state::SYN_RECV => listener_owner(ctx)?,
+                None => return None,
+            };
             let origin = match (old, new) {
                 (tcp_state::CLOSE, tcp_state::SYN_SENT) => origin::CONNECTED,
                 (_, tcp_state::SYN_RECV) => origin::ACCEPTED,
@@ -158,24 +233,20 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
             };
             // A socket we cannot remember is not counted at all: counting its opening but never its
             // close would leave a phantom live socket behind.
-            if SOCKS
-                .insert(
-                    skaddr,
-                    SockOwner {
-                        tgid,
-                        origin,
-                        _pad: [0; 3],
-                    },
-                    0,
-                )
-                .is_err()
-            {
+            let owner = SockOwner {
+                tgid,
+                origin,
+                state: new,
+                port: dport,
+            };
+            if SOCKS.insert(skaddr, owner, 0).is_err() {
                 bump(&mut c, counter::SOCK_TABLE_FULL);
                 return None;
             }
+            add_port_ref(dport, 1);
             bump(&mut c, counter::SOCK_TRACKED);
             bump(&mut c, counter::ORIGIN_OPEN_BASE + origin as u32);
-            (tgid, origin)
+            (tgid, origin, dport)
         }
     };
 
@@ -184,9 +255,11 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
         tcp_state::ESTABLISHED => bump(&mut c, counter::SOCK_ESTABLISHED),
         tcp_state::CLOSE_WAIT => bump(&mut c, counter::SOCK_CLOSE_WAIT),
         tcp_state::LISTEN => {
-            let family: u16 = read(ctx, layout::SOCK_FAMILY)?;
-            let port: u16 = read(ctx, layout::SOCK_SPORT)?;
-            if LISTENERS.insert(listen_key(family, port), tgid, 0).is_err() {
+            let key = listen_key(
+                read(ctx, layout::SOCK_FAMILY),
+                read(ctx, layout::SOCK_SPORT),
+            );
+            if LISTENERS.insert(key, tgid, 0).is_err() {
                 bump(&mut c, counter::LISTEN_TABLE_FULL);
             }
         }
@@ -194,10 +267,13 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
             bump(&mut c, counter::SOCK_CLOSED);
             bump(&mut c, counter::ORIGIN_CLOSE_BASE + origin as u32);
             let _ = SOCKS.remove(skaddr);
+            add_port_ref(port, u64::MAX);
             if old == tcp_state::LISTEN {
-                let family: u16 = read(ctx, layout::SOCK_FAMILY)?;
-                let port: u16 = read(ctx, layout::SOCK_SPORT)?;
-                let _ = LISTENERS.remove(listen_key(family, port));
+                let key = listen_key(
+                    read(ctx, layout::SOCK_FAMILY),
+                    read(ctx, layout::SOCK_SPORT),
+                );
+                let _ = LISTENERS.remove(key);
             }
         }
         _ => {}
@@ -206,42 +282,46 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
     Some(())
 }
 
-/// Decides whether an untracked socket belongs to a watched process; see the module comment.
 #[inline(always)]
-fn attribute(ctx: &TracePointContext, old: u8, new: u8) -> Option<u32> {
-    use tcp_state::*;
-    let in_owner_context = matches!(
-        (old, new),
-        (CLOSE, SYN_SENT) | (CLOSE, LISTEN) | (ESTABLISHED, FIN_WAIT1) | (CLOSE_WAIT, LAST_ACK)
-    );
-    if in_owner_context {
-        let tgid = current_tgid();
-        return is_watched(tgid).then_some(tgid);
-    }
-    if new == SYN_RECV {
-        let family: u16 = read(ctx, layout::SOCK_FAMILY)?;
-        let port: u16 = read(ctx, layout::SOCK_SPORT)?;
-        let owner = LISTENERS.get_ptr(listen_key(family, port))?;
-        // SAFETY: plain u32 value.
-        return Some(unsafe { *owner });
-    }
-    None
+fn port_refs(port: u16) -> u64 {
+    PORT_REFS.get(u32::from(port)).copied().unwrap_or(0)
 }
 
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-const BPF_RB_RING_SIZE: u64 = 1;
+/// Adds `delta` (u64::MAX to subtract one) to a port's count, atomically: two CPUs may track or close
+/// sockets with the same remote port at once. The BPF target has no `core::sync::atomic` types, so this is
+/// the instruction itself: BPF_XADD, a 64-bit atomic add every BPF CPU version has.
+#[inline(always)]
+fn add_port_ref(port: u16, delta: u64) {
+    if let Some(p) = PORT_REFS.get_ptr_mut(u32::from(port)) {
+        // SAFETY: `p` points to an aligned u64 slot of an array map, valid while the program runs.
+        unsafe {
+            core::arch::asm!("lock *(u64 *)({p} + 0) += {d}", p = in(reg) p, d = in(reg) delta);
+        }
+    }
+}
+
+/// The watched process listening on the port an embryonic socket arrived at, if any.
+#[inline(always)]
+fn listener_owner(ctx: &TracePointContext) -> Option<u32> {
+    let key = listen_key(
+        read(ctx, layout::SOCK_FAMILY),
+        read(ctx, layout::SOCK_SPORT),
+    );
+    // SAFETY: plain u32 value.
+    LISTENERS.get_ptr(key).map(|owner| unsafe { *owner })
+}
 
 /// Wake the reader only once a quarter of the ring is waiting. Waking it per record costs an irq_work
 /// here and an epoll wake-up plus a task switch in userspace, for records it would happily read in a
 /// batch: userspace also drains on a short timer, so a quiet ring is never left unread for long.
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA) > EVENTS.query(BPF_RB_RING_SIZE) / 4 {
-        BPF_RB_FORCE_WAKEUP
+    // SAFETY: rodata global written by the loader before load.
+    let ring_bytes = unsafe { core::ptr::read_volatile(&RING_BYTES) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > ring_bytes / 4 {
+        BPF_RB_FORCE_WAKEUP as u64
     } else {
-        BPF_RB_NO_WAKEUP
+        BPF_RB_NO_WAKEUP as u64
     }
 }
 
@@ -265,113 +345,55 @@ fn emit_sock_event(
         tgid,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         skaddr,
-        family: read(ctx, layout::SOCK_FAMILY).unwrap_or(0),
-        sport: read(ctx, layout::SOCK_SPORT).unwrap_or(0),
-        dport: read(ctx, layout::SOCK_DPORT).unwrap_or(0),
+        family: read(ctx, layout::SOCK_FAMILY),
+        sport: read(ctx, layout::SOCK_SPORT),
+        dport: read(ctx, layout::SOCK_DPORT),
         ..SockEvent::default()
     };
     // Whole-word loads keep every access aligned, as the verifier requires for context reads.
     if ev.family == AF_INET {
-        let s: u32 = read(ctx, layout::SOCK_SADDR).unwrap_or_default();
-        let d: u32 = read(ctx, layout::SOCK_DADDR).unwrap_or_default();
+        let s: u32 = read(ctx, layout::SOCK_SADDR);
+        let d: u32 = read(ctx, layout::SOCK_DADDR);
         ev.saddr[..4].copy_from_slice(&s.to_ne_bytes());
         ev.daddr[..4].copy_from_slice(&d.to_ne_bytes());
     } else {
-        for (i, off) in [(0, layout::SOCK_SADDR_V6), (8, layout::SOCK_SADDR_V6 + 8)] {
-            let w: u64 = read(ctx, off).unwrap_or_default();
-            ev.saddr[i..i + 8].copy_from_slice(&w.to_ne_bytes());
-        }
-        for (i, off) in [(0, layout::SOCK_DADDR_V6), (8, layout::SOCK_DADDR_V6 + 8)] {
-            let w: u64 = read(ctx, off).unwrap_or_default();
-            ev.daddr[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+        for (field, out) in [
+            (layout::SOCK_SADDR_V6, &mut ev.saddr),
+            (layout::SOCK_DADDR_V6, &mut ev.daddr),
+        ] {
+            let lo: u64 = read(ctx, field);
+            let hi: u64 = read(
+                ctx,
+                Field {
+                    offset: field.offset + 8,
+                    ..field
+                },
+            );
+            out[..8].copy_from_slice(&lo.to_ne_bytes());
+            out[8..].copy_from_slice(&hi.to_ne_bytes());
         }
     }
     entry.write(ev);
     entry.submit(wakeup_flags());
 }
 
-#[inline(always)]
-fn on_new_socket_fd(ctx: &TracePointContext, which: u32) {
-    let tgid = current_tgid();
-    if !is_watched(tgid) {
-        return;
-    }
-    let Some(ret) = read::<i64>(ctx, layout::SYSCALL_RET) else {
-        return;
-    };
-    if ret < 0 {
-        return;
-    }
-    let mut c = counters();
-    bump(&mut c, which);
-    if SOCK_FDS.insert(fd_key(tgid, ret as u32), 0, 0).is_err() {
-        bump(&mut c, counter::FD_TABLE_FULL);
-    }
-}
-
-#[tracepoint]
-pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
-    on_new_socket_fd(&ctx, counter::SYS_SOCKET);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    on_new_socket_fd(&ctx, counter::SYS_ACCEPT);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    on_new_socket_fd(&ctx, counter::SYS_ACCEPT);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    if is_watched(current_tgid()) {
-        let ret = read::<i64>(&ctx, layout::SYSCALL_RET).unwrap_or(-1);
-        if ret == 0 || ret == -EINPROGRESS {
-            bump(&mut counters(), counter::SYS_CONNECT);
-        }
-    }
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    let tgid = current_tgid();
-    if !is_watched(tgid) {
-        return 0;
-    }
-    if let Some(fd) = read::<u64>(&ctx, layout::SYSCALL_ARG0) {
-        let key = fd_key(tgid, fd as u32);
-        if SOCK_FDS.get_ptr(key).is_some() {
-            let _ = SOCK_FDS.remove(key);
-            bump(&mut counters(), counter::SYS_CLOSE_SOCKET_FD);
-        }
-    }
-    0
-}
-
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
-    let tgid = current_tgid();
-    if !is_watched(tgid) {
+    let Some(tgid) = watched_current() else {
         return 0;
-    }
-    let flags: u64 = read(&ctx, layout::NEWTASK_CLONE_FLAGS).unwrap_or(0);
+    };
+    let flags: u64 = read(&ctx, layout::NEWTASK_CLONE_FLAGS);
     let mut c = counters();
     if flags & CLONE_THREAD != 0 {
         bump(&mut c, counter::TASK_NEW_THREAD);
         return 0;
     }
     bump(&mut c, counter::PROCESS_FORK);
-    let child: u32 = read(&ctx, layout::NEWTASK_PID).unwrap_or(0);
+    let child: u32 = read(&ctx, layout::NEWTASK_PID);
     // SAFETY: rodata global written by the loader before load.
     let follow = unsafe { core::ptr::read_volatile(&FOLLOW_FORKS) };
-    // The child's pid in the tracepoint is the host's; in a pid namespace it would never match, and
-    // userspace follows forks there by rediscovery instead.
+    // The child's pid in the tracepoint is the host's; in a pid namespace userspace would not know it, and
+    // follows forks there by rediscovery instead.
     if follow != 0 && child != 0 && !in_pid_namespace() {
         add_watched(child);
     }
@@ -381,13 +403,12 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
-    let tgid = current_tgid();
-    if !is_watched(tgid) {
+    let Some(tgid) = watched_current() else {
         return 0;
-    }
+    };
     let mut c = counters();
     bump(&mut c, counter::TASK_EXIT);
-    let group_dead: u8 = read(&ctx, layout::EXIT_GROUP_DEAD).unwrap_or(0);
+    let group_dead: u8 = read(&ctx, layout::EXIT_GROUP_DEAD);
     if group_dead != 0 {
         bump(&mut c, counter::PROCESS_EXIT);
         // Forget the pid now: if the kernel reuses it, the new process must not be watched by accident.
@@ -397,33 +418,32 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Puts a pid in the first free slot (racy between CPUs, which at worst loses a fork to follow).
+/// Puts a host pid in the first free slot (racy between CPUs, which at worst loses a fork to follow).
 fn add_watched(pid: u32) {
-    let mut i = 0;
-    while i < MAX_WATCHED {
-        if let Some(slot) = WATCHED.get_ptr_mut(i) {
-            // SAFETY: array slot of a map we own.
-            unsafe {
-                if *slot == 0 {
-                    *slot = pid;
-                    return;
-                }
+    let Some(set) = watch_set() else { return };
+    let mut i = 0usize;
+    while i < MAX_WATCHED as usize {
+        let slot = &mut set.slots[i];
+        if slot.tgid == 0 {
+            slot.tgid = pid;
+            slot.host_tgid = pid;
+            if set.used <= i as u32 {
+                set.used = i as u32 + 1;
             }
+            return;
         }
         i += 1;
     }
 }
 
-fn remove_watched(pid: u32) {
-    let mut i = 0;
-    while i < MAX_WATCHED {
-        if let Some(slot) = WATCHED.get_ptr_mut(i) {
-            // SAFETY: as above.
-            unsafe {
-                if *slot == pid {
-                    *slot = 0;
-                }
-            }
+fn remove_watched(tgid: u32) {
+    let Some(set) = watch_set() else { return };
+    let mut i = 0usize;
+    while i < MAX_WATCHED as usize {
+        let slot = &mut set.slots[i];
+        if slot.tgid == tgid {
+            slot.host_tgid = 0;
+            slot.tgid = 0;
         }
         i += 1;
     }

@@ -13,26 +13,30 @@ pub struct TargetId {
     pub start_ticks: u64,
 }
 
-/// Cumulative in-kernel counters (summed over CPUs) since the probes were attached.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KernelCounters {
-    pub sock_tracked: u64,
-    pub sock_established: u64,
-    pub sock_closed: u64,
-    pub sock_close_wait: u64,
-    pub sys_socket: u64,
-    pub sys_connect: u64,
-    pub sys_accept: u64,
-    pub sys_close_socket_fd: u64,
-    pub task_new_thread: u64,
-    pub task_exit: u64,
-    pub process_fork: u64,
-    pub process_exit: u64,
-    pub events_lost: u64,
-    pub sock_table_full: u64,
-    pub fd_table_full: u64,
-    pub listen_table_full: u64,
+macro_rules! define_kernel_counters {
+    ($(($konst:ident, $field:ident, $index:literal, $export:ident $(($table:literal))?, $help:literal);)*) => {
+        /// Cumulative in-kernel counters (summed over CPUs) since the probes were attached: one field per
+        /// row of `monitor_ebpf::with_counters`.
+        #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct KernelCounters {
+            $(#[doc = $help] pub $field: u64,)*
+        }
+
+        impl KernelCounters {
+            /// Builds the counters from a reader of the kernel's counter array.
+            pub fn from_indexed(get: impl Fn(u32) -> u64) -> Self {
+                Self { $($field: get(monitor_ebpf::counter::$konst),)* }
+            }
+
+            /// Every counter with its row of the table, in index order.
+            pub fn iter(&self) -> impl Iterator<Item = (&'static monitor_ebpf::CounterDef, u64)> {
+                monitor_ebpf::counter::SCALARS.iter().zip([$(self.$field),*])
+            }
+        }
+    };
 }
+monitor_ebpf::with_counters!(define_kernel_counters);
 
 /// What the eBPF probes say about the target.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -116,9 +116,17 @@ fn parse_format_line(line: &str) -> Option<FormatField> {
 }
 
 /// Checks the running kernel's tracepoint layouts against what the probes were compiled for.
-pub fn check_tracepoint_layout(expected: &[(&str, &str, usize, usize)]) -> Result<(), SystemError> {
+pub fn check_tracepoint_layout(
+    expected: &[monitor_ebpf::layout::Field],
+) -> Result<(), SystemError> {
     let mut cache: Vec<(&str, Vec<FormatField>)> = Vec::new();
-    for &(event, field, offset, size) in expected {
+    for &monitor_ebpf::layout::Field {
+        event,
+        name: field,
+        offset,
+        size,
+    } in expected
+    {
         if !cache.iter().any(|(e, _)| *e == event) {
             let path = format!("{TRACEFS}/events/{event}/format");
             let text =

@@ -359,6 +359,65 @@ fn docs_table_and_exporter_agree() {
     );
 }
 
+/// The `event` and `table` label values of the kernel counters come from the one counter table in
+/// monitor-ebpf: docs/metrics.md must list exactly those, and no dashboard, rule or rule test may name a
+/// value that no longer exists (the syscall counters and the `sock_fds` table were removed).
+#[test]
+fn kernel_counter_label_values_match_the_counter_table() {
+    use monitor_ebpf::{Export, counter::SCALARS};
+    let events: BTreeSet<&str> = SCALARS
+        .iter()
+        .filter(|d| d.export == Export::Event)
+        .map(|d| d.name)
+        .collect();
+    let tables: BTreeSet<&str> = SCALARS
+        .iter()
+        .filter_map(|d| match d.export {
+            Export::TableFull(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    let doc = read(&root().join("docs/metrics.md"));
+    let row = |metric: &str| -> BTreeSet<String> {
+        let line = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{metric}`")))
+            .unwrap_or_else(|| panic!("docs/metrics.md has a row for {metric}"));
+        let meaning = line.rsplit('|').nth(1).unwrap_or_default();
+        let meaning = meaning.split(" (").next().unwrap_or_default();
+        regex::Regex::new(r"`([a-z_]+)`")
+            .expect("valid regex")
+            .captures_iter(meaning)
+            .map(|c| c[1].to_string())
+            .collect()
+    };
+    let as_strings = |s: &BTreeSet<&str>| s.iter().map(|v| v.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(row("leakwatch_kernel_events_total"), as_strings(&events));
+    assert_eq!(
+        row("leakwatch_kernel_table_full_total"),
+        as_strings(&tables)
+    );
+    let label = regex::Regex::new(r#"(event|table)=~?\\?"([a-z_|]+)\\?""#).expect("valid regex");
+    for path in [
+        root().join("dashboards/grafana/leakwatch.json"),
+        rules_path(),
+        rules_test_path(),
+    ] {
+        let text = read(&path);
+        for c in label.captures_iter(&text) {
+            let known = if &c[1] == "event" { &events } else { &tables };
+            for v in c[2].split('|') {
+                assert!(
+                    known.contains(v),
+                    "{} names {}=\"{v}\", which the counter table does not export",
+                    path.display(),
+                    &c[1]
+                );
+            }
+        }
+    }
+}
+
 // ---- the rules file ------------------------------------------------------------------------------------
 
 #[derive(Debug)]

@@ -66,10 +66,6 @@ fn counters_and_socket_table_match_what_a_real_process_did() {
         "every passive close passes CLOSE_WAIT"
     );
     assert_eq!(counters.sock_closed, expect_closed);
-    assert_eq!(counters.sys_socket, 1 + n);
-    assert_eq!(counters.sys_connect, n);
-    assert_eq!(counters.sys_accept, n);
-    assert_eq!(counters.sys_close_socket_fd, 2 * m + k);
     assert_eq!(counters.task_new_thread, t);
     assert_eq!(counters.task_exit, t);
     assert_eq!(counters.events_lost, 0);
@@ -93,7 +89,7 @@ fn counters_and_socket_table_match_what_a_real_process_did() {
         "only the child's sockets are in the table"
     );
 
-    support::assert_procfs_agrees(child.pid, open_pairs, k);
+    support::assert_procfs_agrees(child.pid, &kernel, open_pairs, k);
     child.finish();
 }
 

@@ -62,21 +62,24 @@ fn clk_tck() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// bpf_stats per program under a loopback storm, watched and unwatched, and the wall time per syscall of an
+/// unwatched process with the probes loaded against not loaded.
 fn ebpf_cost() -> Result<Value> {
-    let mut out = json!({});
-    for (key, extra) in [("watched", None), ("unwatched", Some("--unwatched"))] {
-        let mut cmd = Command::new(example("ebpf_cost"));
-        cmd.args(["20000", "--json"]);
-        if let Some(e) = extra {
-            cmd.arg(e);
-        }
-        let o = cmd.output().context("running the ebpf_cost example")?;
+    let run = |args: &[&str]| -> Result<Value> {
+        let o = Command::new(example("ebpf_cost"))
+            .args(args)
+            .output()
+            .context("running the ebpf_cost example")?;
         if !o.status.success() {
             bail!("ebpf_cost failed: {}", String::from_utf8_lossy(&o.stderr));
         }
-        out[key] = serde_json::from_slice(&o.stdout)?;
-    }
-    Ok(out)
+        Ok(serde_json::from_slice(&o.stdout)?)
+    };
+    Ok(json!({
+        "watched": run(&["20000", "--json"])?,
+        "unwatched": run(&["20000", "--json", "--unwatched"])?,
+        "syscalls": run(&["--syscalls", "--json"])?,
+    }))
 }
 
 /// Starts a release `leakwatch watch` on `pid` (1 s interval, its own port) and waits until it serves;
@@ -221,8 +224,15 @@ fn sampling_cost(sockets: usize) -> Result<Value> {
     }))
 }
 
-/// One run of the load driver through the tunnel: (requests/s, p99 ms, MB/s).
-fn tunnel_load(t: &Tunnel, path: &str, requests: u64, concurrency: u64) -> Result<(f64, f64, f64)> {
+/// One load round through the tunnel for `seconds` (or `requests`, whichever ends first): (requests
+/// served, requests/s, p99 ms, MB/s).
+fn tunnel_load(
+    t: &Tunnel,
+    path: &str,
+    requests: u64,
+    seconds: u64,
+    concurrency: u64,
+) -> Result<(f64, f64, f64, f64)> {
     let load = Proc::spawn(
         "load",
         Command::new(release_bin(&workspace_root(), "reftunnel")).args([
@@ -235,51 +245,140 @@ fn tunnel_load(t: &Tunnel, path: &str, requests: u64, concurrency: u64) -> Resul
             "0",
             "--concurrency",
             &concurrency.to_string(),
+            "--duration-limit",
+            &format!("{seconds}s"),
+            // Requests not sent when the time is up are the point of a timed round, not errors.
+            "--max-error-ratio",
+            "1",
             "--json",
         ]),
         false,
     )?;
-    let (status, out) = load.collect(Duration::from_secs(300))?;
+    let (status, out) = load.collect(Duration::from_secs(seconds + 120))?;
     if !status.success() {
         bail!("load driver failed: {out}");
     }
     let v: Value =
         serde_json::from_str(out.trim()).with_context(|| format!("load driver JSON: {out}"))?;
+    // A rare failed request (a 502 when the machine stalls) does not spoil a timed round; many would.
+    let (ok, errors) = (
+        v["ok"].as_f64().unwrap_or(0.0),
+        v["errors"].as_f64().unwrap_or(0.0),
+    );
+    if errors > ok / 1000.0 {
+        bail!("load round had too many errors: {out}");
+    }
+    if errors > 0.0 {
+        eprintln!("bench: {errors} failed request(s) of {ok} in a round (tolerated below 0.1%)");
+    }
     Ok((
+        v["ok"].as_f64().unwrap_or(f64::NAN),
         v["rate_rps"].as_f64().unwrap_or(f64::NAN),
         v["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
         v["mb_per_s"].as_f64().unwrap_or(f64::NAN),
     ))
 }
 
-/// Tunnel throughput and p99 with leakwatch attached (eBPF + procfs + scraping every second) against the
-/// same tunnel unwatched, in alternating rounds of one run, so drift on a shared machine hits both sides.
-fn tunnel_overhead(rounds: usize) -> Result<Value> {
-    let t = start_tunnel(None)?;
-    tunnel_load(&t, "", 300, 8)?; // warm-up
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    let mut lw_cpu = Vec::new();
-    for _ in 0..rounds {
-        off.push(tunnel_load(&t, "", 2000, 8)?);
-        let metrics = format!("http://{}/metrics", t.addr);
-        let (lw, _) = watch_pid(
-            t.server.pid(),
-            &["--side", "server", "--metrics-url", &metrics],
-        )?;
-        let (c0, _) = cpu_and_peak(lw.pid()).context("leakwatch /proc")?;
-        let start = Instant::now();
-        on.push(tunnel_load(&t, "", 2000, 8)?);
-        let (c1, _) = cpu_and_peak(lw.pid()).context("leakwatch /proc")?;
-        lw_cpu.push((c1 - c0) as f64 / clk_tck() / start.elapsed().as_secs_f64() * 100.0);
-        drop(lw);
+/// Value of a sample line `<prefix>... <value>` in an exposition.
+fn metric_value(metrics: &str, prefix: &str, label: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits until a freshly started leakwatch is past its start-up: probes attached, the first full procfs
+/// scan (with the /proc/net/tcp join) done and a scrape of the tunnel succeeded.
+fn wait_warm(url: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = http_get(&format!("{url}/metrics")).unwrap_or_default();
+        let scanned = sample_duration(&m, "procfs_full").is_some_and(|v| v > 0.0);
+        let scraped = metric_value(&m, "leakwatch_app_scrape_up{", "") == Some(1.0);
+        let ebpf = metric_value(&m, "leakwatch_ebpf_enabled{", "") == Some(1.0);
+        if scanned && scraped && ebpf {
+            // One more tick, so the round starts in the steady state, not on the first tick's tail.
+            std::thread::sleep(Duration::from_millis(1500));
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("leakwatch did not warm up within 60 s: {m}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    let col =
-        |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| median(v.iter().map(f).collect());
-    let (rps_off, rps_on) = (col(&off, |r| r.0), col(&on, |r| r.0));
-    let (p99_off, p99_on) = (col(&off, |r| r.1), col(&on, |r| r.1));
-    let big = tunnel_load(&t, "bytes/1048576", 200, 4)?;
+}
+
+/// CPU ticks (utime + stime) of a process.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    cpu_and_peak(pid)
+        .map(|(t, _)| t)
+        .with_context(|| format!("/proc/{pid}/stat"))
+}
+
+/// The tunnel's cost with leakwatch attached (eBPF + procfs + scraping every second) against the same
+/// tunnel unwatched, in alternating timed rounds of one run, so drift on a shared machine hits both sides.
+/// leakwatch is started before each watched round and warmed up past its start-up, and stopped before each
+/// unwatched round. The primary figure is the tunnel's CPU time (server + agent) per request served: it
+/// measures what the probes add to the tunnel's own work, where throughput and p99 on a 2-core machine
+/// mostly measure who else got the CPU.
+fn tunnel_overhead(rounds: usize, seconds: u64) -> Result<Value> {
+    let t = start_tunnel(None)?;
+    tunnel_load(&t, "", 2000, 30, 8)?; // warm-up
+    let tunnel_pids = [t.server.pid(), t.agent.pid()];
+    let tunnel_ticks = || -> Result<u64> { tunnel_pids.iter().map(|&p| cpu_ticks(p)).sum() };
+    let tck = clk_tck();
+    let metrics = format!("http://{}/metrics", t.addr);
+    let (mut off, mut on, mut lw_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let mut round = |watched: bool| -> Result<()> {
+        let lw = if watched {
+            let (lw, url) = watch_pid(
+                t.server.pid(),
+                &["--side", "server", "--metrics-url", &metrics],
+            )?;
+            wait_warm(&url)?;
+            Some(lw)
+        } else {
+            None
+        };
+        let lw0 = lw.as_ref().map(|l| cpu_ticks(l.pid())).transpose()?;
+        let c0 = tunnel_ticks()?;
+        let start = Instant::now();
+        let (ok, rps, p99, _) = tunnel_load(&t, "", 100_000_000, seconds, 8)?;
+        let wall = start.elapsed().as_secs_f64();
+        let cpu_us_per_req = (tunnel_ticks()? - c0) as f64 / tck / ok * 1e6;
+        if let (Some(lw), Some(lw0)) = (&lw, lw0) {
+            lw_cpu.push((cpu_ticks(lw.pid())? - lw0) as f64 / tck / wall * 100.0);
+        }
+        let row = (cpu_us_per_req, rps, p99, ok);
+        if watched {
+            on.push(row)
+        } else {
+            off.push(row)
+        }
+        Ok(())
+    };
+    for _ in 0..rounds {
+        round(false)?;
+        round(true)?;
+    }
+    let col = |v: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64| {
+        median(v.iter().map(f).collect())
+    };
+    let (cpu_off, cpu_on) = (col(&off, |r| r.0), col(&on, |r| r.0));
+    let (rps_off, rps_on) = (col(&off, |r| r.1), col(&on, |r| r.1));
+    let (p99_off, p99_on) = (col(&off, |r| r.2), col(&on, |r| r.2));
+    let big = tunnel_load(&t, "bytes/1048576", 200, 60, 4)?;
+    let per_round = |v: &[(f64, f64, f64, f64)]| {
+        v.iter()
+            .map(|r| json!({"cpu_us_per_request": r.0, "requests_per_s": r.1, "p99_ms": r.2, "requests": r.3}))
+            .collect::<Vec<_>>()
+    };
     Ok(json!({
         "rounds": rounds,
+        "round_seconds": seconds,
+        "tunnel_cpu_us_per_request_unwatched": cpu_off,
+        "tunnel_cpu_us_per_request_watched": cpu_on,
+        "tunnel_cpu_per_request_overhead_percent": (cpu_on / cpu_off - 1.0) * 100.0,
         "requests_per_s_unwatched": rps_off,
         "requests_per_s_watched": rps_on,
         "throughput_ratio": rps_on / rps_off,
@@ -287,19 +386,23 @@ fn tunnel_overhead(rounds: usize) -> Result<Value> {
         "p99_ms_watched": p99_on,
         "p99_ratio": p99_off / p99_on,
         "leakwatch_cpu_percent_during_load": median(lw_cpu),
-        "mb_per_s_1mib_responses": big.2,
+        "mb_per_s_1mib_responses": big.3,
+        "unwatched_rounds": per_round(&off),
+        "watched_rounds": per_round(&on),
     }))
 }
 
 pub fn run() -> Result<()> {
     util::cargo(&["build", "--release", "-p", "monitor", "--examples"])?;
     let mut out = json!({});
-    eprintln!("bench: eBPF cost per event under a 20k-connection loopback storm");
+    eprintln!(
+        "bench: eBPF cost per event under a 20k-connection loopback storm, and per syscall of an unwatched process"
+    );
     out["ebpf_cost"] = ebpf_cost()?;
     eprintln!(
-        "bench: tunnel throughput and p99 with leakwatch attached vs not (alternating rounds)"
+        "bench: tunnel CPU per request, throughput and p99 with leakwatch attached vs not (5 alternating 10 s rounds each)"
     );
-    out["tunnel"] = tunnel_overhead(5)?;
+    out["tunnel"] = tunnel_overhead(5, 10)?;
     let mut churn = Vec::new();
     for rate in [100, 1000, 10_000] {
         eprintln!("bench: leakwatch watching {rate} connections/s of churn");
@@ -338,10 +441,29 @@ fn goal(met: bool) -> &'static str {
     if met { "met" } else { "NOT met" }
 }
 
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
 fn print_table(out: &Value) {
-    println!("\n| measurement | value | goal |");
+    println!("\n| measurement | value | target (issue 13) |");
     println!("|---|---|---|");
-    for key in ["watched", "unwatched"] {
+    let sc = &out["ebpf_cost"]["syscalls"];
+    let added = f(&sc["getpid_added_ns"]);
+    println!(
+        "| wall time per getpid() of an unwatched process, probes loaded vs not ({:.1} vs {:.1} ns) | {added:+.1} ns | <= +5 ns: {} |",
+        f(&sc["getpid_ns_loaded"]),
+        f(&sc["getpid_ns_not_loaded"]),
+        goal(added <= 5.0)
+    );
+    let added = f(&sc["close_added_ns"]);
+    println!(
+        "| wall time per close(-1) of an unwatched process, probes loaded vs not ({:.1} vs {:.1} ns) | {added:+.1} ns | <= +10 ns: {} |",
+        f(&sc["close_ns_loaded"]),
+        f(&sc["close_ns_not_loaded"]),
+        goal(added <= 10.0)
+    );
+    for key in ["unwatched", "watched"] {
         let programs = out["ebpf_cost"][key]["programs"]
             .as_array()
             .cloned()
@@ -350,30 +472,40 @@ fn print_table(out: &Value) {
             .iter()
             .filter(|p| p["runs"].as_u64().unwrap_or(0) > 100)
         {
-            let ns = p["ns_per_event"].as_f64().unwrap_or(f64::NAN);
+            let ns = f(&p["ns_per_event"]);
+            let name = p["program"].as_str().unwrap_or("?");
+            let target = match (key, name) {
+                ("unwatched", _) => format!("<= 70 ns: {}", goal(ns <= 70.0)),
+                ("watched", "inet_sock_set_state") => format!("<= 150 ns: {}", goal(ns <= 150.0)),
+                _ => "-".into(),
+            };
             println!(
-                "| eBPF {} ns/event ({key} process, {} runs) | {ns:.0} ns | <= 120 ns: {} |",
-                p["program"].as_str().unwrap_or("?"),
-                p["runs"],
-                goal(ns <= 120.0)
+                "| bpf_stats {name} ({key} process, {} runs) | {ns:.0} ns/event | {target} |",
+                p["runs"]
             );
         }
     }
     let t = &out["tunnel"];
-    let ratio = t["throughput_ratio"].as_f64().unwrap_or(f64::NAN);
+    let over = f(&t["tunnel_cpu_per_request_overhead_percent"]);
     println!(
-        "| tunnel throughput watched / unwatched ({:.0} vs {:.0} req/s, medians of {} rounds) | {ratio:.3} | >= 0.98: {} |",
-        t["requests_per_s_watched"].as_f64().unwrap_or(f64::NAN),
-        t["requests_per_s_unwatched"].as_f64().unwrap_or(f64::NAN),
+        "| tunnel CPU (server + agent) per request, watched vs unwatched ({:.1} vs {:.1} µs; medians of {} alternating {} s rounds) | {over:+.2}% | <= 2%: {} |",
+        f(&t["tunnel_cpu_us_per_request_watched"]),
+        f(&t["tunnel_cpu_us_per_request_unwatched"]),
         t["rounds"],
-        goal(ratio >= 0.98)
+        t["round_seconds"],
+        goal(over <= 2.0)
     );
-    let p99 = t["p99_ratio"].as_f64().unwrap_or(f64::NAN);
     println!(
-        "| tunnel p99 unwatched / watched ({:.2} vs {:.2} ms) | {p99:.3} | >= 0.98: {} |",
-        t["p99_ms_unwatched"].as_f64().unwrap_or(f64::NAN),
-        t["p99_ms_watched"].as_f64().unwrap_or(f64::NAN),
-        goal(p99 >= 0.98)
+        "| tunnel throughput watched / unwatched ({:.0} vs {:.0} req/s) | {:.3} | - |",
+        f(&t["requests_per_s_watched"]),
+        f(&t["requests_per_s_unwatched"]),
+        f(&t["throughput_ratio"])
+    );
+    println!(
+        "| tunnel p99 unwatched / watched ({:.2} vs {:.2} ms) | {:.3} | - |",
+        f(&t["p99_ms_unwatched"]),
+        f(&t["p99_ms_watched"]),
+        f(&t["p99_ratio"])
     );
     println!(
         "| leakwatch CPU while the tunnel is under full load | {:.2}% of a core | - |",

@@ -16,7 +16,7 @@ pub struct Tunnel {
     /// Held for their lifetime: dropping a [`Proc`] kills it.
     _backend: Proc,
     pub server: Proc,
-    _agent: Proc,
+    pub agent: Proc,
     /// The server's listening address (tunnel front, /metrics, agents' /connect).
     pub addr: String,
 }
@@ -68,7 +68,7 @@ pub fn start_tunnel_with(leak: Option<&str>, server_extra: &[&str]) -> Result<Tu
     Ok(Tunnel {
         _backend: backend,
         server,
-        _agent: agent,
+        agent,
         addr,
     })
 }

@@ -2,7 +2,7 @@
 //! dashboard, the alerting rules and their tests rely on.
 use std::collections::HashSet;
 
-use monitor_ebpf::tcp_state;
+use monitor_ebpf::{Export, tcp_state};
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::{
@@ -47,25 +47,6 @@ pub struct LeakwatchMetrics {
     last_kernel: KernelCounters,
     live_clientkeys: HashSet<String>,
 }
-
-/// Event names of `leakwatch_kernel_events_total`, paired with how to read them from the counters.
-/// Reads one counter out of [`KernelCounters`].
-type CounterField = fn(&KernelCounters) -> u64;
-
-const KERNEL_EVENTS: [(&str, CounterField); 12] = [
-    ("sock_tracked", |c| c.sock_tracked),
-    ("sock_established", |c| c.sock_established),
-    ("sock_closed", |c| c.sock_closed),
-    ("sock_close_wait", |c| c.sock_close_wait),
-    ("sys_socket", |c| c.sys_socket),
-    ("sys_connect", |c| c.sys_connect),
-    ("sys_accept", |c| c.sys_accept),
-    ("sys_close_socket_fd", |c| c.sys_close_socket_fd),
-    ("task_new_thread", |c| c.task_new_thread),
-    ("task_exit", |c| c.task_exit),
-    ("process_fork", |c| c.process_fork),
-    ("process_exit", |c| c.process_exit),
-];
 
 /// States exported per socket; the rest are too short-lived to be worth a series.
 const STATES: [u8; 8] = [
@@ -434,41 +415,19 @@ impl LeakwatchMetrics {
     /// difference, and start over when the probes were reloaded (values went down).
     fn mirror_kernel_counters(&mut self, now: &KernelCounters) {
         let t = self.target.clone();
-        for (name, read) in KERNEL_EVENTS {
-            let delta = read(now)
-                .checked_sub(read(&self.last_kernel))
-                .unwrap_or(read(now));
-            self.kernel_events
-                .with_label_values(&[&t, name])
-                .inc_by(delta);
-        }
-        let lost = now
-            .events_lost
-            .checked_sub(self.last_kernel.events_lost)
-            .unwrap_or(now.events_lost);
-        self.kernel_lost.with_label_values(&[&t]).inc_by(lost);
-        for (table, read) in [
-            (
-                "socks",
-                now.sock_table_full,
-                self.last_kernel.sock_table_full,
-            ),
-            (
-                "sock_fds",
-                now.fd_table_full,
-                self.last_kernel.fd_table_full,
-            ),
-            (
-                "listeners",
-                now.listen_table_full,
-                self.last_kernel.listen_table_full,
-            ),
-        ]
-        .map(|(n, a, b)| (n, a.checked_sub(b).unwrap_or(a)))
-        {
-            self.kernel_table_full
-                .with_label_values(&[&t, table])
-                .inc_by(read);
+        for ((def, value), (_, last)) in now.iter().zip(self.last_kernel.iter()) {
+            let delta = value.checked_sub(last).unwrap_or(value);
+            match def.export {
+                Export::Event => self
+                    .kernel_events
+                    .with_label_values(&[&t, def.name])
+                    .inc_by(delta),
+                Export::Lost => self.kernel_lost.with_label_values(&[&t]).inc_by(delta),
+                Export::TableFull(table) => self
+                    .kernel_table_full
+                    .with_label_values(&[&t, table])
+                    .inc_by(delta),
+            }
         }
         self.last_kernel = now.clone();
     }

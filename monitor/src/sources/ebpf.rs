@@ -12,8 +12,9 @@ use aya::{
     programs::{ProgramError, TracePoint},
 };
 use monitor_ebpf::{
-    Counters, GLOBAL_FOLLOW_FORKS, GLOBAL_PIDNS_DEV, GLOBAL_PIDNS_INO, MAX_WATCHED, PROGRAMS,
-    ProcessEvent, SockEvent, counter, event_kind, layout, listen_key, map_name, origin, tcp_state,
+    Counters, GLOBAL_FOLLOW_FORKS, GLOBAL_PIDNS_DEV, GLOBAL_PIDNS_INO, GLOBAL_RING_BYTES,
+    MAX_WATCHED, PROGRAMS, ProcessEvent, SockEvent, WatchSet, WatchSlot, counter, event_kind,
+    layout, listen_key, map_name, origin, tcp_state,
 };
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
@@ -23,8 +24,10 @@ use crate::{
     system,
 };
 
-/// The probes object, embedded at build time (empty when built without an eBPF toolchain).
-static PROBES_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/leakwatch-probes.o"));
+/// The probes object, embedded at build time (empty when built without an eBPF toolchain). Aligned: the
+/// ELF parser reads its headers and instructions in place, as 8-byte words.
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leakwatch-probes.o"));
 
 /// Whether this binary carries the eBPF object at all.
 pub fn object_embedded() -> bool {
@@ -61,7 +64,7 @@ pub enum ProbeError {
 
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
-    /// Cap of the in-kernel socket table (and the socket-fd table).
+    /// Cap of the in-kernel socket table.
     pub max_sockets: u32,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
@@ -147,25 +150,7 @@ impl RawCounters {
     }
 
     pub fn to_kernel_counters(&self) -> KernelCounters {
-        use counter::*;
-        KernelCounters {
-            sock_tracked: self.get(SOCK_TRACKED),
-            sock_established: self.get(SOCK_ESTABLISHED),
-            sock_closed: self.get(SOCK_CLOSED),
-            sock_close_wait: self.get(SOCK_CLOSE_WAIT),
-            sys_socket: self.get(SYS_SOCKET),
-            sys_connect: self.get(SYS_CONNECT),
-            sys_accept: self.get(SYS_ACCEPT),
-            sys_close_socket_fd: self.get(SYS_CLOSE_SOCKET_FD),
-            task_new_thread: self.get(TASK_NEW_THREAD),
-            task_exit: self.get(TASK_EXIT),
-            process_fork: self.get(PROCESS_FORK),
-            process_exit: self.get(PROCESS_EXIT),
-            events_lost: self.get(EVENTS_LOST),
-            sock_table_full: self.get(SOCK_TABLE_FULL),
-            fd_table_full: self.get(FD_TABLE_FULL),
-            listen_table_full: self.get(LISTEN_TABLE_FULL),
-        }
+        KernelCounters::from_indexed(|index| self.get(index))
     }
 }
 
@@ -186,7 +171,9 @@ impl ProgramStats {
 /// Loaded and attached probes. Dropping it detaches everything (nothing is pinned).
 pub struct Probes {
     ebpf: Ebpf,
-    watched: Array<MapData, u32>,
+    watched: Array<MapData, WatchSet>,
+    /// Whether the kernel's host pids are the ones userspace sees (no pid namespace of our own).
+    host_pids: bool,
     listeners: BpfHashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, Counters>,
     ring: Option<RingBuf<MapData>>,
@@ -205,12 +192,13 @@ impl Probes {
         let _ = system::raise_memlock_rlimit();
         let follow = u8::from(opts.follow_forks);
         let (pidns_dev, pidns_ino) = system::own_pid_namespace().unwrap_or((0, 0));
+        let ring_bytes = u64::from(opts.ring_bytes);
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FOLLOW_FORKS, &follow, true)
             .override_global(GLOBAL_PIDNS_DEV, &pidns_dev, true)
             .override_global(GLOBAL_PIDNS_INO, &pidns_ino, true)
+            .override_global(GLOBAL_RING_BYTES, &ring_bytes, true)
             .map_max_entries(map_name::SOCKS, opts.max_sockets)
-            .map_max_entries(map_name::SOCK_FDS, opts.max_sockets)
             .map_max_entries(map_name::EVENTS, opts.ring_bytes)
             .load(PROBES_OBJECT)?;
         let stats_fd = if stats {
@@ -241,6 +229,7 @@ impl Probes {
         Ok(Self {
             ebpf,
             watched,
+            host_pids: pidns_ino == 0,
             listeners,
             counters,
             ring,
@@ -248,15 +237,13 @@ impl Probes {
         })
     }
 
-    fn slots(&self) -> Vec<u32> {
-        (0..MAX_WATCHED)
-            .map(|i| self.watched.get(&i, 0).unwrap_or(0))
-            .collect()
+    fn set(&self) -> WatchSet {
+        self.watched.get(&0, 0).unwrap_or_default()
     }
 
-    fn set_slot(&mut self, slot: u32, tgid: u32) -> Result<(), ProbeError> {
+    fn store(&mut self, set: &WatchSet) -> Result<(), ProbeError> {
         self.watched
-            .set(slot, tgid, 0)
+            .set(0, set, 0)
             .map_err(|source| ProbeError::Map {
                 name: map_name::WATCHED,
                 source,
@@ -264,28 +251,51 @@ impl Probes {
     }
 
     pub fn watch(&mut self, tgid: u32) -> Result<(), ProbeError> {
-        let slots = self.slots();
-        if slots.contains(&tgid) {
+        let mut set = self.set();
+        if set.slots.iter().any(|s| s.tgid == tgid) {
             return Ok(());
         }
-        let free = slots
+        let free = set
+            .slots
             .iter()
-            .position(|&s| s == 0)
+            .position(|s| s.tgid == 0)
             .ok_or(ProbeError::WatchSetFull)?;
-        self.set_slot(free as u32, tgid)
+        // In a pid namespace of our own the host pid is unknown here: 0 asks the probes to learn it.
+        set.slots[free] = WatchSlot {
+            tgid,
+            host_tgid: if self.host_pids { tgid } else { 0 },
+        };
+        set.used = set.used.max(free as u32 + 1);
+        self.store(&set)
     }
 
     pub fn unwatch(&mut self, tgid: u32) {
         // Already gone is fine: the exit probe frees a process's slot itself.
-        for (i, s) in self.slots().into_iter().enumerate() {
-            if s == tgid {
-                let _ = self.set_slot(i as u32, 0);
-            }
+        let mut set = self.set();
+        for s in set.slots.iter_mut().filter(|s| s.tgid == tgid) {
+            *s = WatchSlot::default();
         }
+        let _ = self.store(&set);
     }
 
     pub fn watched(&self) -> Vec<u32> {
-        self.slots().into_iter().filter(|&s| s != 0).collect()
+        self.set()
+            .slots
+            .iter()
+            .map(|s| s.tgid)
+            .filter(|&t| t != 0)
+            .collect()
+    }
+
+    /// Host pids the probes know for the watched processes (learned in the kernel when leakwatch runs in a
+    /// pid namespace of its own; 0 while still unknown), in slot order.
+    pub fn host_tgids(&self) -> Vec<(u32, u32)> {
+        self.set()
+            .slots
+            .iter()
+            .filter(|s| s.tgid != 0)
+            .map(|s| (s.tgid, s.host_tgid))
+            .collect()
     }
 
     /// Tells the kernel which listening ports belong to `tgid`, for listeners opened before attach:

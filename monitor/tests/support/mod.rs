@@ -108,9 +108,40 @@ pub fn spawn_noise(rounds: u32) -> Child {
         .expect("spawn noise process")
 }
 
-/// procfs must see the same sockets in the child as the probes did.
-pub fn assert_procfs_agrees(pid: u32, open_pairs: u64, close_wait: u64) {
-    let _ = (pid, open_pairs, close_wait);
+/// procfs must see the same sockets in the child as the probes did, state by state, and as many socket fds:
+/// the child's listener, both ends of each open pair, and the server ends left in CLOSE_WAIT.
+pub fn assert_procfs_agrees(
+    pid: u32,
+    kernel: &leakwatch::sample::KernelSample,
+    open_pairs: u64,
+    close_wait: u64,
+) {
+    use monitor_ebpf::tcp_state::{self, CLOSE_WAIT, ESTABLISHED, LISTEN};
+    let proc = leakwatch::sources::procfs::ProcfsSampler::default()
+        .sample(pid)
+        .expect("procfs sample of the child");
+    for state in 1..tcp_state::COUNT as u8 {
+        if state == tcp_state::CLOSE {
+            continue;
+        }
+        assert_eq!(
+            proc.tcp_in_state(state),
+            kernel.in_state(state),
+            "procfs and eBPF disagree on {} sockets\nprocfs: {proc:?}\neBPF: {kernel:?}",
+            tcp_state::name(state)
+        );
+    }
+    assert_eq!(proc.tcp_in_state(LISTEN), 1, "{proc:?}");
+    assert_eq!(proc.tcp_in_state(ESTABLISHED), 2 * open_pairs, "{proc:?}");
+    assert_eq!(proc.tcp_in_state(CLOSE_WAIT), close_wait, "{proc:?}");
+    let sockets = 1 + 2 * open_pairs + close_wait;
+    assert_eq!(proc.tcp_total(), sockets, "{proc:?}");
+    assert_eq!(proc.socket_fds, sockets, "one fd per socket: {proc:?}");
+    assert_eq!(
+        kernel.live_sockets + kernel.in_state(LISTEN),
+        proc.socket_fds,
+        "eBPF live connections plus listeners = procfs socket fds"
+    );
 }
 
 /// A minimal HTTP/1.0 GET for tests (loopback only): the body if the status is 2xx.
