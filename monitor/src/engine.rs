@@ -45,6 +45,8 @@ pub struct Engine {
     target_name: String,
     pub stats: RunStats,
     scrape_failing: bool,
+    /// The side last logged (see [`crate::analysis::Derived::side`]).
+    side_said: String,
     /// Every verdict raised during the run, for one-shot reports.
     pub raised: Vec<Raised>,
     pub last: Option<Snapshot>,
@@ -95,6 +97,7 @@ impl Engine {
             target_name: target_name.to_string(),
             stats: RunStats::default(),
             scrape_failing: false,
+            side_said: String::new(),
             raised: Vec::new(),
             last: None,
             recorder: None,
@@ -191,6 +194,18 @@ impl Engine {
         }
         let active = self.active();
         let derived = self.analyzer.derived().clone();
+        if !derived.side.is_empty() && derived.side != self.side_said {
+            tracing::info!(
+                side = %derived.side,
+                "tunneled connections are backed by the {} sockets",
+                if derived.side.starts_with("server") {
+                    "callers'"
+                } else {
+                    "targets'"
+                }
+            );
+            self.side_said.clone_from(&derived.side);
+        }
         if let Ok(mut m) = self.shared.metrics.lock() {
             if let ScrapeOutcome::Failed { reason } = &snap.app {
                 m.scrape_failed(crate::sources::scrape::error_class(reason));
@@ -214,6 +229,8 @@ impl Engine {
                 load_phase: self.analyzer.load_phase().to_string(),
                 oldest_sockets: self.oldest_sockets(),
                 goroutine_growth: self.goroutine_growth.clone(),
+                sockets_by_state: sockets_by_state(&snap),
+                crosscheck: derived.clone(),
             };
         }
         if let Ok(mut t) = self.shared.last_tick.lock() {
@@ -385,6 +402,21 @@ fn attach_stacks(v: &mut Verdict, top: &[(String, i64)]) {
     if let Some((stack, grown)) = top.first() {
         v.explanation += &format!("; most grown stack: {stack} (+{grown})");
     }
+}
+
+/// Live sockets per TCP state by name: eBPF's when the probes run, procfs' otherwise.
+fn sockets_by_state(snap: &Snapshot) -> std::collections::BTreeMap<String, u64> {
+    let counts = match (&snap.kernel, &snap.proc) {
+        (Some(k), _) => k.sockets_by_state,
+        (None, Some(p)) => p.tcp_by_state,
+        (None, None) => return Default::default(),
+    };
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(state, n)| (monitor_ebpf::tcp_state::name(state as u8).to_string(), *n))
+        .collect()
 }
 
 pub fn mode_name(mode: &KernelMode) -> String {

@@ -242,7 +242,7 @@ fn brief(listen: &str) -> (String, Vec<String>, Vec<String>) {
     let line = format!(
         "live={:<4} idle>horizon={:<4} goroutines={:<5} {}",
         live,
-        num(&doc["idle_beyond_horizon"]),
+        num(&doc["crosscheck"]["idle_beyond_horizon"]),
         num(&app["goroutines"]),
         if kinds.is_empty() {
             "green".to_string()
@@ -267,9 +267,7 @@ fn bug_and_fix_side_by_side() -> Result<(Tunnel, Tunnel, Proc, Proc)> {
     let fix = start_tunnel_with(None, &["--proxy-transport", "per-request-idle=90s"])?;
     let lw_bug = start_leakwatch_on(&bug, LEAKWATCH, "v2.10.3")?;
     let lw_fix = start_leakwatch_on(&fix, LEAKWATCH_FIX, "v2.10.5")?;
-    println!(
-        "live pages: http://{LEAKWATCH}/ (v2.10.3) and http://{LEAKWATCH_FIX}/ (v2.10.5)\n"
-    );
+    println!("live pages: http://{LEAKWATCH}/ (v2.10.3) and http://{LEAKWATCH_FIX}/ (v2.10.5)\n");
     let _loads = (
         start_keep_alive_load(&bug, 300, 5)?,
         start_keep_alive_load(&fix, 300, 5)?,
@@ -280,7 +278,10 @@ fn bug_and_fix_side_by_side() -> Result<(Tunnel, Tunnel, Proc, Proc)> {
         std::thread::sleep(Duration::from_secs(5));
         let (b, bk, be) = brief(LEAKWATCH);
         let (f, fk, _) = brief(LEAKWATCH_FIX);
-        println!("t={:>3}s  v2.10.3: {b:<58} | v2.10.5: {f}", t0.elapsed().as_secs());
+        println!(
+            "t={:>3}s  v2.10.3: {b:<58} | v2.10.5: {f}",
+            t0.elapsed().as_secs()
+        );
         for k in bk {
             if !bug_seen.contains(&k) {
                 bug_seen.push(k);
@@ -329,7 +330,14 @@ fn verify_both(bug: &Tunnel, fix: &Tunnel) -> Result<()> {
             .args(["verify", "--pid", &t.server.pid().to_string()])
             .args(["--metrics-url", &format!("http://{}/metrics", t.addr)])
             .args(["--load-url", &format!("http://{}/proxy/{CLIENT}/", t.addr)])
-            .args(["--requests", "200", "--concurrency", "4", "--side", "server"])
+            .args([
+                "--requests",
+                "200",
+                "--concurrency",
+                "4",
+                "--side",
+                "server",
+            ])
             .arg("--report")
             .arg(report)
             .stdout(std::process::Stdio::piped())

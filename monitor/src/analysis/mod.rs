@@ -23,8 +23,11 @@ use crate::{
 };
 
 /// Numbers the analysis derives that are worth exporting (the cross-check at a glance).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Derived {
+    /// Which side's sockets back tunneled connections now: `server` (callers) or `agent` (targets);
+    /// with `--side auto`, whichever the kernel shows more of, marked `(auto)`.
+    pub side: String,
     pub app_live_by_clientkey: BTreeMap<String, f64>,
     /// App-live connections minus the kernel connections that could back them (callers on a server,
     /// targets on an agent): idle pooled connections and leaks alike, an at-a-glance gauge.
@@ -117,6 +120,7 @@ impl Analyzer {
             &hold,
         ));
         self.derived = Derived {
+            side: self.signals.side_in_effect.to_string(),
             app_live_by_clientkey: self.signals.app_live_by_key.clone(),
             unbacked_connections: self.signals.unbacked.last_fresh(t, self.stale_after()),
             idle_beyond_horizon: self

@@ -155,6 +155,8 @@ pub struct Signals {
     watching_since: Option<f64>,
     /// Connections peer servers hold through this one (their callers are on the peers).
     pub peer_live: Series,
+    /// The side whose sockets backed tunneled connections at the last kernel sample.
+    pub side_in_effect: &'static str,
     /// Idle ages of the sockets the target dialed, per remote (kernel tcp_info, refreshed with each full
     /// procfs pass), and per remote the fewest sockets idle past the horizon seen in this incarnation.
     pub dialed_idle: Vec<crate::sample::RemoteIdle>,
@@ -231,11 +233,16 @@ impl Signals {
             app_live = Some(total);
         }
         if let Some(k) = &s.kernel {
-            let conn = match side {
-                Side::Server => k.accepted_live,
-                Side::Agent => k.connected_live,
-                Side::Auto => k.accepted_live.max(k.connected_live),
-            } as f64;
+            let (conn, side_name) = match side {
+                Side::Server => (k.accepted_live, "server"),
+                Side::Agent => (k.connected_live, "agent"),
+                Side::Auto if k.accepted_live >= k.connected_live => {
+                    (k.accepted_live, "server (auto)")
+                }
+                Side::Auto => (k.connected_live, "agent (auto)"),
+            };
+            let conn = conn as f64;
+            self.side_in_effect = side_name;
             self.kernel_conn.push(t, conn, long);
             self.kernel_conn_floor = Some(self.kernel_conn_floor.map_or(conn, |f| f.min(conn)));
             self.established

@@ -34,6 +34,12 @@ pub struct StatusDoc {
     pub goroutine_growth: Vec<(String, i64)>,
     /// The target's longest-held sockets (eBPF socket table), oldest first.
     pub oldest_sockets: Vec<SocketView>,
+    /// The cross-check at a glance: the side in effect, unbacked and idle-past-horizon connections, the
+    /// fd forecast.
+    pub crosscheck: crate::analysis::Derived,
+    /// The target's live TCP sockets per state by name (the snapshot's arrays are indexed by the kernel's
+    /// state numbers), from eBPF, or from procfs in procfs-only mode.
+    pub sockets_by_state: std::collections::BTreeMap<String, u64>,
 }
 
 /// One socket of the target as /status shows it.

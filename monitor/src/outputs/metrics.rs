@@ -32,6 +32,7 @@ pub struct LeakwatchMetrics {
     proc_rss: IntGaugeVec,
     scrape_up: IntGaugeVec,
     scrape_duration: GaugeVec,
+    side: IntGaugeVec,
     scrape_errors: IntCounterVec,
     rd_present: IntGaugeVec,
     ledger_over_cap: IntGaugeVec,
@@ -186,6 +187,12 @@ impl LeakwatchMetrics {
                 "leakwatch_app_scrape_duration_seconds",
                 "Duration of the last scrape of the target's /metrics.",
                 t,
+            ),
+            side: gauge(
+                &r,
+                "leakwatch_side",
+                "1 for the side of the tunnel whose sockets back tunneled connections (server: callers, agent: targets); with --side auto, the one chosen now.",
+                &["target", "side"],
             ),
             scrape_errors: counter(
                 &r,
@@ -364,9 +371,24 @@ impl LeakwatchMetrics {
             ScrapeOutcome::Failed { .. } => self.scrape_up.with_label_values(&[t]).set(0),
             ScrapeOutcome::NotConfigured => {}
         }
-        self.scrape_duration
-            .with_label_values(&[t])
-            .set(costs.scrape);
+        // Without a metrics URL there is no scrape: no duration to report, not a duration of 0.
+        if !matches!(snap.app, ScrapeOutcome::NotConfigured) {
+            self.scrape_duration
+                .with_label_values(&[t])
+                .set(costs.scrape);
+        }
+        if !derived.side.is_empty() {
+            let side = if derived.side.starts_with("server") {
+                "server"
+            } else {
+                "agent"
+            };
+            for s in ["server", "agent"] {
+                self.side
+                    .with_label_values(&[t, s])
+                    .set(i64::from(s == side));
+            }
+        }
         self.sample_duration
             .with_label_values(&[t, "ebpf"])
             .set(costs.ebpf);
