@@ -9,7 +9,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     sample::{KernelSample, ProcSample, ScrapeOutcome, Snapshot, TargetId},
@@ -42,6 +42,17 @@ pub fn load_kernel(opts: &CollectorOptions) -> (Option<Probes>, KernelMode) {
 
 /// Peers listed per snapshot for CLOSE_WAIT sockets: enough to name the culprit, small enough to record.
 const CLOSE_WAIT_PEER_GROUPS: usize = 5;
+/// States whose eBPF counts are corrected by the periodic procfs join: a socket in them always has an fd, so
+/// procfs sees every one of the process's, including those opened before the probes were attached. (Other
+/// states are counted by eBPF alone: FIN_WAIT and TIME_WAIT sockets outlive their fd.)
+const RECONCILED_STATES: [u8; 2] = [
+    monitor_ebpf::tcp_state::ESTABLISHED,
+    monitor_ebpf::tcp_state::CLOSE_WAIT,
+];
+/// While eBPF and procfs disagree, the join runs at least this often, so that a correction (a pre-existing
+/// socket closing) is seen soon.
+const DISAGREEING_SCAN_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Remote addresses listed per snapshot with the idle ages of the sockets dialed to them.
 const DIALED_IDLE_GROUPS: usize = 8;
 
@@ -104,6 +115,10 @@ pub struct Collector {
     sockdiag_off: bool,
     /// When "no process matches" was last logged.
     not_found_said: Option<Instant>,
+    /// Per reconciled state: procfs minus eBPF at the last full pass (see [`RECONCILED_STATES`]).
+    procfs_offset: [i64; 13],
+    /// Set by a full procfs pass during the current tick.
+    full_pass_now: bool,
     /// The last full procfs sample: whose it was and when it was taken.
     last_full_proc: Option<(TargetId, ProcSample, Instant)>,
 }
@@ -144,6 +159,8 @@ impl Collector {
             idle_horizon: opts.idle_horizon,
             sockdiag_off: false,
             not_found_said: None,
+            procfs_offset: [0; 13],
+            full_pass_now: false,
             last_full_proc: None,
         };
         collector.start_pump();
@@ -187,10 +204,15 @@ impl Collector {
     fn proc_sample(&mut self) -> Option<ProcSample> {
         let id = self.current.clone()?;
         let light_ok = self.mode == KernelMode::Ebpf;
+        // Only CLOSE_WAIT: it is what a socket-leak verdict stands on, and ESTABLISHED differs by a few
+        // sockets whenever connections open between the two reads.
+        let interval = if self.procfs_offset[monitor_ebpf::tcp_state::CLOSE_WAIT as usize] != 0 {
+            self.procfs_scan_interval.min(DISAGREEING_SCAN_INTERVAL)
+        } else {
+            self.procfs_scan_interval
+        };
         let result = match &self.last_full_proc {
-            Some((who, last, at))
-                if light_ok && *who == id && at.elapsed() < self.procfs_scan_interval =>
-            {
+            Some((who, last, at)) if light_ok && *who == id && at.elapsed() < interval => {
                 self.procfs.sample_light(id.pid, last)
             }
             _ => {
@@ -205,6 +227,7 @@ impl Collector {
                 self.costs.procfs_full = t0.elapsed().as_secs_f64();
                 if let Ok(s) = &full {
                     self.last_full_proc = Some((id.clone(), s.clone(), Instant::now()));
+                    self.full_pass_now = true;
                 }
                 full
             }
@@ -222,6 +245,43 @@ impl Collector {
     /// Seconds since the collector started: the clock of every snapshot's `t`.
     pub fn elapsed(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
+    }
+
+    /// Corrects eBPF's per-state counts with the last full procfs join. The probes only know sockets opened
+    /// (or changing state) since they were attached, and a missed transition would leave a socket counted
+    /// in a state it left; procfs knows every socket the process holds. `full` is this tick's full procfs
+    /// sample, taken right after `k`: the two describe the same instant, so their difference is the
+    /// correction until the next join.
+    fn reconcile(&mut self, k: &mut KernelSample, full: Option<&ProcSample>) {
+        if let Some(p) = full {
+            for s in RECONCILED_STATES {
+                let i = s as usize;
+                let offset = p.tcp_by_state[i] as i64 - k.sockets_by_state[i] as i64;
+                if offset != self.procfs_offset[i] {
+                    debug!(
+                        state = monitor_ebpf::tcp_state::name(s),
+                        procfs = p.tcp_by_state[i],
+                        ebpf = k.sockets_by_state[i],
+                        "eBPF socket counts corrected by procfs (sockets opened before the probes were attached, or a missed transition)"
+                    );
+                }
+                self.procfs_offset[i] = offset;
+            }
+        }
+        k.procfs_disagreement = RECONCILED_STATES
+            .iter()
+            .map(|&s| {
+                (
+                    monitor_ebpf::tcp_state::name(s).to_string(),
+                    self.procfs_offset[s as usize],
+                )
+            })
+            .collect();
+        for s in RECONCILED_STATES {
+            let i = s as usize;
+            k.sockets_by_state[i] =
+                (k.sockets_by_state[i] as i64 + self.procfs_offset[i]).max(0) as u64;
+        }
     }
 
     /// Idle ages of the sockets the target dialed, from the kernel's tcp_info. Sockets accepted on one of
@@ -265,12 +325,16 @@ impl Collector {
             .unwrap_or(0.0);
 
         let t0 = Instant::now();
-        let kernel = self.kernel_sample();
+        let mut kernel = self.kernel_sample();
         self.costs.ebpf = t0.elapsed().as_secs_f64();
 
         let t0 = Instant::now();
+        self.full_pass_now = false;
         let proc = self.proc_sample();
         self.costs.procfs = t0.elapsed().as_secs_f64();
+        if let Some(k) = kernel.as_mut() {
+            self.reconcile(k, proc.as_ref().filter(|_| self.full_pass_now));
+        }
 
         let t0 = Instant::now();
         let app = match &self.scraper {
@@ -396,6 +460,8 @@ impl Collector {
     }
 
     fn detach(&mut self, id: &TargetId) {
+        // The next process is another set of sockets: its own join corrects its own counts.
+        self.procfs_offset = [0; 13];
         if let Some(probes) = self.probes.as_mut() {
             probes.unwatch(id.pid);
         }

@@ -54,6 +54,12 @@ pub struct KernelSample {
     /// sockets the process never closed.
     #[serde(default)]
     pub close_wait_peers: Vec<(String, u64)>,
+    /// At the last full procfs pass: procfs' count minus eBPF's, for the states procfs is the truth of
+    /// (sockets the process holds an fd for). Sockets opened before the probes were attached make it
+    /// positive; a transition the probes missed makes it negative. `sockets_by_state` is already
+    /// corrected by it.
+    #[serde(default)]
+    pub procfs_disagreement: Vec<(String, i64)>,
 }
 
 impl KernelSample {

@@ -278,7 +278,10 @@ fn exporter_names() -> BTreeSet<String> {
             pid: 1,
             start_ticks: 1,
         }),
-        kernel: Some(KernelSample::default()),
+        kernel: Some(KernelSample {
+            procfs_disagreement: vec![("CLOSE_WAIT".into(), 0)],
+            ..KernelSample::default()
+        }),
         proc: Some(ProcSample {
             fd_limit: Some(1024),
             ..ProcSample::default()

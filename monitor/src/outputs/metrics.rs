@@ -33,6 +33,7 @@ pub struct LeakwatchMetrics {
     scrape_up: IntGaugeVec,
     scrape_duration: GaugeVec,
     side: IntGaugeVec,
+    procfs_disagreement: IntGaugeVec,
     scrape_errors: IntCounterVec,
     rd_present: IntGaugeVec,
     ledger_over_cap: IntGaugeVec,
@@ -187,6 +188,12 @@ impl LeakwatchMetrics {
                 "leakwatch_app_scrape_duration_seconds",
                 "Duration of the last scrape of the target's /metrics.",
                 t,
+            ),
+            procfs_disagreement: gauge(
+                &r,
+                "leakwatch_kernel_procfs_disagreement",
+                "procfs' count minus eBPF's at the last full procfs join, per state; the kernel counts are corrected by it (sockets opened before the probes were attached, or a transition the probes missed).",
+                &["target", "state"],
             ),
             side: gauge(
                 &r,
@@ -370,6 +377,13 @@ impl LeakwatchMetrics {
             }
             ScrapeOutcome::Failed { .. } => self.scrape_up.with_label_values(&[t]).set(0),
             ScrapeOutcome::NotConfigured => {}
+        }
+        if let Some(k) = &snap.kernel {
+            for (state, d) in &k.procfs_disagreement {
+                self.procfs_disagreement
+                    .with_label_values(&[t, state])
+                    .set(*d);
+            }
         }
         // Without a metrics URL there is no scrape: no duration to report, not a duration of 0.
         if !matches!(snap.app, ScrapeOutcome::NotConfigured) {
