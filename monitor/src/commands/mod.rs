@@ -44,10 +44,15 @@ pub fn prepare(args: &SidecarArgs) -> Result<Prepared> {
     let cfg = args.resolve()?;
     let kernel = load_kernel(&collector_options(&cfg));
     if system::is_root() {
+        let done = if kernel.0.is_some() {
+            "probes attached"
+        } else {
+            "no probes"
+        };
         match system::drop_capabilities() {
             Ok(()) => info!(
                 kept = ?system::KEPT_CAPABILITIES,
-                "probes attached; dropped every other capability (no further BPF loads or mounts possible)"
+                "{done}; dropped every other capability (no further BPF loads or mounts possible)"
             ),
             Err(e) => warn!("could not drop capabilities after attaching: {e}"),
         }
