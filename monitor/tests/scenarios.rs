@@ -312,6 +312,21 @@ fn partial_skip_remove_one_in_a_hundred_within_60s() {
         ),
         &report,
     );
+    // One episode per kind: a slow leak is not cleared and raised again while it goes on.
+    let mut kinds: Vec<&str> = report["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["verdict"]["kind"].as_str())
+        .collect();
+    let raised = kinds.len();
+    kinds.sort_unstable();
+    kinds.dedup();
+    assert_eq!(
+        raised,
+        kinds.len(),
+        "one episode per verdict kind: {report:#}"
+    );
 }
 
 #[test]
@@ -897,5 +912,186 @@ fn ha_a_leak_behind_a_peer_is_flagged_on_that_peer_only() {
             0.0,
         ),
         &a,
+    );
+}
+
+// ---- Day one: leaks that predate leakwatch, and verdicts that clear when the cause goes ------------
+
+/// `leakwatch watch` on a pid, serving /status on a port of its choosing; returns it and its address.
+fn leakwatch_watch(pid: u32, metrics_url: Option<&str>, side: &str) -> (Proc, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leakwatch"));
+    cmd.args(["watch", "--pid", &pid.to_string(), "--side", side])
+        .args(["--interval", "1s", "--listen", "127.0.0.1:0"]);
+    if let Some(url) = metrics_url {
+        cmd.args(["--metrics-url", url]);
+    }
+    let proc = Proc::spawn_reading_stderr(&mut cmd);
+    let line = proc.wait_err_line("leakwatch watching", Duration::from_secs(60));
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    proc.wait_err_line("target found", Duration::from_secs(60));
+    (proc, addr)
+}
+
+fn status(addr: &str) -> Value {
+    support::http_get(&format!("http://{addr}/status"))
+        .and_then(|b| serde_json::from_str(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Polls /status until `done` holds, at most `within`; returns the seconds it took and the last doc.
+fn poll_status(
+    addr: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Option<(f64, Value)> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        let doc = status(addr);
+        if done(&doc) {
+            return Some((start.elapsed().as_secs_f64(), doc));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    None
+}
+
+fn has_verdict(doc: &Value, kind: &str) -> bool {
+    doc["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|v| v["kind"] == kind)
+}
+
+/// The target's CLOSE_WAIT sockets, straight from procfs (what `ss` would say).
+fn procfs_close_wait(pid: u32) -> u64 {
+    leakwatch::sources::procfs::ProcfsSampler::default()
+        .sample(pid)
+        .map(|p| p.tcp_in_state(monitor_ebpf::tcp_state::CLOSE_WAIT))
+        .unwrap_or(0)
+}
+
+#[test]
+fn abandoned_callers_from_before_the_start_are_flagged_and_clear_when_the_target_lets_go() {
+    let Some(_guard) = ready() else { return };
+    let mut tunnel = Tunnel::start(Leak::mode("hold-abandoned", 1), Leak::none());
+    // 40 callers give up on a target that hangs: the server holds each one in CLOSE_WAIT.
+    let out = Command::new(support::tunnel::workspace_bin("reftunnel"))
+        .args(["load", "--url", &tunnel.proxy_url("/slow/600000")])
+        .args(["--requests", "40", "--rate", "0", "--concurrency", "40"])
+        .args(["--timeout", "1s", "--max-error-ratio", "1"])
+        .output()
+        .expect("run the load driver");
+    assert!(out.status.success(), "load driver: {out:?}");
+    let pid = tunnel.server.pid();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while procfs_close_wait(pid) < 40 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        procfs_close_wait(pid),
+        40,
+        "the leak exists before leakwatch starts"
+    );
+
+    // Only now does leakwatch start: kernel-only, and with the tunnel's metrics.
+    let (_kernel_only, kernel_addr) = leakwatch_watch(pid, None, "server");
+    let (_with_metrics, metrics_addr) = leakwatch_watch(pid, Some(&tunnel.metrics_url()), "server");
+    for (name, addr) in [
+        ("kernel-only", &kernel_addr),
+        ("with metrics", &metrics_addr),
+    ] {
+        let (after, doc) = poll_status(addr, Duration::from_secs(30), |d| {
+            has_verdict(d, "socket_leak")
+        })
+        .unwrap_or_else(|| panic!("{name}: no socket_leak within 30 s: {:#}", status(addr)));
+        eprintln!(
+            "SCENARIO pre-existing 40 CLOSE_WAIT ({name}): socket_leak {after:.1}s after start"
+        );
+        let v = doc["verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["kind"] == "socket_leak")
+            .expect("the verdict");
+        assert!(
+            v["explanation"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("40 sockets sit in CLOSE_WAIT"),
+            "{name}: the count is procfs' (the probes never saw these sockets open): {v:#}"
+        );
+    }
+
+    // The cause goes: the hanging target closes. Every verdict clears, and the kernel counts agree with
+    // procfs again.
+    tunnel.backend.kill();
+    for (name, addr) in [
+        ("kernel-only", &kernel_addr),
+        ("with metrics", &metrics_addr),
+    ] {
+        let (after, doc) = poll_status(addr, Duration::from_secs(30), |d| {
+            d["verdicts"].as_array().is_some_and(Vec::is_empty)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{name}: verdicts still active 30 s later: {:#}",
+                status(addr)
+            )
+        });
+        eprintln!(
+            "SCENARIO pre-existing leak removed ({name}): every verdict cleared {after:.1}s later"
+        );
+        assert_eq!(
+            doc["sockets_by_state"]["CLOSE_WAIT"],
+            Value::Null,
+            "{name}: {doc:#}"
+        );
+    }
+    let agreed = poll_status(&kernel_addr, Duration::from_secs(30), |d| {
+        d["snapshot"]["kernel"]["procfs_disagreement"]
+            .as_array()
+            .is_some_and(|rows| rows.iter().all(|r| r[1] == 0))
+    });
+    assert!(
+        agreed.is_some(),
+        "eBPF and procfs agree once the held sockets are gone: {:#}",
+        status(&kernel_addr)
+    );
+    assert_eq!(procfs_close_wait(pid), 0);
+}
+
+#[test]
+fn a_kernel_only_leak_that_starts_after_leakwatch_is_flagged() {
+    let Some(_guard) = ready() else { return };
+    let tunnel = Tunnel::start(Leak::mode("hold-abandoned", 1), Leak::none());
+    let watch = leakwatch_check(tunnel.server.pid(), None, "server", 60, &[]);
+    // Ten quiet seconds first: leakwatch has its baseline, then the leak begins.
+    std::thread::sleep(Duration::from_secs(10));
+    let leak_start = now_unix();
+    let _load = Proc::spawn(
+        Command::new(support::tunnel::workspace_bin("reftunnel"))
+            .args(["load", "--url", &tunnel.proxy_url("/slow/600000")])
+            .args(["--requests", "60", "--rate", "4", "--concurrency", "60"])
+            .args(["--timeout", "1s", "--max-error-ratio", "1"]),
+    );
+    let report = watch.report();
+    assert_row(
+        evaluate(
+            "hold-abandoned from t=10s, kernel only",
+            &report,
+            Expect {
+                primary: &["socket_leak"],
+                consequences: &["task_growth", "fd_exhaustion", "quiescence_failure"],
+            },
+            leak_start,
+            30.0,
+        ),
+        &report,
     );
 }

@@ -6,6 +6,9 @@
 //! * `stuck-pipe` (server): when the far side closes, the server's proxy pipe task never
 //!   finishes; it keeps the caller's socket open (CLOSE_WAIT once the caller closes) and the
 //!   connection is never removed.
+//! * `hold-abandoned` (server): a caller that hangs up does not end the pipe; the server waits for
+//!   the target to answer or close, however long it hangs, and only then closes the caller's socket
+//!   (CLOSE_WAIT meanwhile). Held for a caller that left; released when the target gives up.
 //! * `no-close` (agent): the agent never closes the backend socket once the tunneled connection
 //!   ends; the backend's FIN leaves it in CLOSE_WAIT and the fd stays open.
 //!
@@ -23,6 +26,8 @@ pub enum ServerLeak {
     SkipRemove,
     /// The proxy pipe task hangs after the far side closes, holding the caller socket.
     StuckPipe,
+    /// A caller that leaves is held (CLOSE_WAIT) until the target answers or closes.
+    HoldAbandoned,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -35,6 +40,7 @@ pub enum AgentLeak {
 pub enum LeakMode {
     SkipRemove,
     StuckPipe,
+    HoldAbandoned,
     NoClose,
 }
 
@@ -43,6 +49,7 @@ impl LeakMode {
         match self {
             LeakMode::SkipRemove => "skip-remove",
             LeakMode::StuckPipe => "stuck-pipe",
+            LeakMode::HoldAbandoned => "hold-abandoned",
             LeakMode::NoClose => "no-close",
         }
     }
@@ -53,6 +60,7 @@ impl From<ServerLeak> for LeakMode {
         match v {
             ServerLeak::SkipRemove => LeakMode::SkipRemove,
             ServerLeak::StuckPipe => LeakMode::StuckPipe,
+            ServerLeak::HoldAbandoned => LeakMode::HoldAbandoned,
         }
     }
 }

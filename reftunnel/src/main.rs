@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use reftunnel::leak::{AgentLeak, ServerLeak};
+use reftunnel::leak::{AgentLeak, LeakMode, ServerLeak};
 use reftunnel::transport::ProxyTransport;
 use reftunnel::{agent, backend, idle_clients, load, server};
 
@@ -239,10 +239,13 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             peers,
             peer_reconnect_delay,
         } => {
-            if proxy_transport.pooled() && leak == Some(ServerLeak::StuckPipe) {
-                anyhow::bail!(
-                    "--leak stuck-pipe acts on the byte pipe; it needs --proxy-transport pipe"
-                );
+            if let Some(l @ (ServerLeak::StuckPipe | ServerLeak::HoldAbandoned)) = leak {
+                if proxy_transport.pooled() {
+                    anyhow::bail!(
+                        "--leak {} acts on the byte pipe; it needs --proxy-transport pipe",
+                        LeakMode::from(l).name()
+                    );
+                }
             }
             server::run(server::ServerConfig {
                 listen,

@@ -407,7 +407,10 @@ async fn proxy(state: Arc<State>, mut sock: TcpStream, req: Request, rest: Bytes
         return;
     }
     let stuck = conn.conn.leak == Some(LeakMode::StuckPipe);
-    let res = pipe::pipe(&mut sock, &conn, stuck).await;
+    // hold-abandoned: a caller that leaves does not end the pipe; it waits for the target, however
+    // long the target hangs, then closes normally.
+    let hold = stuck || conn.conn.leak == Some(LeakMode::HoldAbandoned);
+    let res = pipe::pipe(&mut sock, &conn, hold).await;
     if stuck && res.end.tunnel_side() {
         // Leak: the far side is done, but this task never finishes and never closes the
         // caller's socket; the caller's FIN leaves it in CLOSE_WAIT.
