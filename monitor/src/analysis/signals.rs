@@ -199,10 +199,17 @@ impl Signals {
                 *by_key.entry(row.clientkey.clone()).or_default() += live;
                 total += live;
                 let key = row_key(row);
-                self.app_live_by_row
-                    .entry(key.clone())
-                    .or_default()
-                    .push(t, live, horizon);
+                let series = self.app_live_by_row.entry(key.clone()).or_insert_with(|| {
+                    // A row that appears during the watch had no connections before: it gets the zeros
+                    // the ledger's total had, or its growth would be measured from its first, already
+                    // grown, value.
+                    let mut zeros = Series::default();
+                    for (at, _) in self.app_live.since(f64::NEG_INFINITY) {
+                        zeros.push(at, 0.0, horizon);
+                    }
+                    zeros
+                });
+                series.push(t, live, horizon);
                 let history = self.rows.entry(key).or_default();
                 let increase = history.observe(t, row, idle_horizon + 60.0);
                 // Rows already there when the watch began bring their history, not new connections.

@@ -941,3 +941,35 @@ fn connections_peers_dial_through_this_server_are_theirs_to_judge() {
     }
     assert_eq!(raised(&changes), vec![], "{changes:?}");
 }
+
+#[test]
+fn a_row_that_appears_during_the_leak_is_named_with_all_it_grew() {
+    let (mut an, mut tun) = (analyzer(), Tunnel::new());
+    // No ledger rows at all until the leak begins (remotedialer creates a row on its first connection).
+    let mut changes = Vec::new();
+    for i in 0..50u32 {
+        tun.t += 1.0;
+        let mut snap = tun.snapshot();
+        if let ScrapeOutcome::Ok(app) = &mut snap.app {
+            if i < 20 {
+                app.ledger.clear();
+            } else {
+                app.ledger[0].added = 20.0 * f64::from(i - 19);
+            }
+        }
+        changes.extend(an.observe(&snap));
+    }
+    let v = changes
+        .iter()
+        .find_map(|c| match c {
+            VerdictChange::Raised(v) if v.kind == VerdictKind::BookkeepingLeak => Some(v),
+            _ => None,
+        })
+        .expect("bookkeeping leak");
+    let grown = v.evidence["app.live_growth_in_window"];
+    assert!(
+        v.subject.contains(&format!("(grew by {grown:.0})")),
+        "the row grew as much as the ledger: {} vs {grown}",
+        v.subject
+    );
+}
