@@ -28,6 +28,19 @@ impl Levels {
             heap: m(&s.heap),
         }
     }
+
+    /// The latest value of each level, if taken within `max_age` seconds of `now`: a one-tick gap (a
+    /// failed scrape) does not blank a level.
+    pub fn latest(s: &Signals, now: f64, max_age: f64) -> Self {
+        let l = |series: &super::series::Series| series.last_fresh(now, max_age);
+        Self {
+            app_live: l(&s.app_live),
+            tasks: l(&s.tasks),
+            fds: l(&s.fds),
+            close_wait: l(&s.close_wait),
+            heap: l(&s.heap),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

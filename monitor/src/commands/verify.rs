@@ -30,11 +30,18 @@ fn ledger_totals(s: Option<&Snapshot>) -> Option<(f64, f64)> {
     }
 }
 
-/// The levels at the engine's last tick over the `secs` before it (0: the last sample), as the
-/// analysis measures them.
-fn levels(engine: &Engine, secs: f64) -> Levels {
+/// The baseline: the analysis' medians over the `secs` before the engine's last tick.
+fn baseline_levels(engine: &Engine, secs: f64) -> Levels {
     match &engine.last {
         Some(s) => Levels::measure(engine.analyzer.signals(), s.t, secs),
+        None => Levels::default(),
+    }
+}
+
+/// The levels now: the analysis' latest values, no older than `max_age` seconds.
+fn latest_levels(engine: &Engine, max_age: f64) -> Levels {
+    match &engine.last {
+        Some(s) => Levels::latest(engine.analyzer.signals(), s.t, max_age),
         None => Levels::default(),
     }
 }
@@ -166,6 +173,8 @@ pub async fn run(args: VerifyArgs, mut prepared: Prepared) -> Result<ExitCode> {
     let settle = args
         .settle
         .unwrap_or_else(|| Duration::from_secs_f64(prepared.cfg.analysis.idle_horizon_s()));
+    // A level missing from the last tick (a failed scrape) is judged on the tick before.
+    let max_age = prepared.cfg.interval.as_secs_f64() * 2.5;
     let mut engine = Engine::build(prepared)?;
     let cfg = engine.analyzer.config().clone();
     eprintln!("verify: measuring the baseline for {:?}", args.baseline);
@@ -175,7 +184,7 @@ pub async fn run(args: VerifyArgs, mut prepared: Prepared) -> Result<ExitCode> {
         })
         .await;
     let base = Point {
-        levels: levels(&engine, args.baseline.as_secs_f64()),
+        levels: baseline_levels(&engine, args.baseline.as_secs_f64()),
         ledger: ledger_totals(engine.last.as_ref()),
     };
     let load_began = Some(engine.collector.elapsed());
@@ -217,7 +226,7 @@ pub async fn run(args: VerifyArgs, mut prepared: Prepared) -> Result<ExitCode> {
     engine
         .run_until(std::future::pending::<()>(), |engine| {
             let now = Point {
-                levels: levels(engine, 0.0),
+                levels: latest_levels(engine, max_age),
                 ledger: ledger_totals(engine.last.as_ref()),
             };
             results = criteria(&base, &now, &cfg);
@@ -385,7 +394,47 @@ fn write_report(
 
 #[cfg(test)]
 mod tests {
-    use super::load_went_through;
+    use super::*;
+
+    #[test]
+    fn criteria_are_the_analysis_comparisons_under_verify_names() {
+        let cfg = AnalysisConfig::default();
+        let base = Point {
+            levels: Levels {
+                app_live: Some(0.0),
+                tasks: Some(10.0),
+                fds: Some(20.0),
+                close_wait: Some(0.0),
+                heap: Some(100.0 * 1048576.0),
+            },
+            ledger: Some((0.0, 0.0)),
+        };
+        let mut now = base.clone();
+        now.levels.tasks = Some(16.0);
+        now.levels.heap = Some(120.0 * 1048576.0);
+        now.ledger = Some((50.0, 50.0));
+        let c = criteria(&base, &now, &cfg);
+        let names: Vec<_> = c.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "add and remove grew together",
+                "tasks back to baseline",
+                "fds back to baseline",
+                "CLOSE_WAIT sockets back to baseline",
+                "heap back to baseline",
+            ]
+        );
+        let pass: Vec<_> = c.iter().map(|c| c.pass).collect();
+        assert_eq!(
+            pass,
+            [Some(true), Some(false), Some(true), Some(true), Some(true)]
+        );
+        // One heap rule: the analysis' tolerance, drawn as the report's limit.
+        let heap_tol = quiescence::heap_tolerance(100.0 * 1048576.0, &cfg);
+        assert_eq!(c[4].limit, Some(100.0 * 1048576.0 + heap_tol));
+        assert_eq!(c[4].detail, format!("tolerance +{heap_tol}"));
+    }
 
     #[test]
     fn a_load_that_never_went_through_fails_the_recipe() {
