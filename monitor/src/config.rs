@@ -8,77 +8,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
 use crate::{
     analysis::AnalysisConfig,
-    cli::{KernelArgs, TargetArgs, parse_duration},
+    args::{KernelArgs, SideArg, SidecarArgs, TargetArgs},
     sources::scrape::MetricNames,
     target::TargetSelector,
 };
-
-/// Options shared by `watch`, `check` and `verify`.
-#[derive(Args, Debug, Clone)]
-pub struct SidecarArgs {
-    #[command(flatten)]
-    pub target: TargetArgs,
-    #[command(flatten)]
-    pub kernel: KernelArgs,
-    /// TOML file with any of these options (keys in snake_case) plus [analysis] and [metric_names] tables.
-    #[arg(long, env = "LEAKWATCH_CONFIG", value_parser = crate::cli::existing_file)]
-    pub config: Option<PathBuf>,
-    /// Name of the target in metrics and logs (default: the process name).
-    #[arg(long, env = "LEAKWATCH_NAME")]
-    pub name: Option<String>,
-    /// The target's Prometheus endpoint, e.g. http://127.0.0.1:8080/metrics. Without it only the kernel
-    /// side is watched.
-    #[arg(long, env = "LEAKWATCH_METRICS_URL")]
-    pub metrics_url: Option<String>,
-    /// File holding a bearer token for the metrics endpoint (re-read when it changes; never logged).
-    #[arg(long, env = "LEAKWATCH_BEARER_TOKEN_FILE")]
-    pub bearer_token_file: Option<PathBuf>,
-    /// CA certificate (PEM) to verify an https metrics endpoint.
-    #[arg(long, env = "LEAKWATCH_CA_FILE")]
-    pub ca_file: Option<PathBuf>,
-    /// Timeout of one scrape.
-    #[arg(long, env = "LEAKWATCH_SCRAPE_TIMEOUT", value_parser = parse_duration)]
-    pub scrape_timeout: Option<Duration>,
-    /// Sampling interval.
-    #[arg(long, env = "LEAKWATCH_INTERVAL", value_parser = parse_duration)]
-    pub interval: Option<Duration>,
-    /// Address for /metrics, /status and /healthz (loopback by default: /status names peers).
-    #[arg(long, env = "LEAKWATCH_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Which side of the tunnel the target is: the server (callers' sockets are the kernel truth) or the
-    /// agent (targets' sockets are). `auto` decides from the sockets seen.
-    #[arg(long, env = "LEAKWATCH_SIDE", value_enum)]
-    pub side: Option<SideArg>,
-    /// The longest idle timeout a healthy HTTP transport of the target uses for pooled tunneled
-    /// connections (Go's default: 90s). A tunneled connection open with no caller for longer than this
-    /// plus a 15s margin is a leak; shorter-lived idle connections are healthy pooling and never alarm.
-    /// Also `[analysis] idle_timeout_s` in the config file.
-    #[arg(long, env = "LEAKWATCH_IDLE_TIMEOUT", value_parser = parse_duration)]
-    pub idle_timeout: Option<Duration>,
-    /// Where the target serves Go's goroutine profile (default: /debug/pprof/goroutine?debug=2 next to
-    /// --metrics-url). Fetched once as a baseline and once per task-growth verdict, at most every 5 min.
-    #[arg(long, env = "LEAKWATCH_PPROF_URL")]
-    pub pprof_url: Option<String>,
-    /// Never fetch goroutine profiles from the target.
-    #[arg(long, env = "LEAKWATCH_NO_PPROF")]
-    pub no_pprof: bool,
-    /// Append every snapshot to this file as a JSON line, for `leakwatch replay` (stops at 256 MiB).
-    #[arg(long, env = "LEAKWATCH_RECORD")]
-    pub record: Option<PathBuf>,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SideArg {
-    Server,
-    Agent,
-    Auto,
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,7 +53,7 @@ mod opt_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| crate::cli::parse_duration(&s).map_err(serde::de::Error::custom))
+        s.map(|s| crate::args::parse_duration(&s).map_err(serde::de::Error::custom))
             .transpose()
     }
 }
@@ -181,7 +118,7 @@ impl SidecarArgs {
         if let Some(idle) = self.idle_timeout.or(file
             .idle_timeout
             .as_deref()
-            .map(crate::cli::parse_duration)
+            .map(crate::args::parse_duration)
             .transpose()
             .map_err(|e| anyhow::anyhow!("idle_timeout in the config file: {e}"))?)
         {
@@ -230,9 +167,9 @@ impl SidecarArgs {
             kernel: KernelArgs {
                 no_ebpf: self.kernel.no_ebpf || file.no_ebpf.unwrap_or(false),
                 max_sockets: match self.kernel.max_sockets.or(file.max_sockets) {
-                    Some(n) if !crate::cli::MAX_SOCKETS_RANGE.contains(&i64::from(n)) => bail!(
+                    Some(n) if !crate::args::MAX_SOCKETS_RANGE.contains(&i64::from(n)) => bail!(
                         "max_sockets must be within {:?}, got {n}",
-                        crate::cli::MAX_SOCKETS_RANGE
+                        crate::args::MAX_SOCKETS_RANGE
                     ),
                     n => n,
                 },

@@ -1,13 +1,20 @@
 //! The engine: one tick = collect a snapshot, analyse it, publish the result. Shared by `watch`, `check`
-//! and `verify`, which differ only in how long they run and what they report.
+//! and `verify`, which differ only in how long they run and what they report: each builds it with
+//! [`Engine::build`] and drives it with [`Engine::run_until`].
 use std::{
+    future::Future,
+    ops::ControlFlow,
     sync::{Arc, Mutex, RwLock},
-    time::Instant,
+    time::{Duration, Instant},
 };
+
+use anyhow::Result;
+use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::{
     analysis::Analyzer,
-    collect::{Collector, KernelMode, TargetEvent},
+    collect::{Collector, CollectorOptions, KernelMode, TargetEvent},
+    config::SidecarConfig,
     outputs::{
         history::History,
         http::{Shared, SocketView, StatusDoc},
@@ -16,9 +23,49 @@ use crate::{
         record::Recorder,
     },
     sample::{ScrapeOutcome, Snapshot},
-    sources::goroutines::GoroutineProfiler,
+    sources::{
+        ebpf::{ProbeOptions, Probes},
+        goroutines::GoroutineProfiler,
+        scrape::{ScrapeConfig, Scraper},
+    },
+    target::{TargetSelector, TargetTracker},
     verdict::{Verdict, VerdictChange, VerdictKind},
 };
+
+/// What `watch`, `check` and `verify` start from: the resolved configuration and the kernel side,
+/// set up before the async runtime exists (see [`crate::commands::prepare`]).
+pub struct Prepared {
+    pub cfg: SidecarConfig,
+    pub kernel: (Option<Probes>, KernelMode),
+}
+
+pub fn collector_options(cfg: &SidecarConfig) -> CollectorOptions {
+    CollectorOptions {
+        selector: cfg.selector.clone(),
+        no_ebpf: cfg.no_ebpf,
+        probes: ProbeOptions {
+            max_sockets: cfg.kernel.max_sockets(),
+            follow_forks: cfg.kernel.follow_forks,
+            ..ProbeOptions::default()
+        },
+        bpf_stats: false,
+        procfs_scan_interval: cfg.kernel.procfs_scan_interval(),
+        idle_horizon: std::time::Duration::from_secs_f64(cfg.analysis.idle_horizon_s()),
+    }
+}
+
+/// A forgotten `--record` must not fill the disk: about three days at one snapshot a second.
+const RECORD_MAX_BYTES: u64 = 256 << 20;
+
+/// Resolves when the process is asked to stop: SIGTERM or SIGINT (ctrl-c).
+pub async fn terminated() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
 
 /// A verdict as it was raised, with when it was raised (detection time, as opposed to `since`).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -59,6 +106,10 @@ pub struct Engine {
     /// Go targets: connection goroutines blocked past the idle horizon, found when an idle-connection
     /// verdict was raised.
     blocked_connections: Option<BlockedConnections>,
+    /// The sampling period and its ticker, shared by every [`Engine::run_until`] of a run so that
+    /// successive phases (verify's baseline, load and settle) keep one cadence.
+    interval: Duration,
+    ticker: Option<Interval>,
 }
 
 /// What the goroutine dump says about an idle-connection verdict: Go prints how long each goroutine has
@@ -104,12 +155,87 @@ impl Engine {
             profiler: None,
             goroutine_growth: Vec::new(),
             blocked_connections: None,
+            interval: Duration::from_secs(1),
+            ticker: None,
         }
     }
 
-    /// Sizes the history for the sampling interval (30 min of it, within a fixed cap). Call before
-    /// serving: the live page holds the same history.
+    /// Builds every source and the analyzer from a prepared configuration.
+    pub fn build(prepared: Prepared) -> Result<Self> {
+        let Prepared { cfg, kernel } = prepared;
+        let cfg = &cfg;
+        let scraper = match &cfg.metrics_url {
+            Some(url) => Some(Scraper::new(ScrapeConfig {
+                url: url.clone(),
+                timeout: cfg.scrape_timeout,
+                bearer_token_file: cfg.bearer_token_file.clone(),
+                ca_file: cfg.ca_file.clone(),
+                names: cfg.metric_names.clone(),
+                ..ScrapeConfig::default()
+            })?),
+            None => None,
+        };
+        let collector = Collector::with_kernel(collector_options(cfg), scraper, kernel);
+        // The `target` label of every series: the process name, so that dashboards read "rancher", not a
+        // pattern or a pid that changes with every restart.
+        let name = cfg.name.clone().unwrap_or_else(|| {
+            TargetTracker::new(cfg.selector.clone())
+                .process_name()
+                .unwrap_or_else(|| match &cfg.selector {
+                    TargetSelector::Pid(p) => format!("pid-{p}"),
+                    TargetSelector::Match(re) => re.as_str().to_string(),
+                })
+        });
+        let stale_after = (cfg.interval * 5).max(Duration::from_secs(10));
+        let mut engine = Self::new(
+            collector,
+            Analyzer::new(cfg.analysis.clone()),
+            &name,
+            stale_after,
+        );
+        engine.size_history(cfg.interval);
+        engine.profiler = cfg.pprof_url.clone().map(GoroutineProfiler::new);
+        if let Some(path) = &cfg.record {
+            engine.recorder = Some(Recorder::create(path, RECORD_MAX_BYTES)?);
+        }
+        Ok(engine)
+    }
+
+    /// The tick loop of every command: steps once per interval (the first tick at once; a step that
+    /// overruns delays the next tick rather than bursting to catch up) until `stop` resolves, which
+    /// returns `Some` of its output, or `on_tick`, called after each step, breaks, which returns `None`.
+    /// A step under way is finished before `stop` is looked at.
+    pub async fn run_until<T>(
+        &mut self,
+        stop: impl Future<Output = T>,
+        mut on_tick: impl FnMut(&Self) -> ControlFlow<()>,
+    ) -> Option<T> {
+        let interval = self.interval;
+        let mut ticker = self.ticker.take().unwrap_or_else(|| {
+            let mut t = tokio::time::interval(interval);
+            t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            t
+        });
+        tokio::pin!(stop);
+        let out = loop {
+            tokio::select! {
+                v = &mut stop => break Some(v),
+                _ = ticker.tick() => {
+                    self.step().await;
+                    if on_tick(self).is_break() {
+                        break None;
+                    }
+                }
+            }
+        };
+        self.ticker = Some(ticker);
+        out
+    }
+
+    /// Sets the sampling interval and sizes the history for it (30 min of it, within a fixed cap). Call
+    /// before serving: the live page holds the same history.
     pub fn size_history(&mut self, interval: std::time::Duration) {
+        self.interval = interval;
         self.shared.history = Arc::new(Mutex::new(History::for_interval(
             crate::outputs::history::WINDOW,
             interval,
@@ -127,7 +253,7 @@ impl Engine {
                 self.scrape_failing = false;
                 self.stats.scrapes_ok += 1;
             }
-            ScrapeOutcome::Failed { reason } => {
+            ScrapeOutcome::Failed { reason, .. } => {
                 // Logged when it starts failing, not every tick: the metric counts every failure.
                 if !self.scrape_failing {
                     tracing::warn!(
@@ -207,8 +333,8 @@ impl Engine {
             self.side_said.clone_from(&derived.side);
         }
         if let Ok(mut m) = self.shared.metrics.lock() {
-            if let ScrapeOutcome::Failed { reason } = &snap.app {
-                m.scrape_failed(crate::sources::scrape::error_class(reason));
+            if let ScrapeOutcome::Failed { class, .. } = &snap.app {
+                m.scrape_failed(class.as_str());
             }
             m.update(
                 &snap,
@@ -344,7 +470,7 @@ impl Engine {
                  CATTLE_PROMETHEUS_METRICS=true); ledger checks are off, kernel checks still run"
                     .into(),
             ),
-            ScrapeOutcome::Failed { reason } => notes.push(format!("scrape failed: {reason}")),
+            ScrapeOutcome::Failed { reason, .. } => notes.push(format!("scrape failed: {reason}")),
             _ => {}
         }
         if snap.target.is_none() {

@@ -5,6 +5,7 @@
 //! [`sample::Snapshot`] per tick), [`analysis`] turns a series of them into [`verdict`]s, and [`outputs`]
 //! publish them (metrics, logs, HTTP API). [`engine`] runs that loop; [`commands`] wrap it for the CLI.
 pub mod analysis;
+pub mod args;
 pub mod cli;
 pub mod collect;
 pub mod commands;

@@ -168,8 +168,43 @@ pub struct AppSample {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ScrapeOutcome {
     Ok(AppSample),
-    Failed { reason: String },
+    Failed {
+        /// What kind of failure, the `reason` label of `leakwatch_app_scrape_errors_total`. Recordings made
+        /// before the class was recorded read as [`ScrapeErrorClass::Other`].
+        #[serde(default)]
+        class: ScrapeErrorClass,
+        reason: String,
+    },
     NotConfigured,
+}
+
+/// Why a scrape produced no sample, as a closed set (one metric label value each).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScrapeErrorClass {
+    Connect,
+    Timeout,
+    Status,
+    TooLarge,
+    Parse,
+    Token,
+    #[default]
+    Other,
+}
+
+impl ScrapeErrorClass {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Status => "status",
+            Self::TooLarge => "too_large",
+            Self::Parse => "parse",
+            Self::Token => "token",
+            Self::Other => "other",
+        }
+    }
 }
 
 /// Everything known at one instant.

@@ -223,20 +223,11 @@ pub fn monotonic_ns() -> u64 {
 
 /// leakwatch's own CPU time (user + system, seconds) and peak RSS (bytes), for reports on its cost.
 pub fn own_usage() -> Option<(f64, u64)> {
-    let stat = fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let hwm_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some((ticks as f64 / hz, hwm_kib * 1024))
+    let me = procfs::process::Process::myself().ok()?;
+    let stat = me.stat().ok()?;
+    let hwm_kib = me.status().ok()?.vmhwm?;
+    let cpu_s = (stat.utime + stat.stime) as f64 / procfs::ticks_per_second().max(1) as f64;
+    Some((cpu_s, hwm_kib * 1024))
 }
 
 /// Inode of the host's (initial) pid namespace, fixed by the kernel (`PROC_PID_INIT_INO`).

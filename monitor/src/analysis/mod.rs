@@ -72,6 +72,11 @@ impl Analyzer {
         }
     }
 
+    /// The series the analysis keeps, for commands that judge them themselves (`verify`).
+    pub fn signals(&self) -> &Signals {
+        &self.signals
+    }
+
     pub fn config(&self) -> &AnalysisConfig {
         &self.cfg
     }

@@ -28,6 +28,19 @@ impl Levels {
             heap: m(&s.heap),
         }
     }
+
+    /// The latest value of each level, if taken within `max_age` seconds of `now`: a one-tick gap (a
+    /// failed scrape) does not blank a level.
+    pub fn latest(s: &Signals, now: f64, max_age: f64) -> Self {
+        let l = |series: &super::series::Series| series.last_fresh(now, max_age);
+        Self {
+            app_live: l(&s.app_live),
+            tasks: l(&s.tasks),
+            fds: l(&s.fds),
+            close_wait: l(&s.close_wait),
+            heap: l(&s.heap),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -60,46 +73,85 @@ impl Default for Quiescence {
     }
 }
 
-/// One level that did not return: (name, baseline, now, tolerance).
-type Excess = (&'static str, f64, f64, f64);
+/// One level after the load compared with its pre-load baseline. Shared by the continuous check here and
+/// by `leakwatch verify`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Comparison {
+    pub name: &'static str,
+    pub baseline: Option<f64>,
+    pub now: Option<f64>,
+    /// How far above the baseline the level may stay.
+    pub tolerance: Option<f64>,
+}
 
-fn excesses(base: &Levels, now: &Levels, cfg: &AnalysisConfig) -> Vec<Excess> {
-    let heap_tol = base
-        .heap
-        .map(|b| (b * cfg.settle_heap_tolerance_ratio).max(cfg.heap_min_growth_bytes / 2.0));
-    let checks = [
-        (
+impl Comparison {
+    /// The level it has to come back under.
+    pub fn limit(&self) -> Option<f64> {
+        Some(self.baseline? + self.tolerance?)
+    }
+
+    /// `Some(true)` when the level stayed above its limit; `None` when either side is unknown.
+    pub fn exceeded(&self) -> Option<bool> {
+        Some(self.now? > self.limit()?)
+    }
+}
+
+/// The heap tolerated over a baseline: a fraction of it, but never less than half the heap growth the
+/// heap rule ignores (small heaps move by whole MiB on their own).
+pub fn heap_tolerance(baseline: f64, cfg: &AnalysisConfig) -> f64 {
+    (baseline * cfg.settle_heap_tolerance_ratio).max(cfg.heap_min_growth_bytes / 2.0)
+}
+
+/// Every level compared with its baseline, with the tolerances of `cfg`.
+pub fn compare(base: &Levels, now: &Levels, cfg: &AnalysisConfig) -> [Comparison; 5] {
+    let c = |name, baseline, now, tolerance| Comparison {
+        name,
+        baseline,
+        now,
+        tolerance,
+    };
+    [
+        c(
             "app.live_connections",
             base.app_live,
             now.app_live,
             Some(cfg.settle_tasks_tolerance),
         ),
-        (
+        c(
             "tasks",
             base.tasks,
             now.tasks,
             Some(cfg.settle_tasks_tolerance),
         ),
-        (
+        c(
             "procfs.open_fds",
             base.fds,
             now.fds,
             Some(cfg.settle_fds_tolerance),
         ),
-        (
+        c(
             "kernel.close_wait_sockets",
             base.close_wait,
             now.close_wait,
             Some(cfg.settle_fds_tolerance),
         ),
-        ("app.heap_inuse_bytes", base.heap, now.heap, heap_tol),
-    ];
-    checks
+        c(
+            "app.heap_inuse_bytes",
+            base.heap,
+            now.heap,
+            base.heap.map(|b| heap_tolerance(b, cfg)),
+        ),
+    ]
+}
+
+/// One level that did not return: (name, baseline, now, tolerance).
+type Excess = (&'static str, f64, f64, f64);
+
+fn excesses(base: &Levels, now: &Levels, cfg: &AnalysisConfig) -> Vec<Excess> {
+    compare(base, now, cfg)
         .into_iter()
-        .filter_map(|(name, b, n, tol)| {
-            let (b, n, tol) = (b?, n?, tol?);
-            (n > b + tol).then_some((name, b, n, tol))
-        })
+        .filter(|c| c.exceeded() == Some(true))
+        .filter_map(|c| Some((c.name, c.baseline?, c.now?, c.tolerance?)))
         .collect()
 }
 

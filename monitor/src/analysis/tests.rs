@@ -65,6 +65,7 @@ impl Tunnel {
             })
         } else {
             ScrapeOutcome::Failed {
+                class: crate::sample::ScrapeErrorClass::Connect,
                 reason: "connect: connection refused".into(),
             }
         };

@@ -1,37 +1,20 @@
 //! `leakwatch check`: watch for a fixed time, then exit 0 (no leak) or 1 (with a report).
-use std::{process::ExitCode, time::Duration};
+use std::{ops::ControlFlow, process::ExitCode};
 
 use anyhow::Result;
-use clap::Args;
 use tokio::time::Instant;
 
-use super::{Prepared, watch::build_engine};
+use super::Prepared;
 use crate::{
-    cli::parse_duration,
-    config::SidecarArgs,
-    engine::{Raised, RunStats},
+    args::CheckArgs,
+    engine::{Engine, Raised, RunStats},
     outputs::http,
     verdict::Verdict,
 };
 
-#[derive(Args, Debug)]
-pub struct CheckArgs {
-    #[command(flatten)]
-    pub sidecar: SidecarArgs,
-    /// How long to watch.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub duration: Duration,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// Also serve /metrics, /status and /healthz while checking (on --listen).
-    #[arg(long)]
-    pub serve: bool,
-}
-
 pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
-    let (listen, interval) = (prepared.cfg.listen, prepared.cfg.interval);
-    let mut engine = build_engine(prepared)?;
+    let listen = prepared.cfg.listen;
+    let mut engine = Engine::build(prepared)?;
     if args.serve {
         http::serve(listen, engine.shared.clone()).await?;
     }
@@ -45,13 +28,13 @@ pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
         crate::engine::mode_name(engine.collector.mode())
     );
     let end = Instant::now() + args.duration;
-    let mut ticker = tokio::time::interval(interval);
-    while Instant::now() < end {
+    let stop = async {
         tokio::select! {
-            _ = ticker.tick() => { engine.step().await; }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::time::sleep_until(end) => {}
+            _ = tokio::signal::ctrl_c() => {}
         }
-    }
+    };
+    engine.run_until(stop, |_| ControlFlow::Continue(())).await;
     let (cpu_s, peak_rss) = crate::system::own_usage().unwrap_or((f64::NAN, 0));
     let report = Report {
         leakwatch_cpu_percent: cpu_s / args.duration.as_secs_f64().max(1e-3) * 100.0,

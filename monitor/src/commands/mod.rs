@@ -1,4 +1,5 @@
-//! The subcommands. Each builds its sources with [`crate::collect::Collector`] and loops over snapshots.
+//! The subcommands. `watch`, `check` and `verify` build an [`crate::engine::Engine`] and drive its one tick
+//! loop ([`crate::engine::Engine::run_until`]); `observe` and `replay` have no engine.
 pub mod check;
 pub mod observe;
 pub mod replay;
@@ -8,34 +9,8 @@ pub mod watch;
 use anyhow::Result;
 use tracing::{info, warn};
 
-use crate::{
-    collect::{CollectorOptions, KernelMode, load_kernel},
-    config::{SidecarArgs, SidecarConfig},
-    sources::ebpf::{ProbeOptions, Probes},
-    system,
-};
-
-/// What `watch`, `check` and `verify` start from: the resolved configuration and the kernel side,
-/// set up before the async runtime exists.
-pub struct Prepared {
-    pub cfg: SidecarConfig,
-    pub kernel: (Option<Probes>, KernelMode),
-}
-
-pub fn collector_options(cfg: &SidecarConfig) -> CollectorOptions {
-    CollectorOptions {
-        selector: cfg.selector.clone(),
-        no_ebpf: cfg.no_ebpf,
-        probes: ProbeOptions {
-            max_sockets: cfg.kernel.max_sockets(),
-            follow_forks: cfg.kernel.follow_forks,
-            ..ProbeOptions::default()
-        },
-        bpf_stats: false,
-        procfs_scan_interval: cfg.kernel.procfs_scan_interval(),
-        idle_horizon: std::time::Duration::from_secs_f64(cfg.analysis.idle_horizon_s()),
-    }
-}
+pub use crate::engine::Prepared;
+use crate::{args::SidecarArgs, collect::load_kernel, engine::collector_options, system};
 
 /// Resolves the configuration, loads and attaches the probes, then drops every capability leakwatch
 /// no longer needs. Runs before any other thread exists: capabilities are per thread, and threads

@@ -3,7 +3,7 @@ use anyhow::{Result, bail};
 use monitor_ebpf::tcp_state::{CLOSE_WAIT, ESTABLISHED};
 
 use crate::{
-    cli::ObserveArgs,
+    args::ObserveArgs,
     collect::{Collector, CollectorOptions, KernelMode},
     sample::Snapshot,
     sources::ebpf::ProbeOptions,

@@ -1,13 +1,12 @@
 //! `leakwatch replay`: runs a recording (`--record`) through the analysis again, offline. For tuning
 //! thresholds on a real night's data, and for explaining after the fact why a verdict fired.
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::Args;
 
 use crate::{
     analysis::{AnalysisConfig, Analyzer, Side},
-    config::SideArg,
+    args::{ReplayArgs, SideArg},
     engine::Raised,
     outputs::{history::History, page, record::read_recording},
     verdict::VerdictChange,
@@ -16,25 +15,6 @@ use crate::{
 /// Ticks a replay report holds at most (about 15 MiB): a day at one a second. Longer recordings are
 /// reported over their last day.
 const REPORT_MAX_TICKS: usize = 86_400;
-
-#[derive(Args, Debug)]
-pub struct ReplayArgs {
-    /// A recording written by `watch --record` / `check --record` (one JSON snapshot per line).
-    pub recording: PathBuf,
-    /// TOML file with an [analysis] table of thresholds to try (same keys as the sidecar's config file).
-    #[arg(long, value_parser = crate::cli::existing_file)]
-    pub config: Option<PathBuf>,
-    /// Which side of the tunnel was recorded.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub side: SideArg,
-    /// Print the verdict changes as JSON lines.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write the recording as one self-contained HTML file (the charts of `verify --report`, with
-    /// the load phases and verdicts this replay found).
-    #[arg(long, value_name = "FILE")]
-    pub report: Option<PathBuf>,
-}
 
 /// Only the [analysis] table of a sidecar config file matters here; other keys are ignored.
 #[derive(serde::Deserialize)]

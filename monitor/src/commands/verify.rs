@@ -1,118 +1,56 @@
 //! `leakwatch verify`: the recipe that verified the remotedialer leak fix, automated. Measure a baseline,
 //! drive many requests through the tunnel, then check that the add/remove ledger converges, and that
 //! tasks, fds, heap and CLOSE_WAIT sockets return to baseline within a settle time.
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{ops::ControlFlow, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
-use monitor_ebpf::tcp_state::CLOSE_WAIT;
 use serde::Serialize;
 use tokio::{sync::Semaphore, time::Instant};
 
-use super::{Prepared, watch::build_engine};
+use super::Prepared;
 use crate::{
-    cli::parse_duration,
-    config::SidecarArgs,
+    analysis::{
+        AnalysisConfig,
+        quiescence::{self, Levels},
+    },
+    args::VerifyArgs,
     engine::Engine,
     sample::{ScrapeOutcome, Snapshot},
 };
 
-#[derive(Args, Debug)]
-pub struct VerifyArgs {
-    #[command(flatten)]
-    pub sidecar: SidecarArgs,
-    /// URL to request through the tunnel (e.g. the tunnel server's proxy path to a downstream API).
-    #[arg(long)]
-    pub load_url: String,
-    /// Number of requests to drive.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub requests: u64,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
-    pub concurrency: u64,
-    /// How long to measure the baseline before the load.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub baseline: Duration,
-    /// How long the tunnel may take to return to baseline after the load. Default: the idle horizon
-    /// (`--idle-timeout`, 90s, plus a 15s margin), because a healthy keep-alive transport holds its idle
-    /// tunneled connections, and their goroutines and memory, for up to its idle timeout after the load.
-    #[arg(long, value_parser = parse_duration)]
-    pub settle: Option<Duration>,
-    /// Upper bound on the load phase; requests still running then count as failed and the criteria are
-    /// judged as they stand.
-    #[arg(long, default_value = "300s", value_parser = parse_duration)]
-    pub max_load_time: Duration,
-    /// Timeout of each request of the load.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub request_timeout: Duration,
-    /// Fail unless at least this fraction of the requests succeeded: a recipe whose load never went
-    /// through the tunnel proves nothing.
-    #[arg(long, default_value_t = 0.9)]
-    pub min_success_ratio: f64,
-    /// Extra tasks/goroutines, fds and CLOSE_WAIT sockets tolerated over the baseline.
-    #[arg(long, default_value_t = 5.0)]
-    pub tolerance: f64,
-    /// Extra heap tolerated over the baseline, as a fraction (0.25 = 25%), on top of 2 MiB.
-    #[arg(long, default_value_t = 0.25)]
-    pub heap_tolerance: f64,
-    #[arg(long)]
-    pub json: bool,
-    /// Also write the run as one self-contained HTML file: charts over time with the baseline, load and
-    /// settle window shaded, verdicts and each criterion marked.
-    #[arg(long, value_name = "FILE")]
-    pub report: Option<PathBuf>,
+/// The remotedialer ledger's cumulative (added, removed) over all rows: verify's own criterion, which
+/// the continuous quiescence check has no "before" for.
+fn ledger_totals(s: Option<&Snapshot>) -> Option<(f64, f64)> {
+    match &s?.app {
+        ScrapeOutcome::Ok(app) if app.remotedialer_present => Some((
+            app.ledger.iter().map(|r| r.added).sum(),
+            app.ledger.iter().map(|r| r.removed).sum(),
+        )),
+        _ => None,
+    }
 }
 
-/// The numbers the recipe compares, at one instant.
-#[derive(Clone, Debug, Default, Serialize)]
-struct Levels {
-    added: Option<f64>,
-    removed: Option<f64>,
-    tasks: Option<f64>,
-    fds: Option<f64>,
-    heap: Option<f64>,
-    close_wait: Option<f64>,
+/// The baseline: the analysis' medians over the `secs` before the engine's last tick.
+fn baseline_levels(engine: &Engine, secs: f64) -> Levels {
+    match &engine.last {
+        Some(s) => Levels::measure(engine.analyzer.signals(), s.t, secs),
+        None => Levels::default(),
+    }
 }
 
-fn levels(s: &Snapshot) -> Levels {
-    let mut l = Levels::default();
-    if let ScrapeOutcome::Ok(app) = &s.app {
-        if app.remotedialer_present {
-            l.added = Some(app.ledger.iter().map(|r| r.added).sum());
-            l.removed = Some(app.ledger.iter().map(|r| r.removed).sum());
-        }
-        l.tasks = app.goroutines;
-        l.heap = app.heap_inuse_bytes;
+/// The levels now: the analysis' latest values, no older than `max_age` seconds.
+fn latest_levels(engine: &Engine, max_age: f64) -> Levels {
+    match &engine.last {
+        Some(s) => Levels::latest(engine.analyzer.signals(), s.t, max_age),
+        None => Levels::default(),
     }
-    if let Some(p) = &s.proc {
-        l.tasks = l.tasks.or(Some(p.threads as f64));
-        l.fds = Some(p.open_fds as f64);
-        l.close_wait = Some(p.tcp_in_state(CLOSE_WAIT) as f64);
-    }
-    if let Some(k) = &s.kernel {
-        l.close_wait = Some(k.in_state(CLOSE_WAIT) as f64);
-    }
-    l
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
-}
-
-fn baseline_of(samples: &[Levels]) -> Levels {
-    let col = |f: fn(&Levels) -> Option<f64>| median(samples.iter().filter_map(f).collect());
-    Levels {
-        added: samples.last().and_then(|l| l.added),
-        removed: samples.last().and_then(|l| l.removed),
-        tasks: col(|l| l.tasks),
-        fds: col(|l| l.fds),
-        heap: col(|l| l.heap),
-        close_wait: col(|l| l.close_wait),
-    }
+/// Where verify stands at one instant: the analysis' levels plus the ledger.
+#[derive(Clone, Debug, Default)]
+struct Point {
+    levels: Levels,
+    ledger: Option<(f64, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,24 +65,25 @@ struct Criterion {
     limit: Option<f64>,
 }
 
-fn criteria(base: &Levels, now: &Levels, args: &VerifyArgs) -> Vec<Criterion> {
-    let back = |name, b: Option<f64>, a: Option<f64>, tol: f64| {
-        let pass = b.zip(a).map(|(b, a)| a <= b + tol);
-        Criterion {
-            name,
-            pass,
-            baseline: b,
-            after: a,
-            detail: format!("tolerance +{tol}"),
-            limit: b.map(|b| b + tol),
-        }
-    };
-    let ledger = match (base.added, base.removed, now.added, now.removed) {
-        (Some(a0), Some(r0), Some(a1), Some(r1)) => {
+/// verify's name for each level the analysis compares; the app's live connections are judged by the
+/// ledger criterion instead.
+fn criterion_name(level: &str) -> Option<&'static str> {
+    match level {
+        "tasks" => Some("tasks back to baseline"),
+        "procfs.open_fds" => Some("fds back to baseline"),
+        "kernel.close_wait_sockets" => Some("CLOSE_WAIT sockets back to baseline"),
+        "app.heap_inuse_bytes" => Some("heap back to baseline"),
+        _ => None,
+    }
+}
+
+fn criteria(base: &Point, now: &Point, cfg: &AnalysisConfig) -> Vec<Criterion> {
+    let ledger = match (base.ledger, now.ledger) {
+        (Some((a0, r0)), Some((a1, r1))) => {
             let (da, dr) = (a1 - a0, r1 - r0);
             Criterion {
                 name: "add and remove grew together",
-                pass: Some(da > 0.0 && (da - dr).abs() <= args.tolerance),
+                pass: Some(da > 0.0 && (da - dr).abs() <= cfg.settle_tasks_tolerance),
                 baseline: Some(a0 - r0),
                 after: Some(a1 - r1),
                 detail: format!("added +{da}, removed +{dr} during the run"),
@@ -162,35 +101,19 @@ fn criteria(base: &Levels, now: &Levels, args: &VerifyArgs) -> Vec<Criterion> {
             limit: None,
         },
     };
-    let heap_tol = base.heap.map(|h| h * args.heap_tolerance).unwrap_or(0.0) + 2.0 * 1048576.0;
-    vec![
-        ledger,
-        back(
-            "tasks back to baseline",
-            base.tasks,
-            now.tasks,
-            args.tolerance,
-        ),
-        back("fds back to baseline", base.fds, now.fds, args.tolerance),
-        back(
-            "CLOSE_WAIT sockets back to baseline",
-            base.close_wait,
-            now.close_wait,
-            args.tolerance,
-        ),
-        back("heap back to baseline", base.heap, now.heap, heap_tol),
-    ]
-}
-
-async fn tick_for(engine: &mut Engine, interval: Duration, d: Duration, out: &mut Vec<Levels>) {
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        engine.step().await;
-        if let Some(s) = &engine.last {
-            out.push(levels(s));
-        }
-        tokio::time::sleep(interval).await;
-    }
+    let levels = quiescence::compare(&base.levels, &now.levels, cfg)
+        .into_iter()
+        .filter_map(|c| {
+            Some(Criterion {
+                name: criterion_name(c.name)?,
+                pass: c.exceeded().map(|over| !over),
+                baseline: c.baseline,
+                after: c.now,
+                detail: format!("tolerance +{}", c.tolerance.unwrap_or(0.0)),
+                limit: c.limit(),
+            })
+        });
+    std::iter::once(ledger).chain(levels).collect()
 }
 
 /// Drives the load with fresh connections (like the curl loops of the original investigation).
@@ -230,7 +153,7 @@ async fn drive_load(
     Ok((ok, failed))
 }
 
-pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
+pub async fn run(args: VerifyArgs, mut prepared: Prepared) -> Result<ExitCode> {
     if prepared.cfg.metrics_url.is_none() {
         bail!(
             "verify needs --metrics-url: the recipe compares the tunnel's own counters with the kernel"
@@ -242,15 +165,28 @@ pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
             args.min_success_ratio
         );
     }
-    let interval = prepared.cfg.interval;
+    // verify's tolerances are the analysis' settle tolerances for this run: one rule for both.
+    let analysis = &mut prepared.cfg.analysis;
+    analysis.settle_tasks_tolerance = args.tolerance;
+    analysis.settle_fds_tolerance = args.tolerance;
+    analysis.settle_heap_tolerance_ratio = args.heap_tolerance;
     let settle = args
         .settle
         .unwrap_or_else(|| Duration::from_secs_f64(prepared.cfg.analysis.idle_horizon_s()));
-    let mut engine = build_engine(prepared)?;
-    let mut samples = Vec::new();
+    // A level missing from the last tick (a failed scrape) is judged on the tick before.
+    let max_age = prepared.cfg.interval.as_secs_f64() * 2.5;
+    let mut engine = Engine::build(prepared)?;
+    let cfg = engine.analyzer.config().clone();
     eprintln!("verify: measuring the baseline for {:?}", args.baseline);
-    tick_for(&mut engine, interval, args.baseline, &mut samples).await;
-    let base = baseline_of(&samples);
+    engine
+        .run_until(tokio::time::sleep(args.baseline), |_| {
+            ControlFlow::Continue(())
+        })
+        .await;
+    let base = Point {
+        levels: baseline_levels(&engine, args.baseline.as_secs_f64()),
+        ledger: ledger_totals(engine.last.as_ref()),
+    };
     let load_began = Some(engine.collector.elapsed());
 
     eprintln!(
@@ -263,18 +199,20 @@ pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
         args.concurrency,
         args.request_timeout,
     );
-    tokio::pin!(load);
     let deadline = Instant::now() + args.max_load_time;
-    let (ok, failed) = loop {
+    let load_or_deadline = async {
         tokio::select! {
-            r = &mut load => break r?,
-            _ = tokio::time::sleep(interval) => { engine.step().await; }
+            r = load => r,
             _ = tokio::time::sleep_until(deadline) => {
                 eprintln!("verify: the load did not finish within {:?}; judging what it did", args.max_load_time);
-                break (0, args.requests);
+                Ok((0, args.requests))
             }
         }
     };
+    let (ok, failed) = engine
+        .run_until(load_or_deadline, |_| ControlFlow::Continue(()))
+        .await
+        .expect("the load phase ends only when the load does")?;
     eprintln!(
         "verify: load done ({ok} ok, {failed} failed); waiting up to {settle:?} for the tunnel to drain"
     );
@@ -282,16 +220,23 @@ pub async fn run(args: VerifyArgs, prepared: Prepared) -> Result<ExitCode> {
 
     let load_ended = Instant::now();
     let end = load_ended + settle;
-    let mut results;
-    loop {
-        engine.step().await;
-        let now = engine.last.as_ref().map(levels).unwrap_or_default();
-        results = criteria(&base, &now, &args);
-        if results.iter().all(|c| c.pass != Some(false)) || Instant::now() >= end {
-            break;
-        }
-        tokio::time::sleep(interval).await;
-    }
+    let mut results = Vec::new();
+    // Judged after every tick, the first right away; stops once every level is back or the settle time
+    // is up.
+    engine
+        .run_until(std::future::pending::<()>(), |engine| {
+            let now = Point {
+                levels: latest_levels(engine, max_age),
+                ledger: ledger_totals(engine.last.as_ref()),
+            };
+            results = criteria(&base, &now, &cfg);
+            if results.iter().all(|c| c.pass != Some(false)) || Instant::now() >= end {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .await;
     let drained_after = load_ended.elapsed();
     let load_criterion = load_went_through(ok, args.requests, args.min_success_ratio);
     results.insert(0, load_criterion);
@@ -449,7 +394,47 @@ fn write_report(
 
 #[cfg(test)]
 mod tests {
-    use super::load_went_through;
+    use super::*;
+
+    #[test]
+    fn criteria_are_the_analysis_comparisons_under_verify_names() {
+        let cfg = AnalysisConfig::default();
+        let base = Point {
+            levels: Levels {
+                app_live: Some(0.0),
+                tasks: Some(10.0),
+                fds: Some(20.0),
+                close_wait: Some(0.0),
+                heap: Some(100.0 * 1048576.0),
+            },
+            ledger: Some((0.0, 0.0)),
+        };
+        let mut now = base.clone();
+        now.levels.tasks = Some(16.0);
+        now.levels.heap = Some(120.0 * 1048576.0);
+        now.ledger = Some((50.0, 50.0));
+        let c = criteria(&base, &now, &cfg);
+        let names: Vec<_> = c.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "add and remove grew together",
+                "tasks back to baseline",
+                "fds back to baseline",
+                "CLOSE_WAIT sockets back to baseline",
+                "heap back to baseline",
+            ]
+        );
+        let pass: Vec<_> = c.iter().map(|c| c.pass).collect();
+        assert_eq!(
+            pass,
+            [Some(true), Some(false), Some(true), Some(true), Some(true)]
+        );
+        // One heap rule: the analysis' tolerance, drawn as the report's limit.
+        let heap_tol = quiescence::heap_tolerance(100.0 * 1048576.0, &cfg);
+        assert_eq!(c[4].limit, Some(100.0 * 1048576.0 + heap_tol));
+        assert_eq!(c[4].detail, format!("tolerance +{heap_tol}"));
+    }
 
     #[test]
     fn a_load_that_never_went_through_fails_the_recipe() {

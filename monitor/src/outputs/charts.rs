@@ -809,6 +809,7 @@ mod tests {
                 // A scrape gap in the middle breaks the ledger lines.
                 app: if i == 5 {
                     ScrapeOutcome::Failed {
+                        class: crate::sample::ScrapeErrorClass::Timeout,
                         reason: "timeout".into(),
                     }
                 } else {

@@ -1,6 +1,10 @@
 //! The procfs sampler: the target's fds, its sockets joined with the namespace's TCP tables, threads,
 //! memory and fd limit. Everything is read with a size bound and parsed by small pure functions (fuzzed);
 //! the target vanishing mid-scan is an expected outcome ([`ProcError::Gone`]), not a failure.
+//!
+//! `stat`, `limits`, `cmdline` and the pid listing are the `procfs` crate's (the only `/proc/<pid>/stat`
+//! parser of leakwatch, also used for its own usage in [`crate::system::own_usage`]). The TCP join stays
+//! hand-written: see [`ProcfsSampler::tcp_entries`].
 use std::{
     collections::HashSet,
     fs,
@@ -9,6 +13,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use procfs::{
+    FromRead,
+    process::{LimitValue, Limits, Stat},
+};
 use thiserror::Error;
 
 use crate::sample::{ProcSample, TargetId};
@@ -120,30 +128,49 @@ pub fn socket_inode(link: &str) -> Option<u64> {
         .ok()
 }
 
-/// `Max open files` soft limit from /proc/<pid>/limits; `None` when unlimited or absent.
+/// `Max open files` soft limit from /proc/<pid>/limits (the `procfs` crate's parser); `None` when
+/// unlimited, absent or garbled.
 pub fn parse_fd_limit(limits: &str) -> Option<u64> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line
-        .trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?;
-    soft.parse().ok()
+    // The crate indexes each line from its end assuming the kernel's layout (at least a name, two
+    // values and a unit); a shorter line would underflow there, so garbage is dropped first.
+    let lines: String = limits
+        .lines()
+        .filter(|l| l.split_whitespace().count() >= 4)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    match Limits::from_read(lines.as_bytes())
+        .ok()?
+        .max_open_files
+        .soft_limit
+    {
+        LimitValue::Value(v) => Some(v),
+        LimitValue::Unlimited => None,
+    }
 }
 
-/// Fields of /proc/<pid>/stat after the command name, which may itself contain spaces and ')'.
-pub fn stat_fields(stat: &str) -> Option<Vec<&str>> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    Some(rest.split_whitespace().collect())
+/// `/proc/<pid>/stat` parsed by the `procfs` crate; `None` when garbled.
+pub fn parse_stat_full(stat: &str) -> Option<Stat> {
+    // The crate slices around the command name assuming the kernel's `pid (comm) state ...` layout;
+    // input of another shape is refused here rather than left to panic there.
+    let t = stat.trim();
+    let open = t.find('(')?;
+    let close = t.rfind(')')?;
+    let shaped = open >= 2
+        && t.as_bytes()[open - 1] == b' '
+        && t[..open - 1].bytes().all(|b| b.is_ascii_digit())
+        && close > open
+        && t.as_bytes().get(close + 1) == Some(&b' ')
+        && close + 2 < t.len();
+    if !shaped {
+        return None;
+    }
+    Stat::from_read(t.as_bytes()).ok()
 }
 
 /// (threads, rss pages, start time in ticks) from /proc/<pid>/stat.
 pub fn parse_stat(stat: &str) -> Option<(u64, u64, u64)> {
-    let f = stat_fields(stat)?;
-    // Field numbers in proc(5) count from 1 with pid and comm first: state is field 3 = index 0 here.
-    let threads = f.get(17)?.parse().ok()?;
-    let start = f.get(19)?.parse().ok()?;
-    let rss = f.get(21)?.parse().ok()?;
-    Some((threads, rss, start))
+    let s = parse_stat_full(stat)?;
+    Some((u64::try_from(s.num_threads).ok()?, s.rss, s.starttime))
 }
 
 /// One socket of the target, for /status and for seeding the probes' listener table.
@@ -233,6 +260,13 @@ impl ProcfsSampler {
     }
 
     /// Streams the namespace's TCP tables, keeping the entries whose inode is in `inodes`.
+    ///
+    /// Hand-written on purpose, not the `procfs` crate's `net::tcp`: the table lists every socket of the
+    /// network namespace (TIME_WAIT included), and the crate parses every line into an entry before any
+    /// can be skipped. This streams the lines and drops those whose inode is not the target's before
+    /// parsing addresses. Measured (README "Figures"): one line parsed costs 239 ns, and a full join
+    /// takes 107 / 155 / 268 ms with 1,000 / 10,000 / 19,800 sockets in the target, against 0.04-0.15 ms
+    /// for the eBPF path; which is why it runs every `--procfs-scan-interval` when eBPF is on.
     fn tcp_entries(
         &self,
         pid: u32,
@@ -359,18 +393,18 @@ impl ProcfsSampler {
             .map(|s| s.trim_end().to_string())
     }
 
-    /// Command line with NULs turned into spaces.
+    /// Command line with its arguments joined by spaces.
     pub fn cmdline(&self, pid: u32) -> Option<String> {
-        let raw = read_bounded(&self.pid_path(pid, "cmdline"), 64 << 10).ok()?;
-        Some(raw.trim_end_matches('\0').replace('\0', " "))
+        let p = procfs::process::Process::new_with_root(self.root.join(pid.to_string())).ok()?;
+        Some(p.cmdline().ok()?.join(" "))
     }
 
     /// Pids of all processes.
     pub fn pids(&self) -> Vec<u32> {
-        fs::read_dir(&self.root)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        procfs::process::all_processes_with_root(&self.root)
+            .map(|all| {
+                all.flatten()
+                    .filter_map(|p| u32::try_from(p.pid()).ok())
                     .collect()
             })
             .unwrap_or_default()
@@ -379,7 +413,7 @@ impl ProcfsSampler {
     /// Parent pid, from /proc/<pid>/stat.
     pub fn ppid(&self, pid: u32) -> Option<u32> {
         let stat = read_bounded(&self.pid_path(pid, "stat"), MAX_SMALL_FILE).ok()?;
-        stat_fields(&stat)?.get(1)?.parse().ok()
+        u32::try_from(parse_stat_full(&stat)?.ppid).ok()
     }
 }
 
@@ -417,23 +451,82 @@ mod tests {
         }
     }
 
+    /// A whole `/proc/<pid>/stat` line, as the kernel writes it, with `comm` and the threads, start time
+    /// and RSS fields filled in.
+    pub(super) fn stat_line(comm: &str, threads: u64, start: u64, rss: u64) -> String {
+        format!(
+            "42 ({comm}) S 1 42 42 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 {threads} 0 {start} 1000000 {rss} \
+             18446744073709551615 1 2 3 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 4 5 6 7 8 9 10 0"
+        )
+    }
+
+    /// A whole `/proc/<pid>/limits` with this `Max open files` soft limit.
+    pub(super) fn limits_file(open_files: &str) -> String {
+        LIMITS.replace("OPEN_FILES", open_files)
+    }
+
+    const LIMITS: &str = "\
+Limit                     Soft Limit           Hard Limit           Units
+Max cpu time              unlimited            unlimited            seconds
+Max file size             unlimited            unlimited            bytes
+Max data size             unlimited            unlimited            bytes
+Max stack size            8388608              unlimited            bytes
+Max core file size        0                    unlimited            bytes
+Max resident set          unlimited            unlimited            bytes
+Max processes             unlimited            unlimited            processes
+Max open files            OPEN_FILES           524288               files
+Max locked memory         8388608              8388608              bytes
+Max address space         unlimited            unlimited            bytes
+Max file locks            unlimited            unlimited            locks
+Max pending signals       63388                63388                signals
+Max msgqueue size         819200               819200               bytes
+Max nice priority         0                    0
+Max realtime priority     0                    0
+Max realtime timeout      unlimited            unlimited            us
+";
+
     #[test]
     fn stat_with_spaces_and_parens_in_comm() {
-        let stat = "42 (we ird) (name)) S 1 42 42 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 7 0 123456 1000000 250 18446744073709551615";
-        assert_eq!(parse_stat(stat), Some((7, 250, 123456)));
-        assert_eq!(stat_fields(stat).unwrap()[1], "1");
+        let stat = stat_line("we ird) (name)", 7, 123456, 250);
+        assert_eq!(parse_stat(&stat), Some((7, 250, 123456)));
+        assert_eq!(parse_stat_full(&stat).unwrap().ppid, 1);
+    }
+
+    #[test]
+    fn garbled_stat_and_limits_are_none_not_a_panic() {
+        for bad in [
+            "",
+            "(",
+            ")(",
+            "1 (a)",
+            "1 (a) ",
+            "(a) S 1",
+            "x (a) S 1",
+            "1 (a)x S 1",
+            "1 (a) S",
+            "12 (\u{e9}) \u{e9}",
+        ] {
+            assert_eq!(parse_stat(bad), None, "{bad:?}");
+        }
+        for bad in [
+            "",
+            "Max",
+            "Max open files",
+            "a\nb c\n",
+            "Max open files 1 2",
+        ] {
+            assert_eq!(parse_fd_limit(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
     fn fd_limit_soft_value_or_unlimited() {
-        let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n";
-        assert_eq!(parse_fd_limit(limits), Some(1024));
-        assert_eq!(
-            parse_fd_limit(
-                "Max open files            unlimited            unlimited            files\n"
-            ),
-            None
-        );
+        assert_eq!(parse_fd_limit(&limits_file("1024")), Some(1024));
+        assert_eq!(parse_fd_limit(&limits_file("unlimited")), None);
+        let real = std::fs::read_to_string("/proc/self/limits").unwrap();
+        assert!(parse_fd_limit(&real).is_some(), "{real}");
+        let real = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_stat(&real).is_some(), "{real}");
     }
 
     #[test]
@@ -456,16 +549,8 @@ mod tests {
         let p = dir.path().join("7");
         fs::create_dir_all(p.join("fd")).unwrap();
         fs::create_dir_all(p.join("net")).unwrap();
-        fs::write(
-            p.join("stat"),
-            "7 (a) b) S 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 3 0 99 0 10 0",
-        )
-        .unwrap();
-        fs::write(
-            p.join("limits"),
-            "Max open files            unlimited            unlimited            files\n",
-        )
-        .unwrap();
+        fs::write(p.join("stat"), stat_line("a) b", 3, 99, 10)).unwrap();
+        fs::write(p.join("limits"), limits_file("unlimited")).unwrap();
         fs::write(p.join("net/tcp"), "  sl  local_address rem_address   st\n").unwrap();
         std::os::unix::fs::symlink("socket:[5]", p.join("fd/3")).unwrap();
         std::os::unix::fs::symlink("/dev/null", p.join("fd/4")).unwrap();

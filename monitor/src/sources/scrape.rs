@@ -11,7 +11,7 @@ use openmetrics_parser::{PrometheusValue, prometheus::parse_prometheus};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::sample::{AppSample, LedgerRow, ScrapeOutcome, SessionRow};
+use crate::sample::{AppSample, LedgerRow, ScrapeErrorClass, ScrapeOutcome, SessionRow};
 
 /// Names of the series to read; the defaults are remotedialer's and the Go runtime's.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -90,8 +90,8 @@ pub enum ScrapeSetupError {
     Client(reqwest::Error),
 }
 
-/// Why a scrape produced no sample. The class (the part before `:` in [`ScrapeOutcome::Failed`]) is the
-/// `reason` label of `leakwatch_app_scrape_errors_total`.
+/// Why a scrape produced no sample. Its [`ScrapeError::class`] is the `reason` label of
+/// `leakwatch_app_scrape_errors_total`.
 #[derive(Debug, Error, PartialEq)]
 pub enum ScrapeError {
     #[error("connect: {0}")]
@@ -108,16 +108,17 @@ pub enum ScrapeError {
     Token(String),
 }
 
-/// The class of a failure reason string, for metric labels.
-pub fn error_class(reason: &str) -> &'static str {
-    match reason.split(':').next().unwrap_or("") {
-        "connect" => "connect",
-        "timeout" => "timeout",
-        "status" => "status",
-        "too_large" => "too_large",
-        "parse" => "parse",
-        "token" => "token",
-        _ => "other",
+impl ScrapeError {
+    /// The class of this failure, for metric labels.
+    pub fn class(&self) -> ScrapeErrorClass {
+        match self {
+            Self::Connect(_) => ScrapeErrorClass::Connect,
+            Self::Timeout(_) => ScrapeErrorClass::Timeout,
+            Self::Status(_) => ScrapeErrorClass::Status,
+            Self::TooLarge(_) => ScrapeErrorClass::TooLarge,
+            Self::Parse(_) => ScrapeErrorClass::Parse,
+            Self::Token(_) => ScrapeErrorClass::Token,
+        }
     }
 }
 
@@ -156,6 +157,7 @@ impl Scraper {
         {
             Ok(sample) => ScrapeOutcome::Ok(sample),
             Err(e) => ScrapeOutcome::Failed {
+                class: e.class(),
                 reason: e.to_string(),
             },
         }
@@ -333,6 +335,30 @@ pub fn parse_app_sample(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_failure_carries_its_class_and_old_recordings_without_one_read_as_other() {
+        let e = ScrapeError::TooLarge(10);
+        assert_eq!(e.class().as_str(), "too_large");
+        assert!(e.to_string().starts_with("too_large:"), "{e}");
+        let old: ScrapeOutcome =
+            serde_json::from_str(r#"{"Failed":{"reason":"timeout: no complete answer"}}"#)
+                .expect("an old recording reads");
+        assert_eq!(
+            old,
+            ScrapeOutcome::Failed {
+                class: ScrapeErrorClass::Other,
+                reason: "timeout: no complete answer".into()
+            }
+        );
+        let new = ScrapeOutcome::Failed {
+            class: ScrapeErrorClass::Connect,
+            reason: "connect: refused".into(),
+        };
+        let json = serde_json::to_string(&new).expect("serializes");
+        assert!(json.contains(r#""class":"connect""#), "{json}");
+        assert_eq!(serde_json::from_str::<ScrapeOutcome>(&json).unwrap(), new);
+    }
+
     const BODY: &str = r#"# HELP session_server_total_add_connections Total count of added connections
 # TYPE session_server_total_add_connections counter
 session_server_total_add_connections{addr="127.0.0.1:8080",clientkey="c1",proto="tcp"} 120
@@ -473,6 +499,7 @@ process_max_fds +Inf
         assert_eq!(
             scraper(err, Duration::from_secs(2)).scrape().await,
             ScrapeOutcome::Failed {
+                class: ScrapeErrorClass::Status,
                 reason: "status: HTTP 500".into()
             }
         );
@@ -484,7 +511,13 @@ process_max_fds +Inf
         .await;
         let out = scraper(slow, Duration::from_millis(300)).scrape().await;
         assert!(
-            matches!(&out, ScrapeOutcome::Failed { reason } if error_class(reason) == "timeout"),
+            matches!(
+                &out,
+                ScrapeOutcome::Failed {
+                    class: ScrapeErrorClass::Timeout,
+                    ..
+                }
+            ),
             "{out:?}"
         );
 
@@ -496,7 +529,13 @@ process_max_fds +Inf
         let huge = serve_once(&HUGE, Duration::ZERO).await;
         let out = scraper(huge, Duration::from_secs(2)).scrape().await;
         assert!(
-            matches!(&out, ScrapeOutcome::Failed { reason } if error_class(reason) == "too_large"),
+            matches!(
+                &out,
+                ScrapeOutcome::Failed {
+                    class: ScrapeErrorClass::TooLarge,
+                    ..
+                }
+            ),
             "{out:?}"
         );
 
@@ -508,7 +547,13 @@ process_max_fds +Inf
         };
         let out = scraper(refused, Duration::from_secs(2)).scrape().await;
         assert!(
-            matches!(&out, ScrapeOutcome::Failed { reason } if error_class(reason) == "connect"),
+            matches!(
+                &out,
+                ScrapeOutcome::Failed {
+                    class: ScrapeErrorClass::Connect,
+                    ..
+                }
+            ),
             "{out:?}"
         );
     }
