@@ -485,9 +485,10 @@ fn is_ledger_idle_verdict(v: &Verdict) -> bool {
     v.kind == VerdictKind::IdleConnectionLeak && v.subject.starts_with("clientkey=")
 }
 
-/// Puts the goroutine-age evidence into an idle-connection verdict: it confirms the verdict, or, when no
-/// connection goroutine has been blocked that long, says so and lowers it to a warning (the ledger's old
-/// connections may be in use after all, e.g. reused by a pool the ledger cannot see into).
+/// Puts the goroutine-age evidence into an idle-connection verdict: the connection goroutines Go reports
+/// blocked for longer than the horizon confirm it. A dump that shows none does not clear it: the
+/// connections left behind first may simply not be old enough yet, so it is looked at again every
+/// minute while the verdict holds, and the verdict says what the last look found.
 fn attach_blocked(v: &mut Verdict, b: &BlockedConnections) {
     if v.evidence
         .contains_key("pprof.connection_goroutines_blocked_beyond_horizon")
@@ -502,21 +503,16 @@ fn attach_blocked(v: &mut Verdict, b: &BlockedConnections) {
         v.evidence
             .insert(format!("pprof.blocked_beyond_horizon[{stack}]"), *n as f64);
     }
-    match b.per_stack.first() {
-        Some((stack, _)) => {
-            v.explanation += &format!(
-                "; confirmed by the goroutine dump: {} connection goroutines blocked for {}+ minutes (most: {stack})",
-                b.total, b.min_minutes
-            )
-        }
-        None => {
-            v.severity = crate::verdict::Severity::Warning;
-            v.explanation += &format!(
-                "; not confirmed by the goroutine dump: no connection goroutine blocked for {}+ minutes",
-                b.min_minutes
-            );
-        }
-    }
+    v.explanation += &match b.per_stack.first() {
+        Some((stack, _)) => format!(
+            "; confirmed by the goroutine dump: {} connection goroutines blocked for {}+ minutes (most: {stack})",
+            b.total, b.min_minutes
+        ),
+        None => format!(
+            "; not yet confirmed by the goroutine dump: no connection goroutine blocked for {}+ minutes so far",
+            b.min_minutes
+        ),
+    };
 }
 
 /// Puts the goroutine stacks that grew (most grown first) into a task-growth verdict.

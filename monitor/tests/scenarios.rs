@@ -981,9 +981,7 @@ fn abandoned_callers_from_before_the_start_are_flagged_and_clear_when_the_target
     let Some(_guard) = ready() else { return };
     let mut tunnel = Tunnel::start(Leak::mode("hold-abandoned", 1), Leak::none());
     // 40 callers give up on a target that hangs: the server holds each one in CLOSE_WAIT.
-    let out = Command::new(support::tunnel::workspace_bin("reftunnel"))
-        .args(["load", "--url", &tunnel.proxy_url("/slow/600000")])
-        .args(["--requests", "40", "--rate", "0", "--concurrency", "40"])
+    let out = Tunnel::load_cmd(&tunnel.server_addr, "/slow/600000", 40, 0.0, 40, false)
         .args(["--timeout", "1s", "--max-error-ratio", "1"])
         .output()
         .expect("run the load driver");
@@ -1085,10 +1083,12 @@ fn a_kernel_only_leak_that_starts_after_leakwatch_is_flagged() {
     std::thread::sleep(Duration::from_secs(10));
     let leak_start = now_unix();
     let _load = Proc::spawn(
-        Command::new(support::tunnel::workspace_bin("reftunnel"))
-            .args(["load", "--url", &tunnel.proxy_url("/slow/600000")])
-            .args(["--requests", "60", "--rate", "4", "--concurrency", "60"])
-            .args(["--timeout", "1s", "--max-error-ratio", "1"]),
+        Tunnel::load_cmd(&tunnel.server_addr, "/slow/600000", 60, 4.0, 60, false).args([
+            "--timeout",
+            "1s",
+            "--max-error-ratio",
+            "1",
+        ]),
     );
     let report = watch.report();
     assert_row(

@@ -55,23 +55,30 @@ fn start_leakwatch_on(t: &Tunnel, listen: &str, name: &str) -> Result<Proc> {
     Ok(lw)
 }
 
-fn start_load(t: &Tunnel, requests: u64, rate: u64) -> Result<Proc> {
+/// The load driver through `t`: fresh connections, or with `keep_alive` one caller connection reused
+/// (as kubectl or a browser does).
+fn start_load_with(t: &Tunnel, requests: u64, rate: u64, keep_alive: bool) -> Result<Proc> {
     let bin = release_bin(&workspace_root(), "reftunnel");
-    Proc::spawn(
+    let mut cmd = Command::new(bin);
+    cmd.args([
         "load",
-        Command::new(bin).args([
-            "load",
-            "--url",
-            &format!("http://{}/proxy/{CLIENT}/", t.addr),
-            "--requests",
-            &requests.to_string(),
-            "--rate",
-            &rate.to_string(),
-            "--concurrency",
-            "4",
-        ]),
-        false,
-    )
+        "--url",
+        &format!("http://{}/proxy/{CLIENT}/", t.addr),
+        "--requests",
+        &requests.to_string(),
+        "--rate",
+        &rate.to_string(),
+    ]);
+    if keep_alive {
+        cmd.args(["--keep-alive", "--concurrency", "1"]);
+    } else {
+        cmd.args(["--concurrency", "4"]);
+    }
+    Proc::spawn("load", &mut cmd, false)
+}
+
+fn start_load(t: &Tunnel, requests: u64, rate: u64) -> Result<Proc> {
+    start_load_with(t, requests, rate, false)
 }
 
 fn num(v: &Value) -> String {
@@ -187,27 +194,6 @@ fn save_live_page(listen: &str, name: &str) -> Option<std::path::PathBuf> {
     Some(path)
 }
 
-/// The keep-alive load of the side-by-side act: one caller connection reused, as kubectl or a browser does.
-fn start_keep_alive_load(t: &Tunnel, requests: u64, rate: u64) -> Result<Proc> {
-    let bin = release_bin(&workspace_root(), "reftunnel");
-    Proc::spawn(
-        "load",
-        Command::new(bin).args([
-            "load",
-            "--keep-alive",
-            "--url",
-            &format!("http://{}/proxy/{CLIENT}/", t.addr),
-            "--requests",
-            &requests.to_string(),
-            "--rate",
-            &rate.to_string(),
-            "--concurrency",
-            "1",
-        ]),
-        false,
-    )
-}
-
 /// leakwatch's view of one tunnel in a few words: live connections in the ledger, those idle past the
 /// horizon that no caller explains, goroutines, and the verdicts.
 fn brief(listen: &str) -> (String, Vec<String>, Vec<String>) {
@@ -269,8 +255,8 @@ fn bug_and_fix_side_by_side() -> Result<(Tunnel, Tunnel, Proc, Proc)> {
     let lw_fix = start_leakwatch_on(&fix, LEAKWATCH_FIX, "v2.10.5")?;
     println!("live pages: http://{LEAKWATCH}/ (v2.10.3) and http://{LEAKWATCH_FIX}/ (v2.10.5)\n");
     let _loads = (
-        start_keep_alive_load(&bug, 300, 5)?,
-        start_keep_alive_load(&fix, 300, 5)?,
+        start_load_with(&bug, 300, 5, true)?,
+        start_load_with(&fix, 300, 5, true)?,
     );
     let t0 = Instant::now();
     let (mut bug_seen, mut fix_seen, mut explained) = (Vec::new(), Vec::new(), Vec::new());
@@ -288,7 +274,8 @@ fn bug_and_fix_side_by_side() -> Result<(Tunnel, Tunnel, Proc, Proc)> {
             }
         }
         fix_seen.extend(fk);
-        if explained.is_empty() {
+        // The latest explanation: it has the most evidence (the goroutine dump confirms it later).
+        if !be.is_empty() {
             explained = be;
         }
     }

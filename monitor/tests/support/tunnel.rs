@@ -441,6 +441,28 @@ impl Tunnel {
         )
     }
 
+    /// The load driver's command: `requests` GETs of `path` on the server at `addr`, at most `rate` a
+    /// second and `concurrency` at once, over fresh connections or, with `keep_alive`, reused ones.
+    pub fn load_cmd(
+        addr: &str,
+        path: &str,
+        requests: u64,
+        rate: f64,
+        concurrency: u64,
+        keep_alive: bool,
+    ) -> Command {
+        let mut cmd = Command::new(workspace_bin("reftunnel"));
+        cmd.args(["load", "--url", &Self::proxy_url_on(addr, path)])
+            .args(["--requests", &requests.to_string()])
+            .args(["--rate", &rate.to_string()])
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--duration-limit", "20min"]);
+        if keep_alive {
+            cmd.arg("--keep-alive");
+        }
+        cmd
+    }
+
     /// Runs the load driver to completion.
     pub fn load(
         &self,
@@ -449,33 +471,24 @@ impl Tunnel {
         rate: u64,
         concurrency: u64,
     ) -> std::process::Output {
-        Command::new(workspace_bin("reftunnel"))
-            .args(["load", "--url", &self.proxy_url(path)])
-            .args([
-                "--requests",
-                &requests.to_string(),
-                "--rate",
-                &rate.to_string(),
-            ])
-            .args(["--concurrency", &concurrency.to_string()])
-            .output()
-            .expect("run the load driver")
+        Self::load_cmd(
+            &self.server_addr,
+            path,
+            requests,
+            rate as f64,
+            concurrency,
+            false,
+        )
+        .output()
+        .expect("run the load driver")
     }
 
     /// Starts `count` long-lived callers on the server at `addr` (like kubectl watches): each holds one
     /// request to the backend's `/slow/<ms>` open for `ms` milliseconds.
     pub fn slow_callers_bg(addr: &str, count: u64, ms: u64) -> Proc {
         Proc::spawn(
-            Command::new(workspace_bin("reftunnel"))
-                .args([
-                    "load",
-                    "--url",
-                    &Self::proxy_url_on(addr, &format!("/slow/{ms}")),
-                ])
-                .args(["--requests", &count.to_string(), "--rate", "0"])
-                .args(["--concurrency", &count.to_string()])
-                .args(["--timeout", &format!("{}ms", ms + 60_000)])
-                .args(["--duration-limit", "20min"]),
+            Self::load_cmd(addr, &format!("/slow/{ms}"), count, 0.0, count, false)
+                .args(["--timeout", &format!("{}ms", ms + 60_000)]),
         )
     }
 
@@ -499,38 +512,26 @@ impl Tunnel {
         rate: f64,
         concurrency: u64,
     ) -> Proc {
-        Proc::spawn(
-            Command::new(workspace_bin("reftunnel"))
-                .args([
-                    "load",
-                    "--keep-alive",
-                    "--url",
-                    &Self::proxy_url_on(addr, path),
-                ])
-                .args([
-                    "--requests",
-                    &requests.to_string(),
-                    "--rate",
-                    &rate.to_string(),
-                ])
-                .args(["--concurrency", &concurrency.to_string()])
-                .args(["--duration-limit", "20min"]),
-        )
+        Proc::spawn(&mut Self::load_cmd(
+            addr,
+            path,
+            requests,
+            rate,
+            concurrency,
+            true,
+        ))
     }
 
     /// Starts the load driver in the background.
     pub fn load_bg(&self, path: &str, requests: u64, rate: u64, concurrency: u64) -> Proc {
-        Proc::spawn(
-            Command::new(workspace_bin("reftunnel"))
-                .args(["load", "--url", &self.proxy_url(path)])
-                .args([
-                    "--requests",
-                    &requests.to_string(),
-                    "--rate",
-                    &rate.to_string(),
-                ])
-                .args(["--concurrency", &concurrency.to_string()]),
-        )
+        Proc::spawn(&mut Self::load_cmd(
+            &self.server_addr,
+            path,
+            requests,
+            rate as f64,
+            concurrency,
+            false,
+        ))
     }
 }
 
