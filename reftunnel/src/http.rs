@@ -100,6 +100,20 @@ pub async fn read_first_request<R: AsyncRead + Unpin>(
     read_next_request_within(r, buf, Some(HEAD_TIMEOUT)).await
 }
 
+/// The next request on a keep-alive connection: the first one is read as [`read_first_request`] reads it,
+/// the later ones as [`read_next_request`]. `first` is set until the first request has been read.
+pub async fn read_keep_alive_request<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    first: &mut bool,
+) -> Result<Option<Request>, HeadError> {
+    if std::mem::take(first) {
+        read_first_request(r, buf).await
+    } else {
+        read_next_request(r, buf).await
+    }
+}
+
 async fn read_next_request_within<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
@@ -197,22 +211,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(
     let (mut buf, end) = tokio::time::timeout(HEAD_TIMEOUT, read_head_bytes(r))
         .await
         .map_err(|_| HeadError::Timeout)??;
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(&buf[..end])? {
-        httparse::Status::Complete(_) => {}
-        httparse::Status::Partial => return Err(HeadError::Invalid("partial")),
-    }
-    let parsed = Request {
-        method: req.method.ok_or(HeadError::Invalid("method"))?.to_owned(),
-        path: req.path.ok_or(HeadError::Invalid("path"))?.to_owned(),
-        version: req.version.ok_or(HeadError::Invalid("version"))?,
-        headers: req
-            .headers
-            .iter()
-            .map(|h| (h.name.to_owned(), h.value.to_vec()))
-            .collect(),
-    };
+    let parsed = parse_request(&buf[..end])?;
     let rest = buf.split_off(end);
     Ok((parsed, rest))
 }

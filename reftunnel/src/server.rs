@@ -177,11 +177,7 @@ async fn handle(state: Arc<State>, mut sock: TcpStream, peer: SocketAddr) {
     let mut buf = BytesMut::new();
     let mut first = true;
     loop {
-        let next = if std::mem::take(&mut first) {
-            http::read_first_request(&mut sock, &mut buf).await
-        } else {
-            http::read_next_request(&mut sock, &mut buf).await
-        };
+        let next = http::read_keep_alive_request(&mut sock, &mut buf, &mut first).await;
         let req = match next {
             Ok(Some(r)) => r,
             Ok(None) => return,
