@@ -47,43 +47,6 @@ fn peers_of(addr: &str) -> String {
     String::from_utf8(body).expect("utf8")
 }
 
-/// ESTABLISHED sockets of `pid` whose *local* port is `port`: on a server, the connections it
-/// accepted (callers, agents' and peers' websockets).
-fn accepted_on_port(pid: u32, port: u16) -> usize {
-    let inodes: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|t| {
-                    let t = t.to_string_lossy().into_owned();
-                    t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut n = 0;
-    for f in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let local_port = cols
-                .get(1)
-                .and_then(|r| r.rsplit(':').next())
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if cols.len() > 9
-                && cols[3] == "01"
-                && local_port == Some(port)
-                && cols[9].parse::<u64>().is_ok_and(|i| inodes.contains(&i))
-            {
-                n += 1;
-            }
-        }
-    }
-    n
-}
-
 /// `POST /peers` on `addr`: remotedialer's AddPeer at run time (`-id` removes).
 fn post_peer(addr: &str, body: &str, token: &str) -> (u16, Vec<u8>) {
     http_request(

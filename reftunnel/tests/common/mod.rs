@@ -246,9 +246,9 @@ fn socket_inodes(pid: u32) -> HashSet<u64> {
     out
 }
 
-/// Sockets of `pid` in TCP state `state` (hex, e.g. "08" = CLOSE_WAIT), joining the process's
-/// socket inodes with /proc/<pid>/net/tcp{,6}.
-pub fn tcp_state_count(pid: u32, state: &str) -> usize {
+/// Sockets of `pid` whose /proc/net/tcp{,6} row passes `keep` (the row's columns: 1 local address,
+/// 2 remote address, 3 state in hex, 9 inode), joining the process's socket inodes with the tables.
+pub fn count_tcp(pid: u32, keep: impl Fn(&[&str]) -> bool) -> usize {
     let inodes = socket_inodes(pid);
     let mut n = 0;
     for f in ["tcp", "tcp6"] {
@@ -258,14 +258,24 @@ pub fn tcp_state_count(pid: u32, state: &str) -> usize {
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             if cols.len() > 9
-                && cols[3] == state
                 && cols[9].parse::<u64>().is_ok_and(|i| inodes.contains(&i))
+                && keep(&cols)
             {
                 n += 1;
             }
         }
     }
     n
+}
+
+/// The port of a /proc/net/tcp address column (`0100007F:1F90`).
+pub fn hex_port(addr: &str) -> Option<u16> {
+    u16::from_str_radix(addr.rsplit(':').next()?, 16).ok()
+}
+
+/// Sockets of `pid` in TCP state `state` (hex, e.g. "08" = CLOSE_WAIT).
+pub fn tcp_state_count(pid: u32, state: &str) -> usize {
+    count_tcp(pid, |cols| cols[3] == state)
 }
 
 pub fn close_wait(pid: u32) -> usize {
@@ -273,30 +283,19 @@ pub fn close_wait(pid: u32) -> usize {
 }
 
 /// ESTABLISHED sockets of `pid` whose remote port is `port` (e.g. the agent's sockets to the
-/// backend), joining the process's socket inodes with /proc/<pid>/net/tcp{,6}.
+/// backend).
 pub fn established_to_port(pid: u32, port: u16) -> usize {
-    let inodes = socket_inodes(pid);
-    let mut n = 0;
-    for f in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let remote_port = cols
-                .get(2)
-                .and_then(|r| r.rsplit(':').next())
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if cols.len() > 9
-                && cols[3] == "01"
-                && remote_port == Some(port)
-                && cols[9].parse::<u64>().is_ok_and(|i| inodes.contains(&i))
-            {
-                n += 1;
-            }
-        }
-    }
-    n
+    count_tcp(pid, |cols| {
+        cols[3] == "01" && hex_port(cols[2]) == Some(port)
+    })
+}
+
+/// ESTABLISHED sockets of `pid` whose *local* port is `port`: on a server, the connections it
+/// accepted (callers, agents' and peers' websockets).
+pub fn accepted_on_port(pid: u32, port: u16) -> usize {
+    count_tcp(pid, |cols| {
+        cols[3] == "01" && hex_port(cols[1]) == Some(port)
+    })
 }
 
 pub fn port_of(addr: &str) -> u16 {
