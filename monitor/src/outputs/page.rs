@@ -136,15 +136,14 @@ fn chart_figure(
             }
             out.push_str("</table>");
         }
-        Err(e) => {
-            let _ = write!(
-                out,
-                "<p class=\"bad\">chart unavailable: {}</p>",
-                esc(&e.to_string())
-            );
-        }
+        Err(e) => chart_unavailable(out, &e.to_string()),
     }
     out.push_str("</figure>\n");
+}
+
+/// What stands in for a chart that could not be drawn: the page still shows everything else.
+fn chart_unavailable(out: &mut String, why: &str) {
+    let _ = write!(out, "<p class=\"bad\">chart unavailable: {}</p>", esc(why));
 }
 
 fn key_of_shading(out: &mut String, spans: &[Span]) {
@@ -195,13 +194,7 @@ fn charts_section(out: &mut String, history: &History, frame: &Frame, side: Side
     } else {
         match charts::timeline(&bars, frame) {
             Ok(svg) => out.push_str(&svg),
-            Err(e) => {
-                let _ = write!(
-                    out,
-                    "<p class=\"bad\">chart unavailable: {}</p>",
-                    esc(&e.to_string())
-                );
-            }
+            Err(e) => chart_unavailable(out, &e.to_string()),
         }
     }
     out.push_str("</figure>\n");
