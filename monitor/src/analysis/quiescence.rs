@@ -17,29 +17,26 @@ pub struct Levels {
 }
 
 impl Levels {
+    /// Each level, read from its series by `read`: the set of levels is defined here once.
+    fn each(s: &Signals, read: impl Fn(&super::series::Series) -> Option<f64>) -> Self {
+        Self {
+            app_live: read(&s.app_live),
+            tasks: read(&s.tasks),
+            fds: read(&s.fds),
+            close_wait: read(&s.close_wait),
+            heap: read(&s.heap),
+        }
+    }
+
     /// Medians over `[now - secs, now]`: one odd sample does not move a baseline.
     pub fn measure(s: &Signals, now: f64, secs: f64) -> Self {
-        let m = |series: &super::series::Series| series.median_between(now - secs, now);
-        Self {
-            app_live: m(&s.app_live),
-            tasks: m(&s.tasks),
-            fds: m(&s.fds),
-            close_wait: m(&s.close_wait),
-            heap: m(&s.heap),
-        }
+        Self::each(s, |series| series.median_between(now - secs, now))
     }
 
     /// The latest value of each level, if taken within `max_age` seconds of `now`: a one-tick gap (a
     /// failed scrape) does not blank a level.
     pub fn latest(s: &Signals, now: f64, max_age: f64) -> Self {
-        let l = |series: &super::series::Series| series.last_fresh(now, max_age);
-        Self {
-            app_live: l(&s.app_live),
-            tasks: l(&s.tasks),
-            fds: l(&s.fds),
-            close_wait: l(&s.close_wait),
-            heap: l(&s.heap),
-        }
+        Self::each(s, |series| series.last_fresh(now, max_age))
     }
 }
 
