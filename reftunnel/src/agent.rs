@@ -155,6 +155,33 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
 }
 
+/// Opens a tunnel websocket to `url`, authenticated as `id` with `token` (remotedialer's headers):
+/// what an agent does to its server, and a server to its peer (`who` names the other side in errors).
+pub async fn dial_session(
+    url: &str,
+    id: &str,
+    token: &str,
+    who: &str,
+) -> anyhow::Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+> {
+    let mut req = url.into_client_request()?;
+    let h = req.headers_mut();
+    h.insert(ID_HEADER, HeaderValue::from_str(id)?);
+    h.insert(TOKEN_HEADER, HeaderValue::from_str(token)?);
+    let connect = tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true);
+    let (ws, _resp) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
+        .await
+        .context("handshake timed out")?
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(r) => {
+                anyhow::anyhow!("{who} refused the session: HTTP {}", r.status())
+            }
+            e => anyhow::anyhow!("connecting to {url}: {e}"),
+        })?;
+    Ok(ws)
+}
+
 /// One session; Ok once a session was up (whatever ended it), so the backoff restarts small.
 async fn connect_once(
     cfg: &AgentConfig,
@@ -162,20 +189,7 @@ async fn connect_once(
     leak: &Arc<LeakPolicy>,
     handler: &Arc<dyn ConnectHandler>,
 ) -> anyhow::Result<()> {
-    let mut req = cfg.server.as_str().into_client_request()?;
-    let h = req.headers_mut();
-    h.insert(ID_HEADER, HeaderValue::from_str(&cfg.id)?);
-    h.insert(TOKEN_HEADER, HeaderValue::from_str(&cfg.token)?);
-    let connect = tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true);
-    let (ws, _resp) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
-        .await
-        .context("handshake timed out")?
-        .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(r) => {
-                anyhow::anyhow!("server refused the session: HTTP {}", r.status())
-            }
-            e => anyhow::anyhow!("connecting to {}: {e}", cfg.server),
-        })?;
+    let ws = dial_session(&cfg.server, &cfg.id, &cfg.token, "server").await?;
     // remotedialer's client session always uses the client key "client".
     let (session, stream) = Session::start(
         ws,

@@ -26,20 +26,15 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use crate::leak::LeakPolicy;
 use crate::metrics::MetricsHub;
-use crate::server::{ID_HEADER, TOKEN_HEADER, token_ok};
-use crate::session::{CloseReason, ConnectHandler, Origin, Session, TunnelConn, ws_config};
+use crate::server::token_ok;
+use crate::session::{CloseReason, ConnectHandler, Origin, Session, TunnelConn};
 use crate::session_manager::SessionManager;
 use crate::{say, tasks};
 
-/// remotedialer's HandshakeTimeOut.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// remotedialer's SyncConnectionsInterval (the peer's client session sends it, as an agent does).
 const SYNC_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -281,21 +276,7 @@ async fn dial(
 ) -> anyhow::Result<
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
 > {
-    let mut req = url.into_client_request()?;
-    let h = req.headers_mut();
-    h.insert(ID_HEADER, HeaderValue::from_str(own_id)?);
-    h.insert(TOKEN_HEADER, HeaderValue::from_str(own_token)?);
-    let connect = tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true);
-    let (ws, _resp) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
-        .await
-        .context("handshake timed out")?
-        .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(r) => {
-                anyhow::anyhow!("peer refused the session: HTTP {}", r.status())
-            }
-            e => anyhow::anyhow!("connecting to {url}: {e}"),
-        })?;
-    Ok(ws)
+    crate::agent::dial_session(url, own_id, own_token, "peer").await
 }
 
 /// The peer session's dialer: `<clientkey>::<proto>` is dialed as `<proto>` through this
