@@ -368,6 +368,13 @@ fn tcp_info_ages(attrs: &[u8]) -> Option<[u32; 3]> {
     ])
 }
 
+/// The kernel reports errors as negated errnos. The datagram is outside input, so a code
+/// of `i32::MIN` (which has no positive twin) must not overflow: it becomes `i32::MAX`,
+/// an errno no kernel uses, reported as unknown rather than trusted.
+fn errno_of(code: i32) -> i32 {
+    code.checked_neg().unwrap_or(i32::MAX)
+}
+
 /// Feeds one reply datagram of the dump with sequence number `seq` into `acc`. Pure, so that every shape of
 /// reply (multi-part, error, truncated, garbage) is tested without a kernel.
 pub fn parse_datagram(
@@ -398,7 +405,9 @@ pub fn parse_datagram(
                     .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
                 {
                     if code < 0 {
-                        return Err(SockDiagError::Kernel(io::Error::from_raw_os_error(-code)));
+                        return Err(SockDiagError::Kernel(io::Error::from_raw_os_error(
+                            errno_of(code),
+                        )));
                     }
                 }
                 return Ok(Flow::Done);
@@ -407,7 +416,7 @@ pub fn parse_datagram(
                 let err = ErrorBuffer::new_checked(payload)
                     .map_err(|e| SockDiagError::Malformed(format!("NLMSG_ERROR: {e}")))?;
                 if let Some(code) = err.code() {
-                    let errno = code.get().checked_neg().unwrap_or(i32::MAX);
+                    let errno = errno_of(code.get());
                     return Err(SockDiagError::from_errno(
                         errno,
                         io::Error::from_raw_os_error(errno),
@@ -833,6 +842,9 @@ mod tests {
             (control(NLMSG_ERROR, -libc::EINVAL), "kernel"),
             (control(NLMSG_DONE, -libc::ENOBUFS), "kernel"),
             (control(NLMSG_OVERRUN, 0), "malformed"),
+            // No positive twin: found by the fuzzer, once a panic.
+            (control(NLMSG_DONE, i32::MIN), "kernel"),
+            (control(NLMSG_ERROR, i32::MIN), "kernel"),
         ];
         for (dg, want) in cases {
             let mut acc = Accumulator::new(&inodes, 10);
