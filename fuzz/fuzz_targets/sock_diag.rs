@@ -3,7 +3,7 @@
 //! bytes: the parser must never trust one of them, nor keep more sockets than its cap.
 use std::collections::HashSet;
 
-use leakwatch::sources::sockdiag::{Accumulator, parse_datagram};
+use leakwatch::sources::sockdiag::{Accumulator, idle_by_remote, parse_datagram};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,4 +15,11 @@ fuzz_target!(|data: &[u8]| {
         .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
     let _ = parse_datagram(data, seq, &mut acc);
     assert!(acc.dump.sockets.len() <= 4);
+    // Whatever ages and segment counts the kernel claims, the grouping counts each socket at most once.
+    let rows = idle_by_remote(&acc.dump.sockets, seq, 2);
+    let counted: u64 = rows.iter().map(|r| r.established + r.close_wait).sum();
+    assert!(counted <= acc.dump.sockets.len() as u64);
+    for r in &rows {
+        assert!(r.unanswered.iter().sum::<u64>() <= r.established);
+    }
 });

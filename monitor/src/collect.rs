@@ -49,9 +49,10 @@ const RECONCILED_STATES: [u8; 2] = [
     monitor_ebpf::tcp_state::ESTABLISHED,
     monitor_ebpf::tcp_state::CLOSE_WAIT,
 ];
-/// While eBPF and procfs disagree, the join runs at least this often, so that a correction (a pre-existing
-/// socket closing) is seen soon.
-const DISAGREEING_SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// While eBPF and procfs disagree, or dialed requests wait unanswered, the join (and its sock_diag dump)
+/// runs at least this often, so that a correction (a pre-existing socket closing) and a pile of stalled
+/// requests growing or draining are seen soon.
+const WATCHFUL_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Remote addresses listed per snapshot with the idle ages of the sockets dialed to them.
 const DIALED_IDLE_GROUPS: usize = 8;
@@ -206,8 +207,15 @@ impl Collector {
         let light_ok = self.mode == KernelMode::Ebpf;
         // Only CLOSE_WAIT: it is what a socket-leak verdict stands on, and ESTABLISHED differs by a few
         // sockets whenever connections open between the two reads.
-        let interval = if self.procfs_offset[monitor_ebpf::tcp_state::CLOSE_WAIT as usize] != 0 {
-            self.procfs_scan_interval.min(DISAGREEING_SCAN_INTERVAL)
+        let disagreeing = self.procfs_offset[monitor_ebpf::tcp_state::CLOSE_WAIT as usize] != 0;
+        // Past the first bucket (10 s): a request merely in flight is no reason to look more often.
+        let waiting = self.last_full_proc.as_ref().is_some_and(|(_, p, _)| {
+            p.dialed_idle
+                .iter()
+                .any(|g| g.unanswered_for(crate::sample::IDLE_BUCKET_BOUNDS_MS[0]) > 0)
+        });
+        let interval = if disagreeing || waiting {
+            self.procfs_scan_interval.min(WATCHFUL_SCAN_INTERVAL)
         } else {
             self.procfs_scan_interval
         };

@@ -465,10 +465,16 @@ impl Engine {
             notes.push(format!("procfs-only mode: {reason}"));
         }
         match &snap.app {
+            // Only a remotedialer server keeps the ledger; a client (the agent) exports none, ever.
             ScrapeOutcome::Ok(app) if !app.remotedialer_present => notes.push(
-                "the target exports no remotedialer session_server_* metrics (Rancher registers them only with \
-                 CATTLE_PROMETHEUS_METRICS=true); ledger checks are off, kernel checks still run"
-                    .into(),
+                if self.analyzer.derived().side.starts_with("agent") {
+                    "an agent exports no remotedialer session_server_* metrics (only the server keeps the \
+                     ledger); the kernel checks (sockets, idle ages, unanswered requests, tasks) carry the watch"
+                } else {
+                    "the target exports no remotedialer session_server_* metrics (Rancher registers them only \
+                     with CATTLE_PROMETHEUS_METRICS=true); ledger checks are off, kernel checks still run"
+                }
+                .into(),
             ),
             ScrapeOutcome::Failed { reason, .. } => notes.push(format!("scrape failed: {reason}")),
             _ => {}

@@ -97,6 +97,35 @@ pub struct RemoteIdle {
     pub oldest_idle_ms: u32,
     /// ESTABLISHED sockets per idle-age bucket ([`IDLE_BUCKET_BOUNDS_MS`]).
     pub buckets: [u64; IDLE_BUCKETS],
+    /// ESTABLISHED sockets that sent data and have not received one byte back since they were
+    /// established, per bucket of time since they last sent: requests the target never began to answer.
+    /// An idle pooled connection got its answer, and a watch got its headers: neither is counted.
+    #[serde(default)]
+    pub unanswered: [u64; IDLE_BUCKETS],
+    /// The longest of those waits (0 when there are none).
+    #[serde(default)]
+    pub oldest_unanswered_ms: u32,
+}
+
+/// The lower bound (inclusive) of idle-age bucket `i`, ms.
+pub fn idle_bucket_floor_ms(i: usize) -> u32 {
+    i.checked_sub(1)
+        .and_then(|j| IDLE_BUCKET_BOUNDS_MS.get(j))
+        .copied()
+        .unwrap_or(0)
+}
+
+impl RemoteIdle {
+    /// Unanswered sockets whose wait is surely at least `at_least_ms`: the buckets whose lower bound reaches
+    /// it (a threshold between two bounds rounds up to the next one).
+    pub fn unanswered_for(&self, at_least_ms: u32) -> u64 {
+        self.unanswered
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| idle_bucket_floor_ms(*i) >= at_least_ms)
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 /// What procfs says about the target.

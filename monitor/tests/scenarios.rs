@@ -1105,3 +1105,75 @@ fn a_kernel_only_leak_that_starts_after_leakwatch_is_flagged() {
         &report,
     );
 }
+
+/// Issue 12, item 7: the agent side of abandoned callers. The server holds each tunneled connection whose
+/// caller left (hold-abandoned) while the target hangs, so the agent's sockets to the target stay
+/// ESTABLISHED with a request sent and nothing back: no CLOSE_WAIT, no ledger, only tasks and sockets that
+/// no traffic explains. The agent must say so long before the idle horizon (105 s), and stop once the
+/// target lets go.
+#[test]
+fn an_agent_whose_target_hangs_flags_the_unanswered_requests_and_clears_when_it_lets_go() {
+    let Some(_guard) = ready() else { return };
+    let mut tunnel = Tunnel::start(Leak::mode("hold-abandoned", 1), Leak::none());
+    let (_watch, addr) = leakwatch_watch(tunnel.agent.pid(), None, "agent");
+    let load_start = Instant::now();
+    let _load = Proc::spawn(
+        Tunnel::load_cmd(&tunnel.server_addr, "/slow/600000", 120, 4.0, 120, false).args([
+            "--timeout",
+            "1s",
+            "--max-error-ratio",
+            "1",
+        ]),
+    );
+    let (_, doc) = poll_status(&addr, Duration::from_secs(100), |d| {
+        has_verdict(d, "socket_leak")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no socket_leak on the agent within 100 s: {:#}",
+            status(&addr)
+        )
+    });
+    let after = load_start.elapsed().as_secs_f64();
+    let v = doc["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["kind"] == "socket_leak")
+        .expect("the verdict");
+    eprintln!(
+        "SCENARIO agent, hanging target, abandoned callers: socket_leak {after:.1}s after the load began: {}",
+        v["explanation"]
+    );
+    assert!(
+        v["subject"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("target={}", tunnel.backend_addr)),
+        "{v:#}"
+    );
+    assert!(
+        v["explanation"]
+            .as_str()
+            .unwrap_or("")
+            .contains("without one byte of answer"),
+        "{v:#}"
+    );
+    assert!(
+        !has_verdict(&doc, "idle_connection_leak"),
+        "the fast rule spoke first: {doc:#}"
+    );
+
+    // The target gives up: the agent closes its side, and the verdict clears.
+    tunnel.backend.kill();
+    let (cleared, _) = poll_status(&addr, Duration::from_secs(40), |d| {
+        !has_verdict(d, "socket_leak")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "still flagged 40 s after the target closed: {:#}",
+            status(&addr)
+        )
+    });
+    eprintln!("SCENARIO agent, hanging target gone: socket_leak cleared {cleared:.1}s later");
+}

@@ -261,6 +261,54 @@ fn a_peer_hang_up_shows_as_close_wait() {
     drop(server);
 }
 
+/// The data-segment counts are read at the right offsets: a request the peer has not answered is
+/// "unanswered" on the asking side only, until the first byte of the reply arrives; an idle pair that has
+/// exchanged data is neither.
+#[test]
+fn a_request_with_no_reply_is_unanswered_until_the_reply_comes() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut pairs = connect(&listener, 2);
+    exchange(&mut pairs[1]);
+    let (asking, answered) = (inode_of(&pairs[0].client), inode_of(&pairs[1].client));
+    let waiting_server = inode_of(&pairs[0].server);
+    let fresh = by_inode(&dump(), asking);
+    assert_eq!(fresh.unanswered_ms(), None, "nothing asked yet: {fresh:?}");
+    assert_eq!(
+        (fresh.data_segs_in, fresh.data_segs_out),
+        (Some(0), Some(0))
+    );
+
+    pairs[0]
+        .client
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .unwrap();
+    // The request has left when the peer can read it.
+    let mut req = [0u8; 18];
+    pairs[0].server.read_exact(&mut req).unwrap();
+    let d = dump();
+    let waiting = by_inode(&d, asking);
+    assert_eq!(
+        (waiting.data_segs_in, waiting.data_segs_out),
+        (Some(0), Some(1))
+    );
+    assert!(waiting.unanswered_ms().is_some(), "{waiting:?}");
+    let pooled = by_inode(&d, answered);
+    assert_eq!(pooled.unanswered_ms(), None, "answered: {pooled:?}");
+    assert_eq!(
+        (pooled.data_segs_in, pooled.data_segs_out),
+        (Some(1), Some(1))
+    );
+    // The side that received the request and owes the answer is not waiting for anything.
+    assert_eq!(by_inode(&d, waiting_server).unanswered_ms(), None);
+
+    pairs[0].server.write_all(b"H").unwrap();
+    let mut b = [0u8; 1];
+    pairs[0].client.read_exact(&mut b).unwrap();
+    let replied = by_inode(&dump(), asking);
+    assert_eq!(replied.unanswered_ms(), None, "{replied:?}");
+    assert_eq!(replied.data_segs_in, Some(1));
+}
+
 /// The cost of one dump with ~1k and ~10k sockets held by this process (both ends of each connection), with
 /// every one of them in the inode set and with only one: the kernel describes the whole namespace either way.
 /// The full procfs join over the same sockets is timed for comparison. Run with

@@ -43,6 +43,15 @@ pub struct AnalysisConfig {
     pub idle_tolerance: f64,
     /// How long the idle-connection excess must last before it is a verdict, seconds.
     pub idle_min_s: f64,
+    /// A request the target dialed and never got one byte of answer to, for this long, is stalled, seconds.
+    /// Every HTTP server sends its response headers at once, watches and long polls included; only a hung
+    /// target, or a connection whose caller left while the tunnel kept it, waits this long in silence.
+    /// Rounded up to the next idle-age bucket bound (10 s, 30 s, 90 s, ...).
+    pub unanswered_after_s: f64,
+    /// Stalled requests tolerated before the unanswered rule speaks.
+    pub unanswered_tolerance: f64,
+    /// How long they must stay over the tolerance before it is a verdict, seconds.
+    pub unanswered_min_s: f64,
     /// CLOSE_WAIT sockets tolerated (peers closed, the process has not yet).
     pub close_wait_tolerance: f64,
     pub close_wait_min_s: f64,
@@ -81,6 +90,11 @@ impl AnalysisConfig {
         self.idle_timeout_s + self.idle_margin_s
     }
 
+    /// `unanswered_after_s` in ms, as the kernel's ages are counted.
+    pub fn unanswered_after_ms(&self) -> u32 {
+        (self.unanswered_after_s * 1000.0).clamp(0.0, f64::from(u32::MAX)) as u32
+    }
+
     /// The settle time the quiescence recipe really waits: pooled connections may stay idle for up to
     /// the idle horizon after the load ends, and so may the tasks and heap they hold.
     pub fn effective_settle_s(&self) -> f64 {
@@ -101,6 +115,9 @@ impl Default for AnalysisConfig {
             idle_margin_s: 15.0,
             idle_tolerance: 10.0,
             idle_min_s: 10.0,
+            unanswered_after_s: 30.0,
+            unanswered_tolerance: 10.0,
+            unanswered_min_s: 10.0,
             close_wait_tolerance: 3.0,
             close_wait_min_s: 8.0,
             fd_min_growth: 20.0,

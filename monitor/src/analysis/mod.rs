@@ -148,6 +148,7 @@ impl Analyzer {
             rules::bookkeeping(s, cfg, t, self.stale_after()),
             rules::idle_connections(s, cfg, t),
             rules::idle_sockets(s, cfg),
+            rules::unanswered_requests(s, cfg, t),
             rules::close_wait(s, cfg, t),
             rules::fd_growth(s, cfg, t),
             rules::task_growth(s, cfg, t),

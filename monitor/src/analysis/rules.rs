@@ -260,6 +260,73 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
     ))
 }
 
+/// Requests piling up that the target never began to answer: ESTABLISHED sockets it dialed that sent data
+/// and got not one byte back for longer than `unanswered_after_s`. On an agent this is the leak whose
+/// sockets stay ESTABLISHED: each stalled dial holds its pipe goroutines, and no traffic explains them. The
+/// agent cannot see whether the callers still wait (a hung target) or left (a server that never closed
+/// the tunneled connection); the text names both. Judged on the level, not on growth since the watch began,
+/// so that a pile that was there before leakwatch is flagged too.
+pub fn unanswered_requests(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
+    let level = s.unanswered.last_fresh(t, 2.0 * cfg.window_s)?;
+    if level <= cfg.unanswered_tolerance {
+        return None;
+    }
+    let rows = s.unanswered_rows(cfg.unanswered_after_ms());
+    let (top, top_n) = rows.first()?;
+    let growth = Signals::growth(&s.unanswered, t, cfg.window_s);
+    let task_growth = Signals::growth(&s.tasks, t, cfg.window_s);
+    let mut evidence = ev(&[
+        ("kernel.unanswered_requests", Some(level)),
+        ("kernel.unanswered_growth_in_window", growth),
+        ("tasks.current", s.tasks.last()),
+        ("tasks.growth_in_window", task_growth),
+        ("config.unanswered_after_s", Some(cfg.unanswered_after_s)),
+    ]);
+    let mut names = Vec::new();
+    for (g, n) in rows.iter().take(3) {
+        evidence.insert(format!("kernel.unanswered[{}]", g.remote), *n as f64);
+        evidence.insert(
+            format!("kernel.established[{}]", g.remote),
+            g.established as f64,
+        );
+        evidence.insert(
+            format!("kernel.oldest_unanswered_s[{}]", g.remote),
+            f64::from(g.oldest_unanswered_ms) / 1000.0,
+        );
+        names.push(format!("target={} ({n} unanswered)", g.remote));
+    }
+    let severity = if level > 4.0 * cfg.unanswered_tolerance {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    let tasks = match task_growth {
+        Some(k) if k >= 1.0 => format!(", and {} grew by {k:.0}", s.tasks_source),
+        _ => String::new(),
+    };
+    let piling = match growth {
+        Some(g) if g >= 1.0 => format!("; {g:.0} more in the last {:.0}s{tasks}", cfg.window_s),
+        _ => String::new(),
+    };
+    Some(finding(
+        VerdictKind::SocketLeak,
+        severity,
+        names.join("; "),
+        evidence,
+        format!(
+            "{top_n} requests to {} have waited more than {:.0}s without one byte of answer (oldest {:.0}s){piling}: \
+             the tunnel holds their connections with no traffic to explain them. Either the target hangs and its \
+             callers still wait, or the callers left and the close never reached this side (on the server, add \
+             and remove counters drift apart)",
+            top.remote,
+            cfg.unanswered_after_s,
+            f64::from(top.oldest_unanswered_ms) / 1000.0,
+        ),
+        cfg.unanswered_min_s,
+        "unanswered",
+    ))
+}
+
 /// Sockets left in CLOSE_WAIT: the peer closed, the process never did.
 pub fn close_wait(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
     let cw = s.close_wait.last()?;

@@ -162,6 +162,9 @@ pub struct Signals {
     pub dialed_idle: Vec<crate::sample::RemoteIdle>,
     pub dialed_idle_horizon_s: f64,
     pub dialed_idle_floor: BTreeMap<String, u64>,
+    /// Requests the target dialed that have waited longer than `unanswered_after_s` for the first byte
+    /// of an answer, over every remote (refreshed with each full procfs pass).
+    pub unanswered: Series,
     /// Kernel connections seen while the app had none live: sockets that are not tunneled connections
     /// (the agent's websocket, scrapes). Subtracted before comparing.
     kernel_offset: Option<f64>,
@@ -288,6 +291,13 @@ impl Signals {
             }
             self.dialed_idle.clone_from(&p.dialed_idle);
             self.dialed_idle_horizon_s = p.dialed_idle_horizon_s;
+            let after_ms = cfg.unanswered_after_ms();
+            let stalled: u64 = p
+                .dialed_idle
+                .iter()
+                .map(|g| g.unanswered_for(after_ms))
+                .sum();
+            self.unanswered.push(t, stalled as f64, horizon);
         }
         if let Some(p) = &s.proc {
             self.fds.push(t, p.open_fds as f64, horizon);
@@ -347,6 +357,18 @@ impl Signals {
                 let floor = self.dialed_idle_floor.get(&g.remote).copied().unwrap_or(0);
                 (g, g.idle_over_horizon.saturating_sub(floor))
             })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.remote.cmp(&b.0.remote)));
+        rows
+    }
+
+    /// Remotes with stalled requests (see [`Self::unanswered`]), most first.
+    pub fn unanswered_rows(&self, after_ms: u32) -> Vec<(&crate::sample::RemoteIdle, u64)> {
+        let mut rows: Vec<_> = self
+            .dialed_idle
+            .iter()
+            .map(|g| (g, g.unanswered_for(after_ms)))
             .filter(|(_, n)| *n > 0)
             .collect();
         rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.remote.cmp(&b.0.remote)));

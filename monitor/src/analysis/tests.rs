@@ -974,3 +974,147 @@ fn a_row_that_appears_during_the_leak_is_named_with_all_it_grew() {
         v.subject
     );
 }
+
+/// The sockets an agent dialed, as a full procfs pass with its sock_diag dump reports them: `(opened_at,
+/// answered_at)` per dial to the one target; an answered dial then sits idle in its pool.
+fn agent_dials(t: f64, dials: &[(f64, Option<f64>)]) -> Vec<crate::sample::RemoteIdle> {
+    use crate::sources::sockdiag::{TcpSockInfo, idle_by_remote};
+    let ms = |s: f64| (s * 1000.0) as u32;
+    let socks: Vec<TcpSockInfo> = dials
+        .iter()
+        .map(|&(opened, answered)| TcpSockInfo {
+            inode: 1,
+            state: ESTABLISHED,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:6080".parse().unwrap(),
+            last_data_sent_ms: ms(t - opened),
+            last_data_recv_ms: ms(t - answered.unwrap_or(opened)),
+            last_ack_recv_ms: 0,
+            data_segs_in: Some(u32::from(answered.is_some())),
+            data_segs_out: Some(1),
+        })
+        .collect();
+    idle_by_remote(&socks, 105_000, 8)
+}
+
+/// An agent: no ledger (remotedialer clients export none), threads as tasks, a full pass every 5 s.
+fn agent_replay(
+    an: &mut Analyzer,
+    tun: &mut Tunnel,
+    secs: u32,
+    mut dials: impl FnMut(f64) -> Vec<(f64, Option<f64>)>,
+) -> Vec<VerdictChange> {
+    tun.scrape_ok = false;
+    let mut out = Vec::new();
+    let mut seen = Vec::new();
+    for i in 0..secs {
+        tun.t += 1.0;
+        let now = dials(tun.t);
+        tun.established = 1 + now.len() as u64;
+        tun.threads = 8 + 2 * now.len() as u64;
+        if i % 5 == 0 {
+            seen = agent_dials(tun.t, &now);
+        }
+        let mut snap = tun.snapshot();
+        if let Some(p) = snap.proc.as_mut() {
+            p.dialed_idle.clone_from(&seen);
+            p.dialed_idle_horizon_s = 105.0;
+        }
+        out.extend(an.observe(&snap));
+    }
+    out
+}
+
+fn agent_analyzer() -> Analyzer {
+    Analyzer::new(AnalysisConfig {
+        side: Side::Agent,
+        ..AnalysisConfig::default()
+    })
+}
+
+#[test]
+fn an_agent_whose_target_never_answers_is_flagged_well_before_the_idle_horizon() {
+    let (mut an, mut tun) = (agent_analyzer(), Tunnel::new());
+    // Two requests a second to a target that accepts and never answers; their callers' closes never come.
+    let changes = agent_replay(&mut an, &mut tun, 100, |t| {
+        (1..=(2.0 * t) as u32)
+            .map(|k| (f64::from(k) / 2.0, None))
+            .collect()
+    });
+    let v = changes
+        .iter()
+        .find_map(|c| match c {
+            VerdictChange::Raised(v) if v.kind == VerdictKind::SocketLeak => Some(v),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("a socket leak from the stalled requests: {changes:?}"));
+    assert!(v.since <= 60.0, "raised at {}s", v.since);
+    assert_eq!(v.subject.split(' ').next(), Some("target=127.0.0.1:6080"));
+    assert!(
+        v.explanation
+            .contains("have waited more than 30s without one byte of answer")
+            && v.explanation.contains("procfs.threads grew by"),
+        "{}",
+        v.explanation
+    );
+    assert!(v.evidence["kernel.unanswered[127.0.0.1:6080]"] > 10.0);
+    assert!(v.evidence["tasks.growth_in_window"] > 0.0);
+}
+
+#[test]
+fn healthy_agent_pools_watches_and_a_few_slow_requests_raise_nothing() {
+    let (mut an, mut tun) = (agent_analyzer(), Tunnel::new());
+    let changes = agent_replay(&mut an, &mut tun, 400, |t| {
+        let mut dials = Vec::new();
+        // A pool of 60 connections, each reused every 80 s (idle up to 80 s, under Go's 90 s timeout),
+        // after a burst: answered, so never "unanswered" however long they sit.
+        for k in 0..60 {
+            let last_use = t - (t + f64::from(k)) % 80.0;
+            dials.push((last_use, Some(last_use + 0.01)));
+        }
+        // 20 watches opened at the start: headers came at once, then a bookmark a minute (client-go's
+        // reflectors ask for bookmarks, and kube-apiserver sends one about every minute), nothing else.
+        let bookmark = 0.6 + ((t - 0.6) / 60.0).floor().max(0.0) * 60.0;
+        dials.extend((0..20).map(|_| (0.5, Some(bookmark))));
+        // Up to 8 slow requests in flight that take 45 s each to be answered (the tolerance is 10).
+        for k in 0..8 {
+            let start = (t - f64::from(k) * 6.0).div_euclid(48.0) * 48.0 + f64::from(k) * 6.0;
+            if t - start < 45.0 {
+                dials.push((start, None));
+            }
+        }
+        dials
+    });
+    assert_eq!(raised(&changes), vec![]);
+}
+
+#[test]
+fn stalled_requests_from_before_the_watch_are_flagged_and_clear_once_answered() {
+    let (mut an, mut tun) = (agent_analyzer(), Tunnel::new());
+    // 40 requests that have waited since long before leakwatch started; answered at t=120.
+    let pile = |t: f64| -> Vec<(f64, Option<f64>)> {
+        (0..40)
+            .map(|_| (-200.0, (t >= 120.0).then_some(120.0)))
+            .collect()
+    };
+    let changes = agent_replay(&mut an, &mut tun, 200, pile);
+    let raised_at = raised(&changes)
+        .into_iter()
+        .find(|(k, _)| *k == VerdictKind::SocketLeak)
+        .map(|(_, at)| at)
+        .unwrap_or_else(|| panic!("the old pile is flagged: {changes:?}"));
+    assert!(raised_at <= 30.0, "raised at {raised_at}s");
+    let cleared_at = changes
+        .iter()
+        .find_map(|c| match c {
+            VerdictChange::Cleared { kind, at, .. } if *kind == VerdictKind::SocketLeak => {
+                Some(*at)
+            }
+            _ => None,
+        })
+        .expect("cleared once the target answered");
+    assert!(
+        (120.0..=150.0).contains(&cleared_at),
+        "cleared at {cleared_at}s"
+    );
+}

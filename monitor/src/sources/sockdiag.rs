@@ -92,6 +92,10 @@ const INET_DIAG_MSG_LEN: usize = 72;
 const TCPI_LAST_DATA_SENT: usize = 44;
 const TCPI_LAST_DATA_RECV: usize = 52;
 const TCPI_LAST_ACK_RECV: usize = 56;
+/// Segments carrying data, received and sent (`tcpi_data_segs_in`/`_out`, Linux 4.6 and later). A bare ACK,
+/// a SYN-ACK or a keepalive probe carries none, so `in == 0` means the peer never sent one byte.
+const TCPI_DATA_SEGS_IN: usize = 152;
+const TCPI_DATA_SEGS_OUT: usize = 156;
 
 /// One TCP socket of the target, as the kernel describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -104,9 +108,22 @@ pub struct TcpSockInfo {
     pub last_data_sent_ms: u32,
     pub last_data_recv_ms: u32,
     pub last_ack_recv_ms: u32,
+    /// Data segments received and sent; `None` on kernels whose tcp_info predates them.
+    pub data_segs_in: Option<u32>,
+    pub data_segs_out: Option<u32>,
 }
 
 impl TcpSockInfo {
+    /// How long an ESTABLISHED socket has waited for the first byte of an answer: it sent data and has
+    /// received none since it was established, so its wait is the age of its last send. `None` when it got
+    /// data, sent none, or the kernel cannot say.
+    pub fn unanswered_ms(&self) -> Option<u32> {
+        let waiting = self.state == tcp_state::ESTABLISHED
+            && self.data_segs_out? > 0
+            && self.data_segs_in? == 0;
+        waiting.then_some(self.last_data_sent_ms)
+    }
+
     /// How long no application data has moved either way: the younger of the two data ages. ACKs are left
     /// out because keepalive probes produce them on connections nobody uses (see the module doc).
     pub fn idle_ms(&self) -> u32 {
@@ -333,7 +350,7 @@ impl<'a> Accumulator<'a> {
             self.dump.over_cap += 1;
             return;
         }
-        let Some(ages) = payload.get(INET_DIAG_MSG_LEN..).and_then(tcp_info_ages) else {
+        let Some(info) = payload.get(INET_DIAG_MSG_LEN..).and_then(tcp_info_fields) else {
             self.dump.malformed += 1;
             return;
         };
@@ -343,16 +360,26 @@ impl<'a> Accumulator<'a> {
             state: header.state,
             local: SocketAddr::new(id.source_address, id.source_port),
             remote: SocketAddr::new(id.destination_address, id.destination_port),
-            last_data_sent_ms: ages[0],
-            last_data_recv_ms: ages[1],
-            last_ack_recv_ms: ages[2],
+            last_data_sent_ms: info.ages[0],
+            last_data_recv_ms: info.ages[1],
+            last_ack_recv_ms: info.ages[2],
+            data_segs_in: info.data_segs.map(|d| d[0]),
+            data_segs_out: info.data_segs.map(|d| d[1]),
         });
     }
 }
 
-/// (last data sent, last data received, last ACK received) from the `INET_DIAG_INFO` attribute, read by offset
-/// rather than through a full `struct tcp_info` so that an older kernel's shorter one still serves.
-fn tcp_info_ages(attrs: &[u8]) -> Option<[u32; 3]> {
+/// The fields of `struct tcp_info` this module reads.
+struct TcpInfoFields {
+    /// Last data sent, last data received, last ACK received.
+    ages: [u32; 3],
+    /// Data segments in and out, when the kernel's tcp_info is long enough to have them.
+    data_segs: Option<[u32; 2]>,
+}
+
+/// The fields from the `INET_DIAG_INFO` attribute, read by offset rather than through a full `struct tcp_info`
+/// so that an older kernel's shorter one still serves (without the ages, the socket is not usable at all).
+fn tcp_info_fields(attrs: &[u8]) -> Option<TcpInfoFields> {
     // An attribute that does not frame ends the walk: its length is all that locates the next one.
     let nla = NlasIterator::new(attrs)
         .map_while(Result::ok)
@@ -361,11 +388,16 @@ fn tcp_info_ages(attrs: &[u8]) -> Option<[u32; 3]> {
     let at = |off: usize| -> Option<u32> {
         Some(u32::from_ne_bytes(info.get(off..off + 4)?.try_into().ok()?))
     };
-    Some([
-        at(TCPI_LAST_DATA_SENT)?,
-        at(TCPI_LAST_DATA_RECV)?,
-        at(TCPI_LAST_ACK_RECV)?,
-    ])
+    Some(TcpInfoFields {
+        ages: [
+            at(TCPI_LAST_DATA_SENT)?,
+            at(TCPI_LAST_DATA_RECV)?,
+            at(TCPI_LAST_ACK_RECV)?,
+        ],
+        data_segs: at(TCPI_DATA_SEGS_IN)
+            .zip(at(TCPI_DATA_SEGS_OUT))
+            .map(|(i, o)| [i, o]),
+    })
 }
 
 /// The kernel reports errors as negated errnos. The datagram is outside input, so a code
@@ -443,6 +475,10 @@ impl RemoteIdle {
         for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
             *a += b;
         }
+        for (a, b) in self.unanswered.iter_mut().zip(other.unanswered) {
+            *a += b;
+        }
+        self.oldest_unanswered_ms = self.oldest_unanswered_ms.max(other.oldest_unanswered_ms);
     }
 }
 
@@ -481,6 +517,10 @@ pub fn idle_by_remote(
         g.idle_over_horizon += u64::from(idle > horizon_ms);
         g.oldest_idle_ms = g.oldest_idle_ms.max(idle);
         g.buckets[idle_bucket(idle)] += 1;
+        if let Some(wait) = s.unanswered_ms() {
+            g.unanswered[idle_bucket(wait)] += 1;
+            g.oldest_unanswered_ms = g.oldest_unanswered_ms.max(wait);
+        }
     }
     let mut rows: Vec<RemoteIdle> = groups
         .into_iter()
@@ -527,6 +567,18 @@ mod tests {
             last_data_sent_ms: sent,
             last_data_recv_ms: recv,
             last_ack_recv_ms: 0,
+            // A request answered: the pooled and busy sockets of a healthy client.
+            data_segs_in: Some(1),
+            data_segs_out: Some(1),
+        }
+    }
+
+    /// A socket that sent a request `wait` ms ago and never got a byte back.
+    fn unanswered(remote: &str, wait: u32) -> TcpSockInfo {
+        TcpSockInfo {
+            data_segs_in: Some(0),
+            data_segs_out: Some(1),
+            ..sock(remote, tcp_state::ESTABLISHED, wait, wait + 5)
         }
     }
 
@@ -590,6 +642,7 @@ mod tests {
                 idle_over_horizon: 2,
                 oldest_idle_ms: 2_000_000,
                 buckets: [1, 0, 0, 1, 0, 1],
+                ..RemoteIdle::default()
             }
         );
         assert_eq!(
@@ -601,6 +654,7 @@ mod tests {
                 idle_over_horizon: 1,
                 oldest_idle_ms: 95_000,
                 buckets: [0, 0, 0, 1, 0, 0],
+                ..RemoteIdle::default()
             }
         );
     }
@@ -613,6 +667,51 @@ mod tests {
             5,
         );
         assert_eq!(rows[0].idle_over_horizon, 1);
+    }
+
+    #[test]
+    fn unanswered_means_sent_data_and_never_got_a_byte_back() {
+        let s = unanswered("1.1.1.1:1", 40_000);
+        assert_eq!(s.unanswered_ms(), Some(40_000));
+        let answered = TcpSockInfo {
+            data_segs_in: Some(1),
+            ..s.clone()
+        };
+        assert_eq!(answered.unanswered_ms(), None, "a reply came");
+        let silent = TcpSockInfo {
+            data_segs_out: Some(0),
+            ..s.clone()
+        };
+        assert_eq!(silent.unanswered_ms(), None, "nothing was asked");
+        let old_kernel = TcpSockInfo {
+            data_segs_in: None,
+            ..s.clone()
+        };
+        assert_eq!(old_kernel.unanswered_ms(), None, "cannot say: not counted");
+        let closing = TcpSockInfo {
+            state: tcp_state::CLOSE_WAIT,
+            ..s
+        };
+        assert_eq!(closing.unanswered_ms(), None, "CLOSE_WAIT has its own rule");
+    }
+
+    #[test]
+    fn unanswered_sockets_are_bucketed_by_their_wait() {
+        let socks = [
+            unanswered("10.0.0.5:80", 2_000),
+            unanswered("10.0.0.5:80", 45_000),
+            unanswered("10.0.0.5:80", 400_000),
+            // An idle pooled socket as old as any of them: answered, so not counted.
+            est("10.0.0.5:80", 400_000),
+        ];
+        let rows = idle_by_remote(&socks, 90_000, 10);
+        assert_eq!(rows[0].established, 4);
+        assert_eq!(rows[0].unanswered, [1, 0, 1, 0, 1, 0]);
+        assert_eq!(rows[0].oldest_unanswered_ms, 400_000);
+        assert_eq!(rows[0].unanswered_for(30_000), 2);
+        // A threshold between two bounds rounds up to the next bound.
+        assert_eq!(rows[0].unanswered_for(45_000), 1);
+        assert_eq!(rows[0].unanswered_for(0), 3);
     }
 
     #[test]
@@ -687,12 +786,15 @@ mod tests {
 
     const SEQ: u32 = 7;
 
+    /// A `struct tcp_info` of `len` bytes, with the data segment counts in 3 and out 4 when it is that long.
     fn tcp_info(sent: u32, recv: u32, ack: u32, len: usize) -> Vec<u8> {
         let mut info = vec![0u8; len];
         for (off, v) in [
             (TCPI_LAST_DATA_SENT, sent),
             (TCPI_LAST_DATA_RECV, recv),
             (TCPI_LAST_ACK_RECV, ack),
+            (TCPI_DATA_SEGS_IN, 3),
+            (TCPI_DATA_SEGS_OUT, 4),
         ] {
             if let Some(slot) = info.get_mut(off..off + 4) {
                 slot.copy_from_slice(&v.to_ne_bytes());
@@ -811,8 +913,12 @@ mod tests {
                 last_data_sent_ms: 1_500,
                 last_data_recv_ms: 2_500,
                 last_ack_recv_ms: 10,
+                data_segs_in: Some(3),
+                data_segs_out: Some(4),
             }
         );
+        // The IPv6 reply's tcp_info is 104 bytes, from before the data segment counts.
+        assert_eq!(d.sockets[1].data_segs_in, None);
         assert_eq!(d.sockets[1].remote, "[::1]:6080".parse().unwrap());
         assert_eq!(d.sockets[1].idle_ms(), 7);
     }
