@@ -50,6 +50,11 @@ pub struct KernelSample {
     pub accepted_live: u64,
     /// Live sockets the target connected out (targets, on a tunnel agent).
     pub connected_live: u64,
+    /// Connections opened since attach: sockets seen being connected or accepted. A socket from before the
+    /// probes, first seen when it closes, is not an opening: counting it would read a wave of old
+    /// connections going away as load.
+    #[serde(default)]
+    pub opened: u64,
     /// CLOSE_WAIT sockets grouped by peer (from the socket table), most first, capped: who hung up on
     /// sockets the process never closed.
     #[serde(default)]

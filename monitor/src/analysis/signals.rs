@@ -261,8 +261,8 @@ impl Signals {
                 .push(t, k.in_state(CLOSE_WAIT) as f64, horizon);
             self.close_wait_peers.clone_from(&k.close_wait_peers);
             if !self.remotedialer_present {
-                // No ledger: the kernel's count of sockets opened is the activity signal.
-                self.opened_total = k.counters.sock_tracked as f64;
+                // No ledger: the kernel's count of connections opened is the activity signal.
+                self.opened_total = k.opened as f64;
             }
             if let Some(live) = app_live {
                 if live == 0.0 {

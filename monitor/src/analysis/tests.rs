@@ -1118,3 +1118,32 @@ fn stalled_requests_from_before_the_watch_are_flagged_and_clear_once_answered() 
         "cleared at {cleared_at}s"
     );
 }
+
+#[test]
+fn kernel_only_load_is_connections_opened_not_old_sockets_first_seen_closing() {
+    let (mut an, mut tun) = (analyzer(), Tunnel::new());
+    tun.scrape_ok = false;
+    let (mut tracked, mut opened) = (0u64, 0u64);
+    let mut phases = Vec::new();
+    for i in 0..40u32 {
+        tun.t += 1.0;
+        if i == 3 {
+            // 50 sockets from before the probes close: tracked when first seen, on their way out.
+            tracked += 50;
+        }
+        if i >= 25 {
+            // Real load: 10 new connections a second.
+            tracked += 10;
+            opened += 10;
+        }
+        let mut snap = tun.snapshot();
+        if let Some(k) = snap.kernel.as_mut() {
+            k.counters.sock_tracked = tracked;
+            k.opened = opened;
+        }
+        an.observe(&snap);
+        phases.push(an.load_phase());
+    }
+    assert!(phases[..25].iter().all(|p| *p == "idle"), "{phases:?}");
+    assert_eq!(phases[39], "loaded", "{phases:?}");
+}

@@ -143,6 +143,10 @@ impl RawCounters {
             self.get(counter::ORIGIN_OPEN_BASE + u32::from(o))
                 .saturating_sub(self.get(counter::ORIGIN_CLOSE_BASE + u32::from(o)))
         };
+        s.opened = [origin::ACCEPTED, origin::CONNECTED]
+            .iter()
+            .map(|&o| self.get(counter::ORIGIN_OPEN_BASE + u32::from(o)))
+            .sum();
         s.accepted_live = live(origin::ACCEPTED);
         s.connected_live = live(origin::CONNECTED);
         s.live_sockets = s.accepted_live + s.connected_live + live(origin::UNKNOWN);
@@ -434,10 +438,16 @@ mod sample_tests {
         set(counter::ORIGIN_OPEN_BASE + u32::from(origin::CONNECTED), 5);
         set(counter::ORIGIN_CLOSE_BASE + u32::from(origin::CONNECTED), 4);
         set(counter::ORIGIN_OPEN_BASE + u32::from(origin::LISTENER), 1);
+        // Sockets from before the probes, first seen on their way out.
+        set(counter::ORIGIN_OPEN_BASE + u32::from(origin::UNKNOWN), 50);
         let s = RawCounters(v).to_kernel_sample();
+        assert_eq!(s.opened, 11, "connected and accepted only");
         assert_eq!(s.in_state(tcp_state::ESTABLISHED), 3);
         assert_eq!(s.in_state(tcp_state::CLOSE), 0, "CLOSE is not a live state");
         assert_eq!((s.accepted_live, s.connected_live), (2, 1));
-        assert_eq!(s.live_sockets, 3, "listeners are not connections");
+        assert_eq!(
+            s.live_sockets, 53,
+            "listeners are not connections; old sockets still live are"
+        );
     }
 }
