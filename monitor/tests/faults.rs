@@ -353,3 +353,145 @@ fn capabilities_are_dropped_after_attaching_and_counting_goes_on() {
     drop(lw);
     child.finish();
 }
+
+/// Reads leakwatch's stderr until a line containing each of `needles` has been seen, in any order;
+/// returns those lines in the order of `needles`.
+fn err_lines_with(proc: &Proc, needles: &[&str], within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut found: Vec<Option<String>> = vec![None; needles.len()];
+    while found.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let missing: Vec<&str> = needles
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(n, _)| *n)
+            .collect();
+        assert!(!left.is_zero(), "no stderr line with {missing:?}");
+        let line = proc.wait_err_line("", left);
+        for (n, f) in needles.iter().zip(found.iter_mut()) {
+            if f.is_none() && line.contains(n) {
+                *f = Some(line.clone());
+            }
+        }
+    }
+    found.into_iter().flatten().collect()
+}
+
+fn watch_cmd(args: &[&str]) -> Command {
+    let mut cmd = leakwatch();
+    cmd.args(["watch", "--interval", "500ms", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+fn listen_addr(line: &str) -> String {
+    line.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string()
+}
+
+/// Issue 12, item 8: what a user reads on day one. No process matching is said; several matching is a
+/// WARN that says how to choose; the target is named by its process name, not by the pattern; the side
+/// `--side auto` chose is logged, in /status and in a metric; failing scrapes are logged; and there is no
+/// scrape-duration series when nothing is scraped.
+#[test]
+fn day_one_logs_and_labels_say_what_leakwatch_chose_and_why() {
+    if !support::ebpf_tests_enabled() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A pattern no process has yet.
+    let marker = format!(
+        "3600.{}{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let pattern = format!("sleep {marker}");
+    let closed_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_url = format!("http://127.0.0.1:{closed_port}/metrics");
+    let lw = Proc::spawn_reading_stderr(&mut watch_cmd(&[
+        "--match",
+        &pattern,
+        "--side",
+        "auto",
+        "--metrics-url",
+        &metrics_url,
+    ]));
+    let waiting = err_lines_with(&lw, &["no process matches"], Duration::from_secs(30));
+    assert!(waiting[0].contains(&pattern), "{}", waiting[0]);
+
+    let older = Proc::spawn(Command::new("sleep").arg(&marker));
+    let _younger = Proc::spawn(Command::new("sleep").arg(&marker));
+    let lines = err_lines_with(
+        &lw,
+        &[
+            "several processes match",
+            "target found",
+            "cannot read the tunnel's metrics",
+            "tunneled connections are backed by",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("Give --pid"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains(&format!("pid={}", older.pid())),
+        "the oldest is chosen: {}",
+        lines[1]
+    );
+    assert!(lines[2].contains("WARN"), "{}", lines[2]);
+    assert!(lines[3].contains("side=server (auto)"), "{}", lines[3]);
+    drop(lw);
+
+    // The same target by pid, once with the dead metrics endpoint and once without any.
+    let pid = older.pid().to_string();
+    let mut addrs = Vec::new();
+    let mut procs = Vec::new();
+    for extra in [vec!["--metrics-url", metrics_url.as_str()], vec![]] {
+        let mut args = vec!["--pid", pid.as_str(), "--side", "auto"];
+        args.extend(extra);
+        let p = Proc::spawn_reading_stderr(&mut watch_cmd(&args));
+        let line = err_lines_with(&p, &["leakwatch watching"], Duration::from_secs(30));
+        addrs.push(listen_addr(&line[0]));
+        err_lines_with(
+            &p,
+            &["tunneled connections are backed by"],
+            Duration::from_secs(30),
+        );
+        procs.push(p);
+    }
+    let metrics: Vec<String> = addrs
+        .iter()
+        .map(|a| http_get(&format!("http://{a}/metrics")).expect("/metrics"))
+        .collect();
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("http://{}/status", addrs[0])).expect("/status"))
+            .expect("json");
+    assert_eq!(status["crosscheck"]["side"], "server (auto)", "{status:#}");
+    assert!(
+        metrics[0].contains(r#"leakwatch_side{side="server",target="sleep"} 1"#),
+        "the side as a metric, the target by its process name:\n{}",
+        metrics[0]
+    );
+    assert!(metrics[0].contains("leakwatch_app_scrape_duration_seconds"));
+    assert!(
+        !metrics[1].contains("leakwatch_app_scrape_duration_seconds"),
+        "no scrape, no scrape duration:\n{}",
+        metrics[1]
+    );
+}
