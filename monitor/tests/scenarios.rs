@@ -405,7 +405,10 @@ fn stuck_pipe_is_task_growth() {
         .flatten()
         .filter(|r| r["verdict"]["kind"] == "task_growth")
         .count();
-    assert_eq!(episodes, 1, "held, not cleared and raised again: {report:#}");
+    assert_eq!(
+        episodes, 1,
+        "held, not cleared and raised again: {report:#}"
+    );
 }
 
 #[test]

@@ -198,6 +198,34 @@ pub fn idle_connections(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Fin
     ))
 }
 
+/// How many targets a per-target verdict names (and puts in its evidence).
+const TARGETS_NAMED: usize = 3;
+
+/// Evidence for the worst few targets of a per-target socket rule (`kernel.<key>[<target>]`, their
+/// ESTABLISHED sockets and the oldest age of `what`), and the subject naming them.
+fn per_target(
+    evidence: &mut BTreeMap<String, f64>,
+    rows: &[(&crate::sample::RemoteIdle, u64)],
+    what: &str,
+    key: &str,
+    oldest_ms: impl Fn(&crate::sample::RemoteIdle) -> u32,
+) -> String {
+    let mut names = Vec::new();
+    for (g, n) in rows.iter().take(TARGETS_NAMED) {
+        evidence.insert(format!("kernel.{key}[{}]", g.remote), *n as f64);
+        evidence.insert(
+            format!("kernel.established[{}]", g.remote),
+            g.established as f64,
+        );
+        evidence.insert(
+            format!("kernel.oldest_{what}_s[{}]", g.remote),
+            f64::from(oldest_ms(g)) / 1000.0,
+        );
+        names.push(format!("target={} ({n} {what})", g.remote));
+    }
+    names.join("; ")
+}
+
 /// The agent side of the same leak, from the kernel's own clock: ESTABLISHED sockets the target dialed
 /// that carried no data for longer than the idle horizon, piling up per target. A healthy pool closes an
 /// idle connection within its idle timeout, or reuses it, which resets its idle age.
@@ -209,27 +237,16 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
     }
     let horizon = s.dialed_idle_horizon_s;
     let mut evidence = BTreeMap::new();
-    let mut names = Vec::new();
-    for (g, n) in rows.iter().take(3) {
-        evidence.insert(
-            format!("kernel.idle_beyond_horizon[{}]", g.remote),
-            *n as f64,
-        );
-        evidence.insert(
-            format!("kernel.established[{}]", g.remote),
-            g.established as f64,
-        );
-        evidence.insert(
-            format!("kernel.oldest_idle_s[{}]", g.remote),
-            f64::from(g.oldest_idle_ms) / 1000.0,
-        );
+    let subject = per_target(&mut evidence, &rows, "idle", "idle_beyond_horizon", |g| {
+        g.oldest_idle_ms
+    });
+    for (g, _) in rows.iter().take(TARGETS_NAMED) {
         for (label, count) in crate::sample::IDLE_BUCKET_LABELS.iter().zip(g.buckets) {
             evidence.insert(
                 format!("kernel.idle_age_{label}[{}]", g.remote),
                 count as f64,
             );
         }
-        names.push(format!("target={} ({n} idle)", g.remote));
     }
     evidence.insert("config.idle_horizon_s".into(), horizon);
     let (top, n) = rows.first()?;
@@ -247,7 +264,7 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
     Some(finding(
         VerdictKind::IdleConnectionLeak,
         severity,
-        names.join("; "),
+        subject,
         evidence,
         format!(
             "{n} ESTABLISHED sockets to {} have been idle with no data either way for more than {horizon:.0}s (oldest {:.0}s; idle ages: {}), longer than any plausible idle timeout: the tunnel holds connections nobody uses (the agent side of the Rancher v2.10.3 leak)",
@@ -282,19 +299,9 @@ pub fn unanswered_requests(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<
         ("tasks.growth_in_window", task_growth),
         ("config.unanswered_after_s", Some(cfg.unanswered_after_s)),
     ]);
-    let mut names = Vec::new();
-    for (g, n) in rows.iter().take(3) {
-        evidence.insert(format!("kernel.unanswered[{}]", g.remote), *n as f64);
-        evidence.insert(
-            format!("kernel.established[{}]", g.remote),
-            g.established as f64,
-        );
-        evidence.insert(
-            format!("kernel.oldest_unanswered_s[{}]", g.remote),
-            f64::from(g.oldest_unanswered_ms) / 1000.0,
-        );
-        names.push(format!("target={} ({n} unanswered)", g.remote));
-    }
+    let subject = per_target(&mut evidence, &rows, "unanswered", "unanswered", |g| {
+        g.oldest_unanswered_ms
+    });
     let severity = if level > 4.0 * cfg.unanswered_tolerance {
         Severity::Critical
     } else {
@@ -311,7 +318,7 @@ pub fn unanswered_requests(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<
     Some(finding(
         VerdictKind::SocketLeak,
         severity,
-        names.join("; "),
+        subject,
         evidence,
         format!(
             "{top_n} requests to {} have waited more than {:.0}s without one byte of answer (oldest {:.0}s){piling}: \

@@ -140,8 +140,12 @@ fn healthy_traffic(t: &mut Tunnel, n: f64, inflight: u64) {
 }
 
 fn analyzer() -> Analyzer {
+    analyzer_on(Side::Server)
+}
+
+fn analyzer_on(side: Side) -> Analyzer {
     Analyzer::new(AnalysisConfig {
-        side: Side::Server,
+        side,
         ..AnalysisConfig::default()
     })
 }
@@ -1025,16 +1029,9 @@ fn agent_replay(
     out
 }
 
-fn agent_analyzer() -> Analyzer {
-    Analyzer::new(AnalysisConfig {
-        side: Side::Agent,
-        ..AnalysisConfig::default()
-    })
-}
-
 #[test]
 fn an_agent_whose_target_never_answers_is_flagged_well_before_the_idle_horizon() {
-    let (mut an, mut tun) = (agent_analyzer(), Tunnel::new());
+    let (mut an, mut tun) = (analyzer_on(Side::Agent), Tunnel::new());
     // Two requests a second to a target that accepts and never answers; their callers' closes never come.
     let changes = agent_replay(&mut an, &mut tun, 100, |t| {
         (1..=(2.0 * t) as u32)
@@ -1063,7 +1060,7 @@ fn an_agent_whose_target_never_answers_is_flagged_well_before_the_idle_horizon()
 
 #[test]
 fn healthy_agent_pools_watches_and_a_few_slow_requests_raise_nothing() {
-    let (mut an, mut tun) = (agent_analyzer(), Tunnel::new());
+    let (mut an, mut tun) = (analyzer_on(Side::Agent), Tunnel::new());
     let changes = agent_replay(&mut an, &mut tun, 400, |t| {
         let mut dials = Vec::new();
         // A pool of 60 connections, each reused every 80 s (idle up to 80 s, under Go's 90 s timeout),
@@ -1090,7 +1087,7 @@ fn healthy_agent_pools_watches_and_a_few_slow_requests_raise_nothing() {
 
 #[test]
 fn stalled_requests_from_before_the_watch_are_flagged_and_clear_once_answered() {
-    let (mut an, mut tun) = (agent_analyzer(), Tunnel::new());
+    let (mut an, mut tun) = (analyzer_on(Side::Agent), Tunnel::new());
     // 40 requests that have waited since long before leakwatch started; answered at t=120.
     let pile = |t: f64| -> Vec<(f64, Option<f64>)> {
         (0..40)
