@@ -298,6 +298,7 @@ fn exporter_names() -> BTreeSet<String> {
         app_live_by_clientkey: [("c1".to_string(), 1.0)].into(),
         unbacked_connections: Some(0.0),
         idle_beyond_horizon: Some(0.0),
+        unanswered_requests: Some(0.0),
         fd_exhaustion_seconds: Some(60.0),
     };
     m.update(

@@ -34,6 +34,9 @@ pub struct Derived {
     pub unbacked_connections: Option<f64>,
     /// Tunneled connections idle past the idle horizon that no caller explains (the idle rule's number).
     pub idle_beyond_horizon: Option<f64>,
+    /// Requests the target dialed that have waited past `unanswered_after_s` for a first byte of answer
+    /// (the unanswered rule's number); `None` where sock_diag is not measured.
+    pub unanswered_requests: Option<f64>,
     pub fd_exhaustion_seconds: Option<f64>,
 }
 
@@ -132,6 +135,10 @@ impl Analyzer {
                 .signals
                 .idle_excess(t, self.cfg.idle_horizon_s())
                 .map(|x| x.excess),
+            unanswered_requests: self
+                .signals
+                .unanswered
+                .last_fresh(t, 2.0 * self.cfg.window_s),
             fd_exhaustion_seconds: rules::fd_forecast(&self.signals, &self.cfg, t),
         };
         changes

@@ -42,6 +42,7 @@ pub struct LeakwatchMetrics {
     app_heap: GaugeVec,
     unbacked: GaugeVec,
     idle_beyond_horizon: GaugeVec,
+    unanswered: GaugeVec,
     verdict_active: IntGaugeVec,
     verdicts_raised: IntCounterVec,
     forecast: GaugeVec,
@@ -249,6 +250,12 @@ impl LeakwatchMetrics {
                 "Tunneled connections open with no caller for longer than the idle horizon, beyond what callers and the starting level explain.",
                 t,
             ),
+            unanswered: fgauge(
+                &r,
+                "leakwatch_kernel_unanswered_requests",
+                "Requests the target dialed that sent data and got no byte back for longer than 30 s (tcp_info over sock_diag).",
+                t,
+            ),
             verdict_active: gauge(
                 &r,
                 "leakwatch_verdict_active",
@@ -430,6 +437,9 @@ impl LeakwatchMetrics {
         }
         if let Some(x) = derived.idle_beyond_horizon {
             self.idle_beyond_horizon.with_label_values(&[t]).set(x);
+        }
+        if let Some(x) = derived.unanswered_requests {
+            self.unanswered.with_label_values(&[t]).set(x);
         }
         match derived.fd_exhaustion_seconds {
             Some(s) => self.forecast.with_label_values(&[t]).set(s),
