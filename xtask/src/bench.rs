@@ -10,11 +10,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use testsupport::{Proc, http_get, release_bin};
+
 use crate::{
-    procs::{Proc, http_get, release_bin, wait_http},
     report,
-    tunnel::{CLIENT, Tunnel, start_tunnel},
-    util::{self, workspace_root},
+    tunnel::{Tunnel, start_tunnel},
+    util::{self, wait_http, workspace_root},
 };
 
 fn example(name: &str) -> std::path::PathBuf {
@@ -86,9 +87,8 @@ fn ebpf_cost() -> Result<Value> {
 /// returns it and its base URL.
 fn watch_pid(pid: u32, extra: &[&str]) -> Result<(Proc, String)> {
     let port = free_port();
-    let lw = Proc::spawn(
-        "leakwatch",
-        Command::new(release_bin(&workspace_root(), "leakwatch"))
+    let lw = Proc::launch(
+        Command::new(release_bin("leakwatch"))
             .args([
                 "watch",
                 "--pid",
@@ -99,8 +99,9 @@ fn watch_pid(pid: u32, extra: &[&str]) -> Result<(Proc, String)> {
             .args(["--interval", "1s"])
             .args(extra)
             .stderr(Stdio::null()),
-        false,
-    )?;
+    )
+    .name("leakwatch")
+    .spawn()?;
     let url = format!("http://127.0.0.1:{port}");
     wait_http(&format!("{url}/healthz"), Duration::from_secs(20))?;
     Ok((lw, url))
@@ -108,13 +109,13 @@ fn watch_pid(pid: u32, extra: &[&str]) -> Result<(Proc, String)> {
 
 /// leakwatch's CPU and peak RSS while it watches a process churning `rate` connections per second.
 fn churn_cost(rate: u64, seconds: u64) -> Result<Value> {
-    let mut churn = Proc::spawn(
-        "churn",
+    let mut churn = Proc::launch(
         Command::new(example("loopback_load"))
             .args(["churn", &rate.to_string(), &seconds.to_string()])
             .stdin(Stdio::piped()),
-        false,
-    )?;
+    )
+    .name("churn")
+    .spawn()?;
     let pid: u32 = churn
         .wait_line("", Duration::from_secs(10))?
         .trim()
@@ -177,13 +178,13 @@ fn sample_duration(metrics: &str, source: &str) -> Option<f64> {
 /// socket table, flat in the number of sockets) against a full procfs scan (fds joined with
 /// /proc/net/tcp, linear in it). Medians over several ticks of one leakwatch.
 fn sampling_cost(sockets: usize) -> Result<Value> {
-    let mut hold = Proc::spawn(
-        "hold",
+    let mut hold = Proc::launch(
         Command::new(example("loopback_load"))
             .args(["hold", &(sockets / 2).to_string()])
             .stdin(Stdio::piped()),
-        false,
-    )?;
+    )
+    .name("hold")
+    .spawn()?;
     let pid: u32 = hold
         .wait_line("", Duration::from_secs(10))?
         .trim()
@@ -233,27 +234,25 @@ fn tunnel_load(
     seconds: u64,
     concurrency: u64,
 ) -> Result<(f64, f64, f64, f64)> {
-    let load = Proc::spawn(
+    let load = Proc::launch(Command::new(release_bin("reftunnel")).args([
         "load",
-        Command::new(release_bin(&workspace_root(), "reftunnel")).args([
-            "load",
-            "--url",
-            &format!("http://{}/proxy/{CLIENT}/{path}", t.addr),
-            "--requests",
-            &requests.to_string(),
-            "--rate",
-            "0",
-            "--concurrency",
-            &concurrency.to_string(),
-            "--duration-limit",
-            &format!("{seconds}s"),
-            // Requests not sent when the time is up are the point of a timed round, not errors.
-            "--max-error-ratio",
-            "1",
-            "--json",
-        ]),
-        false,
-    )?;
+        "--url",
+        &t.proxy_url(path),
+        "--requests",
+        &requests.to_string(),
+        "--rate",
+        "0",
+        "--concurrency",
+        &concurrency.to_string(),
+        "--duration-limit",
+        &format!("{seconds}s"),
+        // Requests not sent when the time is up are the point of a timed round, not errors.
+        "--max-error-ratio",
+        "1",
+        "--json",
+    ]))
+    .name("load")
+    .spawn()?;
     let (status, out) = load.collect(Duration::from_secs(seconds + 120))?;
     if !status.success() {
         bail!("load driver failed: {out}");
@@ -327,7 +326,7 @@ fn tunnel_overhead(rounds: usize, seconds: u64) -> Result<Value> {
     let tunnel_pids = [t.server.pid(), t.agent.pid()];
     let tunnel_ticks = || -> Result<u64> { tunnel_pids.iter().map(|&p| cpu_ticks(p)).sum() };
     let tck = clk_tck();
-    let metrics = format!("http://{}/metrics", t.addr);
+    let metrics = t.metrics_url();
     let (mut off, mut on, mut lw_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let mut round = |watched: bool| -> Result<()> {
         let lw = if watched {

@@ -18,10 +18,11 @@ use std::{
 use anyhow::{Result, bail};
 use serde_json::Value;
 
+use testsupport::{Proc, http_get, release_bin};
+
 use crate::{
-    procs::{Proc, http_get, release_bin, wait_http},
-    tunnel::{CLIENT, Tunnel, start_tunnel, start_tunnel_with},
-    util::workspace_root,
+    tunnel::{Tunnel, start_tunnel, start_tunnel_with},
+    util::{wait_http, workspace_root},
 };
 
 const LEAKWATCH: &str = "127.0.0.1:9477";
@@ -33,24 +34,23 @@ fn start_leakwatch(t: &Tunnel) -> Result<Proc> {
 }
 
 fn start_leakwatch_on(t: &Tunnel, listen: &str, name: &str) -> Result<Proc> {
-    let bin = release_bin(&workspace_root(), "leakwatch");
-    let lw = Proc::spawn(
-        "leakwatch",
-        Command::new(bin).args([
-            "watch",
-            "--pid",
-            &t.server.pid().to_string(),
-            "--name",
-            name,
-            "--metrics-url",
-            &format!("http://{}/metrics", t.addr),
-            "--side",
-            "server",
-            "--listen",
-            listen,
-        ]),
-        true,
-    )?;
+    let bin = release_bin("leakwatch");
+    let lw = Proc::launch(Command::new(bin).args([
+        "watch",
+        "--pid",
+        &t.server.pid().to_string(),
+        "--name",
+        name,
+        "--metrics-url",
+        &t.metrics_url(),
+        "--side",
+        "server",
+        "--listen",
+        listen,
+    ]))
+    .name("leakwatch")
+    .echo()
+    .spawn()?;
     wait_http(&format!("http://{listen}/healthz"), Duration::from_secs(20))?;
     Ok(lw)
 }
@@ -58,12 +58,12 @@ fn start_leakwatch_on(t: &Tunnel, listen: &str, name: &str) -> Result<Proc> {
 /// The load driver through `t`: fresh connections, or with `keep_alive` one caller connection reused
 /// (as kubectl or a browser does).
 fn start_load_with(t: &Tunnel, requests: u64, rate: u64, keep_alive: bool) -> Result<Proc> {
-    let bin = release_bin(&workspace_root(), "reftunnel");
+    let bin = release_bin("reftunnel");
     let mut cmd = Command::new(bin);
     cmd.args([
         "load",
         "--url",
-        &format!("http://{}/proxy/{CLIENT}/", t.addr),
+        &t.proxy_url("/"),
         "--requests",
         &requests.to_string(),
         "--rate",
@@ -74,7 +74,7 @@ fn start_load_with(t: &Tunnel, requests: u64, rate: u64, keep_alive: bool) -> Re
     } else {
         cmd.args(["--concurrency", "4"]);
     }
-    Proc::spawn("load", &mut cmd, false)
+    Ok(Proc::launch(&mut cmd).name("load").spawn()?)
 }
 
 fn start_load(t: &Tunnel, requests: u64, rate: u64) -> Result<Proc> {
@@ -310,13 +310,13 @@ fn verify_both(bug: &Tunnel, fix: &Tunnel) -> Result<()> {
          200 requests, then up to the idle horizon for the ledger, goroutines and heap to come back.\n"
     );
     std::fs::create_dir_all(results_dir())?;
-    let bin = release_bin(&workspace_root(), "leakwatch");
+    let bin = release_bin("leakwatch");
     let verify = |t: &Tunnel, name: &str| -> Result<std::process::Child> {
         let report = results_dir().join(format!("demo-verify-{name}.html"));
         Ok(Command::new(&bin)
             .args(["verify", "--pid", &t.server.pid().to_string()])
-            .args(["--metrics-url", &format!("http://{}/metrics", t.addr)])
-            .args(["--load-url", &format!("http://{}/proxy/{CLIENT}/", t.addr)])
+            .args(["--metrics-url", &t.metrics_url()])
+            .args(["--load-url", &t.proxy_url("/")])
             .args([
                 "--requests",
                 "200",

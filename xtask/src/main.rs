@@ -4,7 +4,6 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod lint;
-mod procs;
 mod report;
 mod setup;
 mod tunnel;

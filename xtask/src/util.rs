@@ -99,3 +99,15 @@ pub fn cargo_test(args: &[&str]) -> Result<((u64, u64, u64), bool)> {
     let status = child.wait()?;
     Ok((totals, status.success()))
 }
+
+/// Waits until `url` answers 2xx: a server is up once it serves, not once it has started.
+pub fn wait_http(url: &str, timeout: std::time::Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if testsupport::http_get(url).is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    bail!("{url} did not answer within {timeout:?}")
+}
