@@ -12,7 +12,7 @@ const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[test]
 fn healthy_tunnel_balances_and_returns_to_baseline() {
-    let t = Tunnel::start(&[], &[]);
+    let t = start_tunnel(&[], &[]);
     // Warm up so that lazily created runtime/allocator state is part of the baseline.
     run_load(&t.proxy_url("/"), 20, 4, &[]);
     assert!(eventually(SETTLE, || {
@@ -79,10 +79,10 @@ fn healthy_tunnel_balances_and_returns_to_baseline() {
 
 #[test]
 fn remotedialer_metrics_are_opt_in() {
-    let mut backend = Proc::spawn(&["backend"]);
-    let baddr = last_token(&backend.wait_line("listening on", secs(10)));
-    let mut server = Proc::spawn(&["server", "--token", TOKEN, "--backend", &baddr]);
-    let saddr = last_token(&server.wait_line("listening on", secs(10)));
+    let backend = spawn(&["backend"]);
+    let baddr = backend.listening_addr().unwrap();
+    let server = spawn(&["server", "--token", TOKEN, "--backend", &baddr]);
+    let saddr = server.listening_addr().unwrap();
     let (_, body) = http_get(&saddr, "/metrics");
     let m = Metrics(String::from_utf8(body).expect("utf8"));
     assert!(!m.has("session_server_"), "{}", m.0);
@@ -92,8 +92,8 @@ fn remotedialer_metrics_are_opt_in() {
 
 #[test]
 fn wrong_or_missing_token_is_refused() {
-    let mut backend = Proc::spawn(&["backend"]);
-    let baddr = last_token(&backend.wait_line("listening on", secs(10)));
+    let backend = spawn(&["backend"]);
+    let baddr = backend.listening_addr().unwrap();
     let (_server, saddr) = start_server("127.0.0.1:0", &baddr, &[]);
     let upgrade = |headers: &str| {
         http_request(
@@ -112,8 +112,8 @@ fn wrong_or_missing_token_is_refused() {
     assert_eq!(upgrade("X-API-Tunnel-ID: a\r\n"), 401);
     assert_eq!(upgrade(&format!("X-API-Tunnel-Token: {TOKEN}\r\n")), 401);
 
-    let mut agent = start_agent(&saddr, "wrong", &[]);
-    let line = agent.wait_line("connect failed", secs(10));
+    let agent = start_agent(&saddr, "wrong", &[]);
+    let line = agent.wait_line("connect failed", secs(10)).unwrap();
     assert!(line.contains("401"), "{line}");
     let (_, body) = http_get(&saddr, "/metrics");
     let m = Metrics(String::from_utf8(body).expect("utf8"));
@@ -125,7 +125,7 @@ fn wrong_or_missing_token_is_refused() {
 
 #[test]
 fn skip_remove_leaks_map_entries_not_sockets() {
-    let t = Tunnel::start(&["--leak", "skip-remove"], &[]);
+    let t = start_tunnel(&["--leak", "skip-remove"], &[]);
     let base = t.metrics();
     let base_fds = fd_count(t.server.pid());
     let s = run_load(&t.proxy_url("/"), 100, 8, &[]);
@@ -150,7 +150,7 @@ fn skip_remove_leaks_map_entries_not_sockets() {
 
 #[test]
 fn stuck_pipe_holds_tasks_and_close_wait() {
-    let t = Tunnel::start(&["--leak", "stuck-pipe", "--leak-every", "2"], &[]);
+    let t = start_tunnel(&["--leak", "stuck-pipe", "--leak-every", "2"], &[]);
     let base = t.metrics();
     let base_fds = fd_count(t.server.pid());
     let s = run_load(&t.proxy_url("/"), 40, 8, &[]);
@@ -183,7 +183,7 @@ fn stuck_pipe_holds_tasks_and_close_wait() {
 
 #[test]
 fn no_close_leaks_agent_fds() {
-    let t = Tunnel::start(&[], &["--leak", "no-close"]);
+    let t = start_tunnel(&[], &["--leak", "no-close"]);
     let base_fds = fd_count(t.agent.pid());
     let s = run_load(&t.proxy_url("/"), 40, 8, &[]);
     assert_eq!(s["ok"], 40, "{s}");
@@ -208,7 +208,7 @@ fn no_close_leaks_agent_fds() {
 
 #[test]
 fn killed_agent_leaves_nothing_live_on_server() {
-    let mut t = Tunnel::start(&[], &[]);
+    let mut t = start_tunnel(&[], &[]);
     let base = t.metrics();
     let base_fds = fd_count(t.server.pid());
     // Slow requests keep tunneled connections open while the agent dies.
@@ -223,7 +223,8 @@ fn killed_agent_leaves_nothing_live_on_server() {
     assert!(eventually(SETTLE, || t.metrics().add() == 6.0));
     t.agent.kill();
     t.server
-        .wait_line("agent downstream-1 disconnected", secs(10));
+        .wait_line("agent downstream-1 disconnected", secs(10))
+        .unwrap();
     let status = load.wait().expect("load exit");
     assert!(status.success());
     let mut last = String::new();
@@ -247,12 +248,14 @@ fn killed_agent_leaves_nothing_live_on_server() {
 
 #[test]
 fn agent_reconnects_after_server_restart() {
-    let mut t = Tunnel::start(&[], &["--backoff-max", "500ms"]);
+    let mut t = start_tunnel(&[], &["--backoff-max", "500ms"]);
     let addr = t.server_addr.clone();
     t.server.kill();
-    t.agent.wait_line("disconnected", secs(10));
-    let (mut server, _) = start_server(&addr, &t.backend_addr, &[]);
-    server.wait_line("agent downstream-1 connected", secs(30));
+    t.agent.wait_line("disconnected", secs(10)).unwrap();
+    let (server, _) = start_server(&addr, &t.backend_addr, &[]);
+    server
+        .wait_line("agent downstream-1 connected", secs(30))
+        .unwrap();
     t.server = server;
     let (status, _) = http_get(&addr, "/proxy/downstream-1/");
     assert_eq!(status, 200);

@@ -11,7 +11,6 @@ use common::*;
 
 const SETTLE: Duration = Duration::from_secs(15);
 const PEER_TOKEN: &str = "peer-s3cret";
-const CLIENT: &str = "downstream-1";
 
 /// The value of one series: `name` with every `label="value"` given (absent = 0).
 fn series(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -94,29 +93,32 @@ impl Pair {
     /// does not know B: it falls through to the agents' authentication, 401). A then learns B
     /// with `POST /peers`, dials B, and B's next dial is accepted.
     fn start(a_extra: &[&str], b_extra: &[&str]) -> Pair {
-        let mut backend = Proc::spawn(&["backend", "--listen", "127.0.0.1:0"]);
-        let backend_addr = last_token(&backend.wait_line("listening on", secs(10)));
-        let (mut a, a_addr) = start_server(
+        let backend = spawn(&["backend", "--listen", "127.0.0.1:0"]);
+        let backend_addr = backend.listening_addr().unwrap();
+        let (a, a_addr) = start_server(
             "127.0.0.1:0",
             &backend_addr,
             &peer_args("server-a", a_extra),
         );
-        let mut agent = start_agent(&a_addr, TOKEN, &[]);
-        agent.wait_line("connected to", secs(10));
-        a.wait_line(&format!("agent {CLIENT} connected"), secs(10));
+        let agent = start_agent(&a_addr, TOKEN, &[]);
+        agent.wait_line("connected to", secs(10)).unwrap();
+        a.wait_line(&format!("agent {CLIENT} connected"), secs(10))
+            .unwrap();
         let a_peer = format!("server-a:{PEER_TOKEN}:ws://{a_addr}/connect");
         let mut b_args = peer_args("server-b", b_extra);
         b_args.extend_from_slice(&["--peers", &a_peer]);
-        let (mut b, b_addr) = start_server("127.0.0.1:0", &backend_addr, &b_args);
-        b.wait_line("peer server-a connect failed", secs(10));
+        let (b, b_addr) = start_server("127.0.0.1:0", &backend_addr, &b_args);
+        b.wait_line("peer server-a connect failed", secs(10))
+            .unwrap();
         let (status, body) = post_peer(
             &a_addr,
             &format!("server-b:{PEER_TOKEN}:ws://{b_addr}/connect"),
             PEER_TOKEN,
         );
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        b.wait_line("peer server-a connected (session", secs(10));
-        b.wait_line("peer server-a connected to", secs(10));
+        b.wait_line("peer server-a connected (session", secs(10))
+            .unwrap();
+        b.wait_line("peer server-a connected to", secs(10)).unwrap();
         let pair = Pair {
             _backend: backend,
             a,
@@ -400,7 +402,8 @@ fn lost_peer_sessions_are_redialed_and_a_restarted_a_is_found_again() {
     a_args.extend_from_slice(&["--peers", &b_peer]);
     let (a, _) = start_server(&p.a_addr, &p.backend_addr, &a_args);
     p.a = a;
-    p.a.wait_line(&format!("agent {CLIENT} connected"), secs(20));
+    p.a.wait_line(&format!("agent {CLIENT} connected"), secs(20))
+        .unwrap();
     p.wait_b_learns_client();
     let s = run_load(&p.b_url("/"), 5, 1, &[]);
     assert_eq!(s["ok"], 5, "{s}");
@@ -416,8 +419,8 @@ fn lost_peer_sessions_are_redialed_and_a_restarted_a_is_found_again() {
 
 #[test]
 fn peer_changes_need_the_peer_token_and_peering() {
-    let mut backend = Proc::spawn(&["backend", "--listen", "127.0.0.1:0"]);
-    let backend_addr = last_token(&backend.wait_line("listening on", secs(10)));
+    let backend = spawn(&["backend", "--listen", "127.0.0.1:0"]);
+    let backend_addr = backend.listening_addr().unwrap();
     let (_plain, plain_addr) = start_server("127.0.0.1:0", &backend_addr, &[]);
     let (status, _) = post_peer(&plain_addr, "x:t:ws://127.0.0.1:1/connect", "t");
     assert_eq!(status, 409);

@@ -29,7 +29,7 @@ fn dump(t: &Tunnel) -> String {
 
 #[test]
 fn per_request_leaves_one_idle_tunneled_connection_per_request() {
-    let t = Tunnel::start(&["--proxy-transport", "per-request"], &[]);
+    let t = start_tunnel(&["--proxy-transport", "per-request"], &[]);
     let base = t.metrics();
     assert_eq!(live(&base), 0.0);
 
@@ -99,7 +99,7 @@ fn per_request_leaves_one_idle_tunneled_connection_per_request() {
 
 #[test]
 fn per_request_idle_drains_after_its_idle_timeout() {
-    let t = Tunnel::start(&["--proxy-transport", "per-request-idle=2s"], &[]);
+    let t = start_tunnel(&["--proxy-transport", "per-request-idle=2s"], &[]);
     let s = run_load(&t.proxy_url("/"), 30, 4, &["--keep-alive"]);
     let load_done = Instant::now();
     assert_eq!(s["ok"], 30, "{s}");
@@ -137,7 +137,7 @@ fn per_request_idle_drains_after_its_idle_timeout() {
 
 #[test]
 fn shared_pool_stays_bounded_and_reuses_connections() {
-    let t = Tunnel::start(&["--proxy-transport", "shared"], &[]);
+    let t = start_tunnel(&["--proxy-transport", "shared"], &[]);
     let url = t.proxy_url("/");
     let mut load = Command::new(BIN)
         .args(["load", "--url", &url, "--requests", "200", "--rate", "50"])
@@ -181,7 +181,7 @@ fn shared_pool_stays_bounded_and_reuses_connections() {
 
 #[test]
 fn keep_alive_load_against_the_pipe_transport_falls_back_to_one_socket_per_request() {
-    let t = Tunnel::start(&[], &[]);
+    let t = start_tunnel(&[], &[]);
     let s = run_load(&t.proxy_url("/"), 40, 4, &["--keep-alive"]);
     assert_eq!(s["ok"], 40, "{s}");
     // The pipe transport answers `Connection: close`: every request needed its own socket.
@@ -216,8 +216,8 @@ fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
 
 #[test]
 fn backend_keeps_connections_alive_and_honours_close() {
-    let mut backend = Proc::spawn(&["backend"]);
-    let addr = last_token(&backend.wait_line("listening on", secs(10)));
+    let backend = spawn(&["backend"]);
+    let addr = backend.listening_addr().unwrap();
     let mut s = TcpStream::connect(&addr).expect("connect");
     s.set_read_timeout(Some(secs(10))).expect("timeout");
     for path in ["/", "/bytes/100000", "/healthz"] {
@@ -251,14 +251,15 @@ fn backend_keeps_connections_alive_and_honours_close() {
 
 #[test]
 fn idle_clients_hold_keep_alive_connections_and_extra_agents_connect() {
-    let mut t = Tunnel::start(&["--proxy-transport", "shared"], &[]);
+    let t = start_tunnel(&["--proxy-transport", "shared"], &[]);
     let extra: Vec<Proc> = ["other-2", "other-3"]
         .iter()
         .map(|id| {
-            let mut a = start_agent_id(&t.server_addr, TOKEN, id, &[]);
-            a.wait_line("connected to", secs(10));
+            let a = start_agent_id(&t.server_addr, TOKEN, id, &[]);
+            a.wait_line("connected to", secs(10)).unwrap();
             t.server
-                .wait_line(&format!("agent {id} connected"), secs(10));
+                .wait_line(&format!("agent {id} connected"), secs(10))
+                .unwrap();
             a
         })
         .collect();
@@ -269,7 +270,7 @@ fn idle_clients_hold_keep_alive_connections_and_extra_agents_connect() {
     );
 
     let url = format!("http://{}", t.server_addr);
-    let mut idle = Proc::spawn(&[
+    let mut idle = spawn(&[
         "idle-clients",
         "--url",
         &url,
@@ -278,7 +279,8 @@ fn idle_clients_hold_keep_alive_connections_and_extra_agents_connect() {
         "--period",
         "200ms",
     ]);
-    idle.wait_line("idle-clients holding 20 connections", secs(20));
+    idle.wait_line("idle-clients holding 20 connections", secs(20))
+        .unwrap();
     let server_port = port_of(&t.server_addr);
     assert!(
         eventually(SETTLE, || established_to_port(idle.pid(), server_port)

@@ -2,128 +2,52 @@
 #![allow(dead_code)]
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub use testsupport::{CLIENT, Proc, Tunnel};
+use testsupport::{TunnelSpec, agent_args, server_args};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_reftunnel");
 pub const TOKEN: &str = "s3cret-token";
 
-pub struct Proc {
-    pub child: Child,
-    lines: Receiver<String>,
-    pub seen: Vec<String>,
+/// reftunnel as every test runs it: quiet logs, no metrics switch from the environment, nothing on
+/// stdin, stderr dropped (the tests read stdout).
+pub fn reftunnel_cmd() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("RUST_LOG", "warn")
+        .env_remove("CATTLE_PROMETHEUS_METRICS")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
 }
 
-impl Proc {
-    pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .env_remove("CATTLE_PROMETHEUS_METRICS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn reftunnel");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for a stdout line containing `needle` (lines already seen are not re-matched).
-    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "no line containing {needle:?} within {timeout:?}; saw {:?}",
-                        self.seen
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "process exited before printing {needle:?}; saw {:?}",
-                        self.seen
-                    )
-                }
-            }
-        }
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+pub fn spawn(args: &[&str]) -> Proc {
+    Proc::spawn(reftunnel_cmd().args(args)).expect("spawn reftunnel")
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// backend + server + agent, the agent connected, with extra server and agent arguments.
+pub fn start_tunnel(server_extra: &[&str], agent_extra: &[&str]) -> Tunnel {
+    let owned = |a: &[&str]| a.iter().map(|s| s.to_string()).collect();
+    let t = Tunnel::start(&TunnelSpec {
+        reftunnel: &reftunnel_cmd,
+        token: TOKEN,
+        server_extra: owned(server_extra),
+        agent_extra: owned(agent_extra),
+    })
+    .expect("start the tunnel");
+    t.agent
+        .wait_line("connected to", secs(10))
+        .expect("the agent connects");
+    t
 }
 
-pub fn last_token(line: &str) -> String {
-    line.split_whitespace().last().expect("token").to_owned()
+pub trait TunnelMetrics {
+    fn metrics(&self) -> Metrics;
 }
 
-pub struct Tunnel {
-    pub backend: Proc,
-    pub server: Proc,
-    pub agent: Proc,
-    pub backend_addr: String,
-    pub server_addr: String,
-}
-
-impl Tunnel {
-    pub fn start(server_extra: &[&str], agent_extra: &[&str]) -> Tunnel {
-        let mut backend = Proc::spawn(&["backend", "--listen", "127.0.0.1:0"]);
-        let backend_addr = last_token(&backend.wait_line("listening on", secs(10)));
-        let (server, server_addr) = start_server("127.0.0.1:0", &backend_addr, server_extra);
-        let mut agent = start_agent(&server_addr, TOKEN, agent_extra);
-        agent.wait_line("connected to", secs(10));
-        let mut t = Tunnel {
-            backend,
-            server,
-            agent,
-            backend_addr,
-            server_addr,
-        };
-        t.server.wait_line("agent downstream-1 connected", secs(10));
-        t
-    }
-
-    pub fn proxy_url(&self, path: &str) -> String {
-        format!("http://{}/proxy/downstream-1{path}", self.server_addr)
-    }
-
-    pub fn metrics(&self) -> Metrics {
+impl TunnelMetrics for Tunnel {
+    fn metrics(&self) -> Metrics {
         let (status, body) = http_get(&self.server_addr, "/metrics");
         assert_eq!(status, 200);
         Metrics(String::from_utf8(body).expect("utf8 metrics"))
@@ -131,31 +55,31 @@ impl Tunnel {
 }
 
 pub fn start_server(listen: &str, backend: &str, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec![
-        "server",
-        "--listen",
-        listen,
-        "--token",
-        TOKEN,
-        "--backend",
-        backend,
-        "--remotedialer-metrics",
-    ];
-    args.extend_from_slice(extra);
-    let mut p = Proc::spawn(&args);
-    let addr = last_token(&p.wait_line("listening on", secs(10)));
+    let p = Proc::launch(
+        reftunnel_cmd()
+            .args(server_args(listen, TOKEN, backend))
+            .args(extra),
+    )
+    .name("server")
+    .spawn()
+    .expect("spawn the server");
+    let addr = p.listening_addr().expect("the server listens");
     (p, addr)
 }
 
 pub fn start_agent(server_addr: &str, token: &str, extra: &[&str]) -> Proc {
-    start_agent_id(server_addr, token, "downstream-1", extra)
+    start_agent_id(server_addr, token, CLIENT, extra)
 }
 
 pub fn start_agent_id(server_addr: &str, token: &str, id: &str, extra: &[&str]) -> Proc {
-    let url = format!("ws://{server_addr}/connect");
-    let mut args = vec!["agent", "--server", &url, "--token", token, "--id", id];
-    args.extend_from_slice(extra);
-    Proc::spawn(&args)
+    Proc::launch(
+        reftunnel_cmd()
+            .args(agent_args(server_addr, token, id))
+            .args(extra),
+    )
+    .name("agent")
+    .spawn()
+    .expect("spawn the agent")
 }
 
 pub fn secs(n: u64) -> Duration {
@@ -171,23 +95,8 @@ pub fn http_get(addr: &str, path: &str) -> (u16, Vec<u8>) {
 }
 
 pub fn http_request(addr: &str, raw: &str) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(secs(15))).expect("timeout");
-    s.write_all(raw.as_bytes()).expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).expect("read");
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("response head")
-        + 4;
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, buf[end..].to_vec())
+    let r = testsupport::http_request(addr, raw, secs(15)).expect("HTTP exchange");
+    (r.status, r.body)
 }
 
 pub struct Metrics(pub String);
