@@ -10,7 +10,8 @@ use std::{
 };
 
 use leakwatch::sources::ebpf::{self, ProbeOptions, Probes};
-use support::{ScriptedChild, http_get, tunnel::Proc};
+use support::ScriptedChild;
+use testsupport::{Proc, http_get};
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -32,7 +33,8 @@ fn start_watch(pid: u32, extra: &[&str]) -> (Proc, u16) {
             ])
             .args(extra)
             .stderr(Stdio::null()),
-    );
+    )
+    .expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(&format!("http://127.0.0.1:{port}/healthz")).is_none() {
         assert!(Instant::now() < deadline, "leakwatch did not come up");
@@ -368,7 +370,7 @@ fn err_lines_with(proc: &Proc, needles: &[&str], within: Duration) -> Vec<String
             .map(|(n, _)| *n)
             .collect();
         assert!(!left.is_zero(), "no stderr line with {missing:?}");
-        let line = proc.wait_err_line("", left);
+        let line = proc.wait_err_line("", left).unwrap();
         for (n, f) in needles.iter().zip(found.iter_mut()) {
             if f.is_none() && line.contains(n) {
                 *f = Some(line.clone());
@@ -421,19 +423,22 @@ fn day_one_logs_and_labels_say_what_leakwatch_chose_and_why() {
         .unwrap()
         .port();
     let metrics_url = format!("http://127.0.0.1:{closed_port}/metrics");
-    let lw = Proc::spawn_reading_stderr(&mut watch_cmd(&[
+    let lw = Proc::launch(&mut watch_cmd(&[
         "--match",
         &pattern,
         "--side",
         "auto",
         "--metrics-url",
         &metrics_url,
-    ]));
+    ]))
+    .read_stderr()
+    .spawn()
+    .expect("spawn leakwatch");
     let waiting = err_lines_with(&lw, &["no process matches"], Duration::from_secs(30));
     assert!(waiting[0].contains(&pattern), "{}", waiting[0]);
 
-    let older = Proc::spawn(Command::new("sleep").arg(&marker));
-    let _younger = Proc::spawn(Command::new("sleep").arg(&marker));
+    let older = Proc::spawn(Command::new("sleep").arg(&marker)).expect("spawn");
+    let _younger = Proc::spawn(Command::new("sleep").arg(&marker)).expect("spawn");
     let lines = err_lines_with(
         &lw,
         &[
@@ -465,7 +470,10 @@ fn day_one_logs_and_labels_say_what_leakwatch_chose_and_why() {
     for extra in [vec!["--metrics-url", metrics_url.as_str()], vec![]] {
         let mut args = vec!["--pid", pid.as_str(), "--side", "auto"];
         args.extend(extra);
-        let p = Proc::spawn_reading_stderr(&mut watch_cmd(&args));
+        let p = Proc::launch(&mut watch_cmd(&args))
+            .read_stderr()
+            .spawn()
+            .expect("spawn leakwatch");
         let line = err_lines_with(&p, &["leakwatch watching"], Duration::from_secs(30));
         addrs.push(listen_addr(&line[0]));
         err_lines_with(

@@ -11,19 +11,16 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Mutex, mpsc},
     time::{Duration, Instant},
 };
 
 use regex::Regex;
 use serde_json::Value;
-use support::{
-    http_get,
-    tunnel::{Leak, Tunnel},
-};
+use support::tunnel::{Leak, Tunnel};
+use testsupport::{Proc, http_get};
 
 /// One scenario at a time: each runs a tunnel, leakwatch and a browser on a 2-core machine.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -237,44 +234,29 @@ fn assert_all_charts(dom: &str) {
 
 /// `leakwatch watch` with its port discovered from its start-up log line.
 struct Watch {
-    child: Child,
+    /// Held for its lifetime: dropping it stops leakwatch.
+    _proc: Proc,
     base: String,
 }
 
 impl Watch {
     fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_leakwatch"))
-            .arg("watch")
-            .args(args)
-            .args(["--listen", "127.0.0.1:0", "--interval", "1s"])
-            .args(["--log-format", "text"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start leakwatch watch");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        // Drains the log for the whole run (a full pipe would stall leakwatch) and echoes it for failures.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("leakwatch: {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let proc = Proc::launch(
+            Command::new(env!("CARGO_BIN_EXE_leakwatch"))
+                .arg("watch")
+                .args(args)
+                .args(["--listen", "127.0.0.1:0", "--interval", "1s"])
+                .args(["--log-format", "text"]),
+        )
+        .read_stderr()
+        .spawn()
+        .expect("start leakwatch watch");
+        let line = proc
+            .wait_err_line("live page on http://", Duration::from_secs(30))
+            .expect("leakwatch watch announces its live page");
         let re = Regex::new(r"live page on http://([0-9.:]+)/").expect("regex");
-        let base = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(c) = re.captures(&line) {
-                        break format!("http://{}", &c[1]);
-                    }
-                }
-                Err(_) => panic!("leakwatch watch did not announce its live page within 30 s"),
-            }
-        };
-        Self { child, base }
+        let base = format!("http://{}", &re.captures(&line).expect("an address")[1]);
+        Self { _proc: proc, base }
     }
 
     fn status(&self) -> Value {
@@ -284,13 +266,6 @@ impl Watch {
 
     fn page(&self) -> String {
         format!("{}/", self.base)
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -12,10 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{
-    http_get,
-    tunnel::{Leak, Proc, Tunnel},
-};
+use support::tunnel::{Leak, Tunnel};
+use testsupport::{Proc, http_get};
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -56,7 +54,8 @@ fn start(leak: Leak) -> Stack {
         "reftunnel",
         "--listen",
         &format!("127.0.0.1:{lw_port}"),
-    ]));
+    ]))
+    .expect("spawn");
     let dir = tempfile::tempdir().expect("tempdir");
     let prom_port = free_port();
     let config = format!(
@@ -77,7 +76,8 @@ fn start(leak: Leak) -> Stack {
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
             .stderr(Stdio::null()),
-    );
+    )
+    .expect("spawn");
     let prom_url = format!("http://127.0.0.1:{prom_port}");
     let lw_url = format!("http://127.0.0.1:{lw_port}");
     wait_until(Duration::from_secs(30), "prometheus ready", || {

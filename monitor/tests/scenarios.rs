@@ -13,7 +13,8 @@ use std::{
 };
 
 use serde_json::Value;
-use support::tunnel::{Leak, Proc, Tunnel};
+use support::tunnel::{Leak, Tunnel};
+use testsupport::Proc;
 
 /// Scenarios run one at a time: they measure detection latency, and two at once on 2 cores would measure
 /// each other.
@@ -79,15 +80,19 @@ impl Watch {
     /// Starts leakwatch and returns once it has attached and taken its first sample of the target:
     /// from then on, what the scenario does is seen.
     fn start(cmd: &mut Command) -> Self {
-        let proc = Proc::spawn_reading_stderr(cmd);
-        proc.wait_err_line("target found", Duration::from_secs(60));
+        let proc = Proc::launch(cmd)
+            .read_stderr()
+            .spawn()
+            .expect("spawn leakwatch");
+        proc.wait_err_line("target found", Duration::from_secs(60))
+            .unwrap();
         Watch { proc, output: None }
     }
 
     /// Waits for the check to finish and returns its JSON report.
     fn report(mut self) -> Value {
         let mut text = String::new();
-        while let Ok(line) = self.proc.lines.recv_timeout(Duration::from_secs(180)) {
+        while let Some(line) = self.proc.next_line(Duration::from_secs(180)) {
             text.push_str(&line);
             text.push('\n');
         }
@@ -605,7 +610,7 @@ fn assert_names_idle_rows(report: &Value, backend: &str) {
     for r in idle {
         let subject = r["verdict"]["subject"].as_str().unwrap_or("");
         assert!(
-            subject.contains(&format!("clientkey={}", support::tunnel::CLIENT))
+            subject.contains(&format!("clientkey={}", testsupport::CLIENT))
                 && subject.contains(&format!("addr={backend}")),
             "the verdict names the clientkey/addr: {subject}"
         );
@@ -937,20 +942,26 @@ fn leakwatch_watch(pid: u32, metrics_url: Option<&str>, side: &str) -> (Proc, St
     if let Some(url) = metrics_url {
         cmd.args(["--metrics-url", url]);
     }
-    let proc = Proc::spawn_reading_stderr(&mut cmd);
-    let line = proc.wait_err_line("leakwatch watching", Duration::from_secs(60));
+    let proc = Proc::launch(&mut cmd)
+        .read_stderr()
+        .spawn()
+        .expect("spawn leakwatch");
+    let line = proc
+        .wait_err_line("leakwatch watching", Duration::from_secs(60))
+        .unwrap();
     let addr = line
         .split("http://")
         .nth(1)
         .and_then(|rest| rest.split('/').next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
-    proc.wait_err_line("target found", Duration::from_secs(60));
+    proc.wait_err_line("target found", Duration::from_secs(60))
+        .unwrap();
     (proc, addr)
 }
 
 fn status(addr: &str) -> Value {
-    support::http_get(&format!("http://{addr}/status"))
+    testsupport::http_get(&format!("http://{addr}/status"))
         .and_then(|b| serde_json::from_str(&b).ok())
         .unwrap_or_default()
 }
@@ -1101,7 +1112,8 @@ fn a_kernel_only_leak_that_starts_after_leakwatch_is_flagged() {
             "--max-error-ratio",
             "1",
         ]),
-    );
+    )
+    .expect("spawn");
     let report = watch.report();
     assert_row(
         evaluate(
@@ -1136,7 +1148,8 @@ fn an_agent_whose_target_hangs_flags_the_unanswered_requests_and_clears_when_it_
             "--max-error-ratio",
             "1",
         ]),
-    );
+    )
+    .expect("spawn");
     let (_, doc) = poll_status(&addr, Duration::from_secs(100), |d| {
         has_verdict(d, "socket_leak")
     })
@@ -1235,7 +1248,8 @@ fn old_connections_closing_at_start_are_not_load_and_a_later_leak_is_flagged() {
             "--max-error-ratio",
             "1",
         ]),
-    );
+    )
+    .expect("spawn");
     let (_, doc) = poll_status(&addr, Duration::from_secs(30), |d| {
         has_verdict(d, "socket_leak")
     })

@@ -12,6 +12,7 @@ use crate::{Error, Result};
 /// How long [`http_get`] and [`http_post`] wait for an answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+#[derive(Debug)]
 pub struct Response {
     pub status: u16,
     /// The status line and headers, up to the blank line.

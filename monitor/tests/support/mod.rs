@@ -143,26 +143,3 @@ pub fn assert_procfs_agrees(
         "eBPF live connections plus listeners = procfs socket fds"
     );
 }
-
-/// A minimal HTTP/1.0 GET for tests (loopback only): the body if the status is 2xx.
-pub fn http_get(url: &str) -> Option<String> {
-    use std::{io::Read, net::TcpStream, time::Duration};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
-    let mut s = TcpStream::connect(host).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
-    (200..300).contains(&status).then(|| body.to_string())
-}

@@ -1,152 +1,17 @@
 //! The reference tunnel as real processes: backend, server (watched), agent, and the load driver.
 use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::{Mutex, mpsc},
+    process::Command,
+    sync::Mutex,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-/// Finds a workspace binary built by `cargo build` (xtask test builds them before the tests run).
-pub fn workspace_bin(name: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    for profile in ["debug", "release"] {
-        let p = target.join(profile).join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "{name} is not built: run `cargo build -p reftunnel -p monitor` (cargo xtask test does)"
-    );
+use testsupport::{CLIENT, Proc};
+use testsupport::{TunnelSpec, agent_args, http_get, http_post, proxy_url_on, server_args};
+
+/// The debug build of reftunnel (`cargo xtask test` builds it before the tests run).
+fn reftunnel() -> Command {
+    Command::new(testsupport::workspace_bin("reftunnel").expect("reftunnel is built"))
 }
-
-/// A child process that is killed when dropped, with its stdout lines on a channel (and, when asked
-/// for, its stderr lines on another, still echoed to the test's output).
-pub struct Proc {
-    pub child: Child,
-    pub lines: mpsc::Receiver<String>,
-    pub err_lines: Option<mpsc::Receiver<String>>,
-}
-
-fn forward_lines(
-    stream: impl std::io::Read + Send + 'static,
-    echo: bool,
-) -> mpsc::Receiver<String> {
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if echo {
-                eprintln!("{line}");
-            }
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    lines
-}
-
-impl Proc {
-    pub fn spawn(cmd: &mut Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("stdout");
-        Self {
-            child,
-            lines: forward_lines(stdout, false),
-            err_lines: None,
-        }
-    }
-
-    /// Like [`Proc::spawn`], also reading stderr (where leakwatch logs) for [`Proc::wait_err_line`].
-    pub fn spawn_reading_stderr(cmd: &mut Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = child.stderr.take().expect("stderr");
-        Self {
-            child,
-            lines: forward_lines(stdout, false),
-            err_lines: Some(forward_lines(stderr, true)),
-        }
-    }
-
-    /// Waits for a stderr line containing `needle` (needs [`Proc::spawn_reading_stderr`]).
-    pub fn wait_err_line(&self, needle: &str, timeout: Duration) -> String {
-        let errs = self
-            .err_lines
-            .as_ref()
-            .expect("spawned with spawn_reading_stderr");
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match errs.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("no stderr line containing {needle:?} within {timeout:?}"),
-            }
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for a stdout line containing `needle` and returns it.
-    pub fn wait_line(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("no line containing {needle:?} within {timeout:?}"),
-            }
-        }
-    }
-
-    /// Parses `listening on ADDR` from stdout.
-    pub fn listening_addr(&self) -> String {
-        let line = self.wait_line("listening on", Duration::from_secs(20));
-        line.rsplit(' ').next().expect("address").to_string()
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill();
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-pub const CLIENT: &str = "downstream-1";
 
 /// Leak settings of one side.
 #[derive(Clone, Debug, Default)]
@@ -210,9 +75,6 @@ impl Tunnel {
     /// `["--proxy-transport", "per-request"]`.
     pub fn start_with(server_leak: Leak, agent_leak: Leak, server_extra: &[&str]) -> Self {
         let server_extra: Vec<String> = server_extra.iter().map(|s| s.to_string()).collect();
-        let bin = workspace_bin("reftunnel");
-        let backend = Proc::spawn(Command::new(&bin).args(["backend", "--listen", "127.0.0.1:0"]));
-        let backend_addr = backend.listening_addr();
         let token = format!(
             "tok{}x{}",
             std::process::id(),
@@ -222,18 +84,15 @@ impl Tunnel {
                 .unwrap_or(0)
         );
         let peer_token = format!("ptk{}", &token[3..]);
-        let server = Self::spawn_server(
-            &backend_addr,
-            &server_leak,
-            "127.0.0.1:0",
-            &token,
-            &server_extra,
-            &peer_token,
-            &[],
-        );
-        let server_addr = server.listening_addr();
-        let agent = Self::spawn_agent(&server_addr, &agent_leak, &token);
-        server.wait_line(CLIENT, Duration::from_secs(20));
+        let mut spec = Self::spec(&token, &server_leak, &server_extra, &peer_token, &[]);
+        spec.agent_extra = agent_leak.args();
+        let testsupport::Tunnel {
+            backend,
+            server,
+            agent,
+            backend_addr,
+            server_addr,
+        } = testsupport::Tunnel::start(&spec).expect("start the tunnel");
         Self {
             backend,
             server,
@@ -250,44 +109,36 @@ impl Tunnel {
 
     /// The first server: peering is on (a peer id and token) so that peers can be added later,
     /// with `peers` (`id:token:url`) to dial from the start (after a restart).
-    fn spawn_server(
-        backend: &str,
+    fn spec<'a>(
+        token: &'a str,
         leak: &Leak,
-        listen: &str,
-        token: &str,
         extra: &[String],
         peer_token: &str,
         peers: &[String],
-    ) -> Proc {
-        let mut peer_args = vec![
-            "--peer-id".to_string(),
-            PEER_ID.to_string(),
-            "--peer-token".to_string(),
-            peer_token.to_string(),
-            "--peer-reconnect-delay".to_string(),
-            "200ms".to_string(),
-        ];
+    ) -> TunnelSpec<'a> {
+        let mut server_extra = leak.args();
+        server_extra.extend_from_slice(extra);
+        server_extra.extend(
+            [
+                "--peer-id",
+                PEER_ID,
+                "--peer-token",
+                peer_token,
+                "--peer-reconnect-delay",
+                "200ms",
+            ]
+            .map(String::from),
+        );
         if !peers.is_empty() {
-            peer_args.push("--peers".into());
-            peer_args.push(peers.join(","));
+            server_extra.push("--peers".into());
+            server_extra.push(peers.join(","));
         }
-        let bin = workspace_bin("reftunnel");
-        Proc::spawn(
-            Command::new(bin)
-                .args([
-                    "server",
-                    "--listen",
-                    listen,
-                    "--token",
-                    token,
-                    "--remotedialer-metrics",
-                    "--backend",
-                    backend,
-                ])
-                .args(leak.args())
-                .args(extra)
-                .args(peer_args),
-        )
+        TunnelSpec {
+            reftunnel: &reftunnel,
+            token,
+            server_extra,
+            agent_extra: Vec::new(),
+        }
     }
 
     /// A second server peered with the first, as in Rancher HA: same backend, no agent of its
@@ -311,34 +162,32 @@ impl Tunnel {
             self.peer_token, self.server_addr
         );
         let proc = Proc::spawn(
-            Command::new(workspace_bin("reftunnel"))
-                .args(["server", "--listen", "127.0.0.1:0", "--token", &own_token])
-                .args(["--remotedialer-metrics", "--backend", &self.backend_addr])
+            reftunnel()
+                .args(server_args("127.0.0.1:0", &own_token, &self.backend_addr))
                 .args(["--peer-id", &id, "--peer-token", &self.peer_token])
                 .args(["--peers", &first, "--peer-reconnect-delay", "200ms"])
                 .args(leak.args())
                 .args(extra),
-        );
-        let addr = proc.listening_addr();
+        )
+        .expect("spawn");
+        let addr = proc.listening_addr().unwrap();
         // remotedialer's AddPeer on the first server, as Rancher's peer manager does when a
         // replica appears: the first server then dials the new one and announces its agents.
         let spec = format!("{id}:{}:ws://{addr}/connect", self.peer_token);
-        let reply = post(
+        let reply = http_post(
             &self.server_addr,
             "/peers",
             &[("X-API-Tunnel-Token", self.peer_token.as_str())],
             &spec,
         );
         assert!(
-            reply
-                .as_deref()
-                .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+            reply.as_ref().is_ok_and(|r| r.status == 200),
             "POST /peers to the first server: {reply:?}"
         );
         peers.push(spec);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let routes = super::http_get(&format!("http://{addr}/peers")).unwrap_or_default();
+            let routes = http_get(&format!("http://{addr}/peers")).unwrap_or_default();
             if routes
                 .lines()
                 .any(|l| l.starts_with(&format!("session {PEER_ID} ")) && l.contains(CLIENT))
@@ -354,21 +203,17 @@ impl Tunnel {
         (proc, addr)
     }
 
-    fn spawn_agent(server_addr: &str, leak: &Leak, token: &str) -> Proc {
-        Self::spawn_agent_as(server_addr, leak, token, CLIENT)
-    }
-
     /// Another agent with its own client id: one more websocket the server holds open.
     pub fn extra_agent(&self, id: &str) -> Proc {
         let agent = Self::spawn_agent_as(&self.server_addr, &Leak::none(), &self.token, id);
-        self.server.wait_line(id, Duration::from_secs(20));
+        self.server.wait_line(id, Duration::from_secs(20)).unwrap();
         agent
     }
 
     /// Long-lived keep-alive callers of the server that are not tunneled connections (UI sessions,
     /// watches): `count` connections, each asking for /healthz every `period`.
     pub fn idle_clients(&self, count: u32, period: &str) -> Proc {
-        let clients = Proc::spawn(Command::new(workspace_bin("reftunnel")).args([
+        let clients = Proc::spawn(reftunnel().args([
             "idle-clients",
             "--url",
             &format!("http://{}", self.server_addr),
@@ -376,26 +221,21 @@ impl Tunnel {
             &count.to_string(),
             "--period",
             period,
-        ]));
-        clients.wait_line("idle-clients holding", Duration::from_secs(30));
+        ]))
+        .expect("spawn");
+        clients
+            .wait_line("idle-clients holding", Duration::from_secs(30))
+            .unwrap();
         clients
     }
 
     fn spawn_agent_as(server_addr: &str, leak: &Leak, token: &str, id: &str) -> Proc {
-        let bin = workspace_bin("reftunnel");
         Proc::spawn(
-            Command::new(bin)
-                .args([
-                    "agent",
-                    "--server",
-                    &format!("ws://{server_addr}/connect"),
-                    "--token",
-                    token,
-                    "--id",
-                    id,
-                ])
+            reftunnel()
+                .args(agent_args(server_addr, token, id))
                 .args(leak.args()),
         )
+        .expect("spawn an agent")
     }
 
     /// Kills the server and starts a new one on the same port (a restart: new pid, counters reset),
@@ -403,25 +243,24 @@ impl Tunnel {
     pub fn restart_server(&mut self) {
         self.server.kill();
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        self.server = Self::spawn_server(
-            &self.backend_addr,
-            &self.server_leak.clone(),
-            &self.server_addr,
+        let spec = Self::spec(
             &self.token,
+            &self.server_leak,
             &self.server_extra,
             &self.peer_token,
             &peers,
         );
-        self.server.listening_addr();
-        self.server.wait_line(CLIENT, Duration::from_secs(30));
+        let mut cmd = spec.server_cmd(&self.server_addr, &self.backend_addr);
+        self.server = Proc::spawn(&mut cmd).expect("restart the server");
+        self.server.listening_addr().unwrap();
+        self.server
+            .wait_line(CLIENT, Duration::from_secs(30))
+            .unwrap();
     }
 
     /// The proxy URL of `path` on another server (a peer from [`Tunnel::start_peer_server`]).
     pub fn proxy_url_on(addr: &str, path: &str) -> String {
-        format!(
-            "http://{addr}/proxy/{CLIENT}/{}",
-            path.trim_start_matches('/')
-        )
+        proxy_url_on(addr, path)
     }
 
     /// A `--match` pattern that finds this tunnel's server, across restarts.
@@ -434,11 +273,7 @@ impl Tunnel {
     }
 
     pub fn proxy_url(&self, path: &str) -> String {
-        format!(
-            "http://{}/proxy/{CLIENT}/{}",
-            self.server_addr,
-            path.trim_start_matches('/')
-        )
+        proxy_url_on(&self.server_addr, path)
     }
 
     /// The load driver's command: `requests` GETs of `path` on the server at `addr`, at most `rate` a
@@ -451,7 +286,7 @@ impl Tunnel {
         concurrency: u64,
         keep_alive: bool,
     ) -> Command {
-        let mut cmd = Command::new(workspace_bin("reftunnel"));
+        let mut cmd = reftunnel();
         cmd.args(["load", "--url", &Self::proxy_url_on(addr, path)])
             .args(["--requests", &requests.to_string()])
             .args(["--rate", &rate.to_string()])
@@ -490,6 +325,7 @@ impl Tunnel {
             Self::load_cmd(addr, &format!("/slow/{ms}"), count, 0.0, count, false)
                 .args(["--timeout", &format!("{}ms", ms + 60_000)]),
         )
+        .expect("spawn")
     }
 
     /// Starts the keep-alive load driver in the background: `concurrency` caller connections, each
@@ -520,6 +356,7 @@ impl Tunnel {
             concurrency,
             true,
         ))
+        .expect("spawn")
     }
 
     /// Starts the load driver in the background.
@@ -532,21 +369,6 @@ impl Tunnel {
             concurrency,
             false,
         ))
+        .expect("spawn")
     }
-}
-
-/// A one-shot HTTP/1.1 POST on loopback; the whole response, or None if the exchange failed.
-fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut req = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.write_all(req.as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf).into_owned())
 }
