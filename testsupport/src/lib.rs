@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use http::{Response, http_get, http_post, http_request};
 pub use proc::{Launch, Proc};
-pub use tunnel::{CLIENT, Tunnel, TunnelSpec, agent_args, proxy_url_on, server_args};
+pub use tunnel::{CLIENT, Tunnel, TunnelSpec, agent_args, load_args, proxy_url_on, server_args};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

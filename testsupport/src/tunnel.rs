@@ -102,6 +102,25 @@ impl Tunnel {
     }
 }
 
+/// The load driver's arguments: `requests` GETs of `url`, at most `rate` a second (0: as fast as
+/// it can) and `concurrency` at once. Callers add what their measurement needs (keep-alive, a time
+/// limit, JSON).
+pub fn load_args(url: &str, requests: u64, rate: f64, concurrency: u64) -> Vec<String> {
+    [
+        "load",
+        "--url",
+        url,
+        "--requests",
+        &requests.to_string(),
+        "--rate",
+        &rate.to_string(),
+        "--concurrency",
+        &concurrency.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// [`Tunnel::proxy_url`] on the server at `addr` (a peer of the tunnel's server, say).
 pub fn proxy_url_on(addr: &str, path: &str) -> String {
     format!(

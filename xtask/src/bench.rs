@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use testsupport::{Proc, http_get, release_bin};
+use testsupport::{Proc, http_get, load_args, release_bin};
 
 use crate::{
     report,
@@ -234,23 +234,18 @@ fn tunnel_load(
     seconds: u64,
     concurrency: u64,
 ) -> Result<(f64, f64, f64, f64)> {
-    let load = Proc::launch(Command::new(release_bin("reftunnel")).args([
-        "load",
-        "--url",
-        &t.proxy_url(path),
-        "--requests",
-        &requests.to_string(),
-        "--rate",
-        "0",
-        "--concurrency",
-        &concurrency.to_string(),
-        "--duration-limit",
-        &format!("{seconds}s"),
-        // Requests not sent when the time is up are the point of a timed round, not errors.
-        "--max-error-ratio",
-        "1",
-        "--json",
-    ]))
+    let load = Proc::launch(
+        Command::new(release_bin("reftunnel"))
+            .args(load_args(&t.proxy_url(path), requests, 0.0, concurrency))
+            .args([
+                "--duration-limit",
+                &format!("{seconds}s"),
+                // Requests not sent when the time is up are the point of a timed round, not errors.
+                "--max-error-ratio",
+                "1",
+                "--json",
+            ]),
+    )
     .name("load")
     .spawn()?;
     let (status, out) = load.collect(Duration::from_secs(seconds + 120))?;

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Result, bail};
 use serde_json::Value;
 
-use testsupport::{Proc, http_get, release_bin};
+use testsupport::{Proc, http_get, load_args, release_bin};
 
 use crate::{
     tunnel::{Tunnel, start_tunnel, start_tunnel_with},
@@ -60,19 +60,15 @@ fn start_leakwatch_on(t: &Tunnel, listen: &str, name: &str) -> Result<Proc> {
 fn start_load_with(t: &Tunnel, requests: u64, rate: u64, keep_alive: bool) -> Result<Proc> {
     let bin = release_bin("reftunnel");
     let mut cmd = Command::new(bin);
-    cmd.args([
-        "load",
-        "--url",
+    let concurrency = if keep_alive { 1 } else { 4 };
+    cmd.args(load_args(
         &t.proxy_url("/"),
-        "--requests",
-        &requests.to_string(),
-        "--rate",
-        &rate.to_string(),
-    ]);
+        requests,
+        rate as f64,
+        concurrency,
+    ));
     if keep_alive {
-        cmd.args(["--keep-alive", "--concurrency", "1"]);
-    } else {
-        cmd.args(["--concurrency", "4"]);
+        cmd.arg("--keep-alive");
     }
     Ok(Proc::launch(&mut cmd).name("load").spawn()?)
 }

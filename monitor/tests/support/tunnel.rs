@@ -5,8 +5,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use testsupport::{CLIENT, Proc};
-use testsupport::{TunnelSpec, agent_args, http_get, http_post, proxy_url_on, server_args};
+use testsupport::{
+    CLIENT, Proc, TunnelSpec, agent_args, http_get, http_post, load_args, proxy_url_on, server_args,
+};
 
 /// The debug build of reftunnel (`cargo xtask test` builds it before the tests run).
 fn reftunnel() -> Command {
@@ -287,11 +288,13 @@ impl Tunnel {
         keep_alive: bool,
     ) -> Command {
         let mut cmd = reftunnel();
-        cmd.args(["load", "--url", &Self::proxy_url_on(addr, path)])
-            .args(["--requests", &requests.to_string()])
-            .args(["--rate", &rate.to_string()])
-            .args(["--concurrency", &concurrency.to_string()])
-            .args(["--duration-limit", "20min"]);
+        cmd.args(load_args(
+            &proxy_url_on(addr, path),
+            requests,
+            rate,
+            concurrency,
+        ))
+        .args(["--duration-limit", "20min"]);
         if keep_alive {
             cmd.arg("--keep-alive");
         }
@@ -348,27 +351,30 @@ impl Tunnel {
         rate: f64,
         concurrency: u64,
     ) -> Proc {
-        Proc::spawn(&mut Self::load_cmd(
-            addr,
-            path,
-            requests,
-            rate,
-            concurrency,
-            true,
-        ))
-        .expect("spawn")
+        Self::load_bg_on(addr, path, requests, rate, concurrency, true)
+    }
+
+    fn load_bg_on(
+        addr: &str,
+        path: &str,
+        requests: u64,
+        rate: f64,
+        concurrency: u64,
+        keep_alive: bool,
+    ) -> Proc {
+        let mut cmd = Self::load_cmd(addr, path, requests, rate, concurrency, keep_alive);
+        Proc::spawn(&mut cmd).expect("spawn the load driver")
     }
 
     /// Starts the load driver in the background.
     pub fn load_bg(&self, path: &str, requests: u64, rate: u64, concurrency: u64) -> Proc {
-        Proc::spawn(&mut Self::load_cmd(
+        Self::load_bg_on(
             &self.server_addr,
             path,
             requests,
             rate as f64,
             concurrency,
             false,
-        ))
-        .expect("spawn")
+        )
     }
 }

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use testsupport::{CLIENT, Proc, Tunnel};
-use testsupport::{TunnelSpec, agent_args, server_args};
+use testsupport::{TunnelSpec, agent_args, load_args, server_args};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_reftunnel");
 pub const TOKEN: &str = "s3cret-token";
@@ -231,20 +231,8 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// Runs the load driver to completion and returns its JSON summary.
 pub fn run_load(url: &str, requests: u32, concurrency: u32, extra: &[&str]) -> serde_json::Value {
     let out = Command::new(BIN)
-        .args([
-            "load",
-            "--url",
-            url,
-            "--requests",
-            &requests.to_string(),
-            "--rate",
-            "0",
-            "--concurrency",
-            &concurrency.to_string(),
-            "--timeout",
-            "10s",
-            "--json",
-        ])
+        .args(load_args(url, requests.into(), 0.0, concurrency.into()))
+        .args(["--timeout", "10s", "--json"])
         .args(extra)
         .env("RUST_LOG", "warn")
         .output()
