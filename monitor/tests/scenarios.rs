@@ -160,6 +160,7 @@ fn record(row: &Row) {
 /// seconds of `leak_start`; `consequences` may fire too, as they really follow from the leak (held
 /// connections hold heap; CLOSE_WAIT sockets hold fds, so the fd forecast moves). Anything else is a false
 /// alarm, and a scenario with no primary kind must raise nothing at all.
+#[derive(Clone, Copy)]
 struct Expect {
     primary: &'static [&'static str],
     consequences: &'static [&'static str],
@@ -244,27 +245,291 @@ fn ready() -> Option<std::sync::MutexGuard<'static, ()>> {
     Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// Which process a scenario's leakwatch watches, and how it finds it.
+#[derive(Clone, Copy)]
+enum Target {
+    /// The server by pid, with the tunnel's metrics.
+    Server,
+    /// The agent by pid, the kernel side alone: agents have no ledger to scrape.
+    Agent,
+    /// The server by a command-line match, with its metrics: it follows the server across restarts.
+    ServerAcrossRestarts,
+}
+
+/// The traffic a scenario sends through the tunnel once leakwatch watches it.
+#[derive(Clone, Copy)]
+enum Load {
+    /// The load driver in the background for the whole check: requests, rate/s, concurrency.
+    Background(u64, u64, u64),
+    /// Three bursts of 300 requests at 200/s (20 at once), each run to completion, 8 s apart.
+    Bursts,
+    /// 400 requests at 20/s (4 at once) for 12 s, a restart of the server, then 400 more.
+    AcrossARestart,
+}
+
+impl Load {
+    /// Sends the traffic; what is still running comes back, to be held to the end of the scenario.
+    fn run(self, tunnel: &mut Tunnel) -> Option<Proc> {
+        match self {
+            Load::Background(requests, rate, concurrency) => {
+                Some(tunnel.load_bg("/", requests, rate, concurrency))
+            }
+            Load::Bursts => {
+                for _ in 0..3 {
+                    let out = tunnel.load("/", 300, 200, 20);
+                    assert!(
+                        out.status.success(),
+                        "load failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    std::thread::sleep(Duration::from_secs(8));
+                }
+                None
+            }
+            Load::AcrossARestart => {
+                let load = tunnel.load_bg("/", 400, 20, 4);
+                std::thread::sleep(Duration::from_secs(12));
+                drop(load);
+                let restart_at = Instant::now();
+                tunnel.restart_server();
+                eprintln!("server restarted in {:?}", restart_at.elapsed());
+                Some(tunnel.load_bg("/", 400, 20, 4))
+            }
+        }
+    }
+}
+
+/// What a finished scenario hands its own checks.
+struct Run {
+    report: Value,
+    tunnel: Tunnel,
+    /// The `--record` file, for a scenario that asks for one.
+    recording: Option<std::path::PathBuf>,
+}
+
+impl Run {
+    /// Records the scenario's row and fails on it, with the scenario's own checks (`before_row`,
+    /// `after_row`) around it.
+    fn judge(
+        &self,
+        name: &'static str,
+        expect: Expect,
+        start: f64,
+        within: f64,
+        [before_row, after_row]: [Option<fn(&Run)>; 2],
+    ) {
+        if let Some(check) = before_row {
+            check(self);
+        }
+        assert_row(
+            evaluate(name, &self.report, expect, start, within),
+            &self.report,
+        );
+        if let Some(check) = after_row {
+            check(self);
+        }
+    }
+}
+
+/// One row of the scenario table: a tunnel with leaks on either side, watched on one side for `secs`
+/// while `load` goes through it; `expect` must fire within `within` seconds of the load's start (or,
+/// for [`NOTHING`], nothing may fire). `before_row` and `after_row` are the scenario's own checks, run
+/// before and after its row is recorded.
+struct Scenario {
+    name: &'static str,
+    server_leak: Leak,
+    agent_leak: Leak,
+    target: Target,
+    secs: u64,
+    /// Pass `--record` and check the recording.
+    record: bool,
+    load: Load,
+    expect: Expect,
+    within: f64,
+    before_row: Option<fn(&Run)>,
+    after_row: Option<fn(&Run)>,
+}
+
+const SKIP_REMOVE_EXPECT: Expect = Expect {
+    primary: &["bookkeeping_leak"],
+    consequences: &["heap_growth", "quiescence_failure"],
+};
+
+static SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "skip-remove (server, 1/1)",
+        server_leak: Leak::mode("skip-remove", 1),
+        agent_leak: Leak::none(),
+        target: Target::Server,
+        secs: 45,
+        record: true,
+        load: Load::Background(800, 20, 4),
+        expect: SKIP_REMOVE_EXPECT,
+        within: 30.0,
+        before_row: Some(replay_finds_the_leak),
+        after_row: None,
+    },
+    Scenario {
+        name: "skip-remove (server, 1/100)",
+        server_leak: Leak::mode("skip-remove", 100),
+        agent_leak: Leak::none(),
+        target: Target::Server,
+        secs: 70,
+        record: false,
+        load: Load::Background(4000, 40, 4),
+        expect: SKIP_REMOVE_EXPECT,
+        within: 60.0,
+        before_row: None,
+        after_row: Some(one_episode_per_kind),
+    },
+    Scenario {
+        name: "stuck-pipe (server, 1/1)",
+        server_leak: Leak::mode("stuck-pipe", 1),
+        agent_leak: Leak::none(),
+        target: Target::Server,
+        // 20 s of leaking load, then 55 s with every stuck task still held (issue 12, item 5: a leak
+        // that stopped growing is still a leak until the level returns).
+        secs: 75,
+        record: false,
+        load: Load::Background(400, 20, 4),
+        expect: Expect {
+            primary: &["task_growth"],
+            consequences: &[
+                "socket_leak",
+                "heap_growth",
+                "fd_exhaustion",
+                "quiescence_failure",
+            ],
+        },
+        within: 30.0,
+        before_row: None,
+        after_row: Some(task_growth_names_the_stuck_stack),
+    },
+    Scenario {
+        name: "no-close (agent, 1/1)",
+        server_leak: Leak::none(),
+        agent_leak: Leak::mode("no-close", 1),
+        target: Target::Agent,
+        secs: 45,
+        record: false,
+        load: Load::Background(800, 20, 4),
+        expect: Expect {
+            primary: &["socket_leak"],
+            consequences: &["fd_exhaustion", "quiescence_failure"],
+        },
+        within: 30.0,
+        before_row: None,
+        after_row: Some(close_wait_names_the_backend),
+    },
+    Scenario {
+        name: "healthy, bursty load",
+        server_leak: Leak::none(),
+        agent_leak: Leak::none(),
+        target: Target::Server,
+        secs: 50,
+        record: false,
+        load: Load::Bursts,
+        expect: NOTHING,
+        within: 0.0,
+        before_row: Some(scrapes_succeeded),
+        after_row: None,
+    },
+    Scenario {
+        name: "healthy, target restart",
+        server_leak: Leak::none(),
+        agent_leak: Leak::none(),
+        target: Target::ServerAcrossRestarts,
+        secs: 50,
+        record: false,
+        load: Load::AcrossARestart,
+        expect: NOTHING,
+        within: 0.0,
+        before_row: Some(saw_one_restart),
+        after_row: None,
+    },
+];
+
+/// Runs the row of [`SCENARIOS`] named `name`.
+fn scenario(name: &str) {
+    let row = SCENARIOS
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no scenario {name:?}"));
+    let Some(_guard) = ready() else { return };
+    let mut tunnel = Tunnel::start(row.server_leak.clone(), row.agent_leak.clone());
+    let dir = row.record.then(|| tempfile::tempdir().expect("tempdir"));
+    let recording = dir.as_ref().map(|d| d.path().join("recording.jsonl"));
+    let recording_arg = recording.as_ref().map(|r| r.display().to_string());
+    let extra: Vec<&str> = match &recording_arg {
+        Some(path) => vec!["--record", path],
+        None => vec![],
+    };
+    let watch = match row.target {
+        Target::Server => leakwatch_check(
+            tunnel.server.pid(),
+            Some(&tunnel.metrics_url()),
+            "server",
+            row.secs,
+            &extra,
+        ),
+        Target::Agent => leakwatch_check(tunnel.agent.pid(), None, "agent", row.secs, &extra),
+        Target::ServerAcrossRestarts => {
+            leakwatch_check_match(&tunnel.server_pattern(), &tunnel.metrics_url(), row.secs)
+        }
+    };
+    let leak_start = now_unix();
+    let _load = row.load.run(&mut tunnel);
+    let run = Run {
+        report: watch.report(),
+        tunnel,
+        recording,
+    };
+    run.judge(
+        row.name,
+        row.expect,
+        leak_start,
+        row.within,
+        [row.before_row, row.after_row],
+    );
+}
+
 #[test]
 fn skip_remove_is_a_bookkeeping_leak() {
-    let Some(_guard) = ready() else { return };
-    let tunnel = Tunnel::start(Leak::mode("skip-remove", 1), Leak::none());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let recording = dir.path().join("skip-remove.jsonl");
-    let recording_arg = recording.display().to_string();
-    let watch = leakwatch_check(
-        tunnel.server.pid(),
-        Some(&tunnel.metrics_url()),
-        "server",
-        45,
-        &["--record", &recording_arg],
-    );
-    let leak_start = now_unix();
-    let _load = tunnel.load_bg("/", 800, 20, 4);
-    let report = watch.report();
+    scenario("skip-remove (server, 1/1)");
+}
 
-    // The recording replays offline to the same verdict: the analysis is a pure function of the series.
+#[test]
+fn partial_skip_remove_one_in_a_hundred_within_60s() {
+    scenario("skip-remove (server, 1/100)");
+}
+
+#[test]
+fn stuck_pipe_is_task_growth() {
+    scenario("stuck-pipe (server, 1/1)");
+}
+
+#[test]
+fn no_close_on_the_agent_is_a_socket_leak() {
+    scenario("no-close (agent, 1/1)");
+}
+
+#[test]
+fn healthy_bursty_load_fires_nothing() {
+    scenario("healthy, bursty load");
+}
+
+#[test]
+fn healthy_with_a_target_restart_fires_nothing() {
+    scenario("healthy, target restart");
+}
+
+/// The recording replays offline to the same verdict: the analysis is a pure function of the series.
+fn replay_finds_the_leak(run: &Run) {
+    let recording = run.recording.as_ref().expect("a recording");
     let replay = Command::new(env!("CARGO_BIN_EXE_leakwatch"))
-        .args(["replay", &recording_arg, "--side", "server", "--json"])
+        .arg("replay")
+        .arg(recording)
+        .args(["--side", "server", "--json"])
         .output()
         .expect("run leakwatch replay");
     let replayed = String::from_utf8_lossy(&replay.stdout);
@@ -274,50 +539,11 @@ fn skip_remove_is_a_bookkeeping_leak() {
         "replay finds the leak: {replayed}"
     );
     assert!(replayed.contains("\"bookkeeping_leak\""), "{replayed}");
-
-    assert_row(
-        evaluate(
-            "skip-remove (server, 1/1)",
-            &report,
-            Expect {
-                primary: &["bookkeeping_leak"],
-                consequences: &["heap_growth", "quiescence_failure"],
-            },
-            leak_start,
-            30.0,
-        ),
-        &report,
-    );
 }
 
-#[test]
-fn partial_skip_remove_one_in_a_hundred_within_60s() {
-    let Some(_guard) = ready() else { return };
-    let tunnel = Tunnel::start(Leak::mode("skip-remove", 100), Leak::none());
-    let watch = leakwatch_check(
-        tunnel.server.pid(),
-        Some(&tunnel.metrics_url()),
-        "server",
-        70,
-        &[],
-    );
-    let leak_start = now_unix();
-    let _load = tunnel.load_bg("/", 4000, 40, 4);
-    let report = watch.report();
-    assert_row(
-        evaluate(
-            "skip-remove (server, 1/100)",
-            &report,
-            Expect {
-                primary: &["bookkeeping_leak"],
-                consequences: &["heap_growth", "quiescence_failure"],
-            },
-            leak_start,
-            60.0,
-        ),
-        &report,
-    );
-    // One episode per kind: a slow leak is not cleared and raised again while it goes on.
+/// One episode per kind: a slow leak is not cleared and raised again while it goes on.
+fn one_episode_per_kind(run: &Run) {
+    let report = &run.report;
     let mut kinds: Vec<&str> = report["verdicts"]
         .as_array()
         .into_iter()
@@ -334,42 +560,10 @@ fn partial_skip_remove_one_in_a_hundred_within_60s() {
     );
 }
 
-#[test]
-fn stuck_pipe_is_task_growth() {
-    let Some(_guard) = ready() else { return };
-    let tunnel = Tunnel::start(Leak::mode("stuck-pipe", 1), Leak::none());
-    // 20 s of leaking load, then 55 s with every stuck task still held (issue 12, item 5: a leak that
-    // stopped growing is still a leak until the level returns).
-    let watch = leakwatch_check(
-        tunnel.server.pid(),
-        Some(&tunnel.metrics_url()),
-        "server",
-        75,
-        &[],
-    );
-    let leak_start = now_unix();
-    let _load = tunnel.load_bg("/", 400, 20, 4);
-    let report = watch.report();
-    assert_row(
-        evaluate(
-            "stuck-pipe (server, 1/1)",
-            &report,
-            Expect {
-                primary: &["task_growth"],
-                consequences: &[
-                    "socket_leak",
-                    "heap_growth",
-                    "fd_exhaustion",
-                    "quiescence_failure",
-                ],
-            },
-            leak_start,
-            30.0,
-        ),
-        &report,
-    );
-    // The reference tunnel serves its task registry in Go's goroutine-profile layout: the task-growth
-    // verdict names the code path that holds the tasks, as pprof named remotedialer's pipe for the seed.
+/// The reference tunnel serves its task registry in Go's goroutine-profile layout: the task-growth
+/// verdict names the code path that holds the tasks, as pprof named remotedialer's pipe for the seed.
+fn task_growth_names_the_stuck_stack(run: &Run) {
+    let report = &run.report;
     let stacks: Vec<String> = report["verdicts"]
         .as_array()
         .into_iter()
@@ -416,30 +610,10 @@ fn stuck_pipe_is_task_growth() {
     );
 }
 
-#[test]
-fn no_close_on_the_agent_is_a_socket_leak() {
-    let Some(_guard) = ready() else { return };
-    let tunnel = Tunnel::start(Leak::none(), Leak::mode("no-close", 1));
-    // On the agent there is no ledger to scrape: the kernel side alone must find it.
-    let watch = leakwatch_check(tunnel.agent.pid(), None, "agent", 45, &[]);
-    let leak_start = now_unix();
-    let _load = tunnel.load_bg("/", 800, 20, 4);
-    let report = watch.report();
-    assert_row(
-        evaluate(
-            "no-close (agent, 1/1)",
-            &report,
-            Expect {
-                primary: &["socket_leak"],
-                consequences: &["fd_exhaustion", "quiescence_failure"],
-            },
-            leak_start,
-            30.0,
-        ),
-        &report,
-    );
-    // The socket table names who hung up: the backend the agent dialed for every tunneled connection.
-    let peer = format!("peer={}", tunnel.backend_addr);
+/// The socket table names who hung up: the backend the agent dialed for every tunneled connection.
+fn close_wait_names_the_backend(run: &Run) {
+    let report = &run.report;
+    let peer = format!("peer={}", run.tunnel.backend_addr);
     assert!(
         report["verdicts"]
             .as_array()
@@ -452,29 +626,9 @@ fn no_close_on_the_agent_is_a_socket_leak() {
     );
 }
 
-#[test]
-fn healthy_bursty_load_fires_nothing() {
-    let Some(_guard) = ready() else { return };
-    let tunnel = Tunnel::start(Leak::none(), Leak::none());
-    let watch = leakwatch_check(
-        tunnel.server.pid(),
-        Some(&tunnel.metrics_url()),
-        "server",
-        50,
-        &[],
-    );
-    let start = now_unix();
-    for _ in 0..3 {
-        let out = tunnel.load("/", 300, 200, 20);
-        assert!(
-            out.status.success(),
-            "load failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_secs(8));
-    }
-    let report = watch.report();
-    // Silence proves nothing unless the tunnel's numbers were read all along.
+/// Silence proves nothing unless the tunnel's numbers were read all along.
+fn scrapes_succeeded(run: &Run) {
+    let report = &run.report;
     let (ticks, scrapes_ok) = (
         report["run"]["ticks"].as_u64().unwrap_or(0),
         report["run"]["scrapes_ok"].as_u64().unwrap_or(0),
@@ -483,33 +637,13 @@ fn healthy_bursty_load_fires_nothing() {
         ticks >= 40 && scrapes_ok + 2 >= ticks,
         "scrapes succeeded: {ticks} ticks, {scrapes_ok} scrapes ok"
     );
-    assert_row(
-        evaluate("healthy, bursty load", &report, NOTHING, start, 0.0),
-        &report,
-    );
 }
 
-#[test]
-fn healthy_with_a_target_restart_fires_nothing() {
-    let Some(_guard) = ready() else { return };
-    let mut tunnel = Tunnel::start(Leak::none(), Leak::none());
-    let watch = leakwatch_check_match(&tunnel.server_pattern(), &tunnel.metrics_url(), 50);
-    let start = now_unix();
-    let load = tunnel.load_bg("/", 400, 20, 4);
-    std::thread::sleep(Duration::from_secs(12));
-    drop(load);
-    let restart_at = Instant::now();
-    tunnel.restart_server();
-    eprintln!("server restarted in {:?}", restart_at.elapsed());
-    let _load = tunnel.load_bg("/", 400, 20, 4);
-    let report = watch.report();
+fn saw_one_restart(run: &Run) {
+    let report = &run.report;
     assert_eq!(
         report["run"]["target_restarts"], 1,
         "leakwatch saw the restart (and read nothing across it as a leak): {report:#}"
-    );
-    assert_row(
-        evaluate("healthy, target restart", &report, NOTHING, start, 0.0),
-        &report,
     );
 }
 
@@ -721,40 +855,126 @@ fn per_request_transport_v2_10_3_is_found_through_background_noise() {
     the_bug(true);
 }
 
-#[test]
-fn per_request_idle_90s_v2_10_5_stays_silent_and_verify_passes() {
+/// The traffic of a pooled scenario, run to completion.
+#[derive(Clone, Copy)]
+enum Traffic {
+    /// [`fix_traffic`]: three bursts, then `steady_s` seconds at 5 requests/s.
+    Fix { steady_s: u64 },
+    /// The keep-alive load driver: requests, rate/s, concurrency.
+    KeepAlive(u64, f64, u64),
+}
+
+/// A row of the pooled table: a healthy tunnel with the proxy `transport`, background noise or not,
+/// watched on the server for `secs` while `traffic` goes through; nothing may fire. `before_row` and
+/// `after_row` as in [`Scenario`].
+struct PooledScenario {
+    name: &'static str,
+    transport: &'static str,
+    noise: bool,
+    secs: u64,
+    traffic: Traffic,
+    before_row: Option<fn(&Run)>,
+    after_row: Option<fn(&Run)>,
+}
+
+static POOLED_SCENARIOS: &[PooledScenario] = &[
+    // Bursts (0-2 min), 5 min of steady load, then past the idle horizon and the settle time after it.
+    PooledScenario {
+        name: "per-request-idle=90s (v2.10.5)",
+        transport: "per-request-idle=90s",
+        noise: false,
+        secs: 560,
+        traffic: Traffic::Fix { steady_s: 300 },
+        before_row: Some(metrics_read_all_along),
+        after_row: Some(verify_passes_on_the_fix),
+    },
+    PooledScenario {
+        name: "per-request-idle=90s + noise",
+        transport: "per-request-idle=90s",
+        noise: true,
+        secs: 250,
+        traffic: Traffic::Fix { steady_s: 0 },
+        before_row: None,
+        after_row: None,
+    },
+    PooledScenario {
+        name: "shared pool, 20 req/s, 3 min",
+        transport: "shared=90s",
+        noise: false,
+        secs: 200,
+        traffic: Traffic::KeepAlive(3600, 20.0, 4),
+        before_row: None,
+        after_row: None,
+    },
+];
+
+/// Runs the row of [`POOLED_SCENARIOS`] named `name`.
+fn pooled_scenario(name: &str) {
+    let row = POOLED_SCENARIOS
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no pooled scenario {name:?}"));
     let Some(_guard) = pooled_ready() else { return };
     let tunnel = Tunnel::start_with(
         Leak::none(),
         Leak::none(),
-        &["--proxy-transport", "per-request-idle=90s"],
+        &["--proxy-transport", row.transport],
     );
-    // Bursts (0-2 min), 5 min of steady load, then past the idle horizon and the settle time after it.
+    let _noise = row.noise.then(|| noise(&tunnel));
     let watch = leakwatch_check(
         tunnel.server.pid(),
         Some(&tunnel.metrics_url()),
         "server",
-        560,
+        row.secs,
         &[],
     );
     let start = now_unix();
-    fix_traffic(&tunnel, 300);
-    let report = watch.report();
+    match row.traffic {
+        Traffic::Fix { steady_s } => fix_traffic(&tunnel, steady_s),
+        Traffic::KeepAlive(requests, rate, concurrency) => finish_load(
+            tunnel.keep_alive_load_bg("/", requests, rate, concurrency),
+            "steady load",
+        ),
+    }
+    let run = Run {
+        report: watch.report(),
+        tunnel,
+        recording: None,
+    };
+    run.judge(
+        row.name,
+        NOTHING,
+        start,
+        0.0,
+        [row.before_row, row.after_row],
+    );
+}
+
+#[test]
+fn per_request_idle_90s_v2_10_5_stays_silent_and_verify_passes() {
+    pooled_scenario("per-request-idle=90s (v2.10.5)");
+}
+
+#[test]
+fn per_request_idle_90s_v2_10_5_stays_silent_through_background_noise() {
+    pooled_scenario("per-request-idle=90s + noise");
+}
+
+#[test]
+fn shared_pool_steady_load_stays_silent() {
+    pooled_scenario("shared pool, 20 req/s, 3 min");
+}
+
+fn metrics_read_all_along(run: &Run) {
+    let report = &run.report;
     assert!(
         report["run"]["scrapes_ok"].as_u64().unwrap_or(0) > 500,
         "the tunnel's metrics were read all along: {report:#}"
     );
-    assert_row(
-        evaluate(
-            "per-request-idle=90s (v2.10.5)",
-            &report,
-            NOTHING,
-            start,
-            0.0,
-        ),
-        &report,
-    );
-    let verified = verify(&tunnel);
+}
+
+fn verify_passes_on_the_fix(run: &Run) {
+    let verified = verify(&run.tunnel);
     assert_eq!(
         verified["passed"], true,
         "verify passes on the fix: {verified:#}"
@@ -764,31 +984,6 @@ fn per_request_idle_90s_v2_10_5_stays_silent_and_verify_passes() {
     assert!(
         drained >= 80.0,
         "the fix's pool really held its idle connections for ~90 s: drained after {drained}s"
-    );
-}
-
-#[test]
-fn per_request_idle_90s_v2_10_5_stays_silent_through_background_noise() {
-    let Some(_guard) = pooled_ready() else { return };
-    let tunnel = Tunnel::start_with(
-        Leak::none(),
-        Leak::none(),
-        &["--proxy-transport", "per-request-idle=90s"],
-    );
-    let _noise = noise(&tunnel);
-    let watch = leakwatch_check(
-        tunnel.server.pid(),
-        Some(&tunnel.metrics_url()),
-        "server",
-        250,
-        &[],
-    );
-    let start = now_unix();
-    fix_traffic(&tunnel, 0);
-    let report = watch.report();
-    assert_row(
-        evaluate("per-request-idle=90s + noise", &report, NOTHING, start, 0.0),
-        &report,
     );
 }
 
@@ -813,30 +1008,6 @@ fn verify_fails_on_the_v2_10_3_transport() {
         .find(|c| c["name"] == "add and remove grew together")
         .expect("ledger criterion");
     assert_eq!(ledger["pass"], false, "{verified:#}");
-}
-
-#[test]
-fn shared_pool_steady_load_stays_silent() {
-    let Some(_guard) = pooled_ready() else { return };
-    let tunnel = Tunnel::start_with(
-        Leak::none(),
-        Leak::none(),
-        &["--proxy-transport", "shared=90s"],
-    );
-    let watch = leakwatch_check(
-        tunnel.server.pid(),
-        Some(&tunnel.metrics_url()),
-        "server",
-        200,
-        &[],
-    );
-    let start = now_unix();
-    finish_load(tunnel.keep_alive_load_bg("/", 3600, 20.0, 4), "steady load");
-    let report = watch.report();
-    assert_row(
-        evaluate("shared pool, 20 req/s, 3 min", &report, NOTHING, start, 0.0),
-        &report,
-    );
 }
 
 // ---- HA: two peered servers (Rancher replicas) ------------------------------------------------------

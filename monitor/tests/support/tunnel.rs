@@ -22,10 +22,13 @@ pub struct Leak {
 }
 
 impl Leak {
-    pub fn none() -> Self {
-        Self::default()
+    pub const fn none() -> Self {
+        Self {
+            mode: None,
+            every: 0,
+        }
     }
-    pub fn mode(mode: &'static str, every: u32) -> Self {
+    pub const fn mode(mode: &'static str, every: u32) -> Self {
         Self {
             mode: Some(mode),
             every,
