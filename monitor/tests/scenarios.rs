@@ -1170,13 +1170,42 @@ fn procfs_close_wait(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Callers that give up after 1 s on a target that hangs for 10 minutes: `requests` of them, `rate` a
+/// second (0: all at once). With `--leak hold-abandoned` the server holds each one.
+fn abandoning_callers(tunnel: &Tunnel, requests: u64, rate: f64) -> Command {
+    let mut cmd = Tunnel::load_cmd(
+        &tunnel.server_addr,
+        "/slow/600000",
+        requests,
+        rate,
+        requests,
+        false,
+    );
+    cmd.args(["--timeout", "1s", "--max-error-ratio", "1"]);
+    cmd
+}
+
+/// Polls /status until a verdict of `kind` is active, at most `within`; returns that verdict and the
+/// whole document.
+fn wait_verdict(addr: &str, kind: &str, within: Duration) -> (Value, Value) {
+    let (_, doc) = poll_status(addr, within, |d| has_verdict(d, kind))
+        .unwrap_or_else(|| panic!("no {kind} within {within:?}: {:#}", status(addr)));
+    let v = doc["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["kind"] == kind)
+        .cloned()
+        .expect("the verdict");
+    (v, doc)
+}
+
 #[test]
 fn abandoned_callers_from_before_the_start_are_flagged_and_clear_when_the_target_lets_go() {
     let Some(_guard) = ready() else { return };
     let mut tunnel = Tunnel::start(Leak::mode("hold-abandoned", 1), Leak::none());
     // 40 callers give up on a target that hangs: the server holds each one in CLOSE_WAIT.
-    let out = Tunnel::load_cmd(&tunnel.server_addr, "/slow/600000", 40, 0.0, 40, false)
-        .args(["--timeout", "1s", "--max-error-ratio", "1"])
+    let out = abandoning_callers(&tunnel, 40, 0.0)
         .output()
         .expect("run the load driver");
     assert!(out.status.success(), "load driver: {out:?}");
@@ -1194,23 +1223,17 @@ fn abandoned_callers_from_before_the_start_are_flagged_and_clear_when_the_target
     // Only now does leakwatch start: kernel-only, and with the tunnel's metrics.
     let (_kernel_only, kernel_addr) = leakwatch_watch(pid, None, "server");
     let (_with_metrics, metrics_addr) = leakwatch_watch(pid, Some(&tunnel.metrics_url()), "server");
+    let started = Instant::now();
     for (name, addr) in [
         ("kernel-only", &kernel_addr),
         ("with metrics", &metrics_addr),
     ] {
-        let (after, doc) = poll_status(addr, Duration::from_secs(30), |d| {
-            has_verdict(d, "socket_leak")
-        })
-        .unwrap_or_else(|| panic!("{name}: no socket_leak within 30 s: {:#}", status(addr)));
+        eprintln!("SCENARIO pre-existing 40 CLOSE_WAIT: waiting for {name}");
+        let (v, _) = wait_verdict(addr, "socket_leak", Duration::from_secs(30));
         eprintln!(
-            "SCENARIO pre-existing 40 CLOSE_WAIT ({name}): socket_leak {after:.1}s after start"
+            "SCENARIO pre-existing 40 CLOSE_WAIT ({name}): socket_leak {:.1}s after start",
+            started.elapsed().as_secs_f64()
         );
-        let v = doc["verdicts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|v| v["kind"] == "socket_leak")
-            .expect("the verdict");
         assert!(
             v["explanation"]
                 .as_str()
@@ -1276,15 +1299,7 @@ fn a_kernel_only_leak_that_starts_after_leakwatch_is_flagged() {
     // Ten quiet seconds first: leakwatch has its baseline, then the leak begins.
     std::thread::sleep(Duration::from_secs(10));
     let leak_start = now_unix();
-    let _load = Proc::spawn(
-        Tunnel::load_cmd(&tunnel.server_addr, "/slow/600000", 60, 4.0, 60, false).args([
-            "--timeout",
-            "1s",
-            "--max-error-ratio",
-            "1",
-        ]),
-    )
-    .expect("spawn");
+    let _load = Proc::spawn(&mut abandoning_callers(&tunnel, 60, 4.0)).expect("spawn");
     let report = watch.report();
     assert_row(
         evaluate(
@@ -1312,31 +1327,9 @@ fn an_agent_whose_target_hangs_flags_the_unanswered_requests_and_clears_when_it_
     let mut tunnel = Tunnel::start(Leak::mode("hold-abandoned", 1), Leak::none());
     let (_watch, addr) = leakwatch_watch(tunnel.agent.pid(), None, "agent");
     let load_start = Instant::now();
-    let _load = Proc::spawn(
-        Tunnel::load_cmd(&tunnel.server_addr, "/slow/600000", 120, 4.0, 120, false).args([
-            "--timeout",
-            "1s",
-            "--max-error-ratio",
-            "1",
-        ]),
-    )
-    .expect("spawn");
-    let (_, doc) = poll_status(&addr, Duration::from_secs(100), |d| {
-        has_verdict(d, "socket_leak")
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no socket_leak on the agent within 100 s: {:#}",
-            status(&addr)
-        )
-    });
+    let _load = Proc::spawn(&mut abandoning_callers(&tunnel, 120, 4.0)).expect("spawn");
+    let (v, doc) = wait_verdict(&addr, "socket_leak", Duration::from_secs(100));
     let after = load_start.elapsed().as_secs_f64();
-    let v = doc["verdicts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| v["kind"] == "socket_leak")
-        .expect("the verdict");
     eprintln!(
         "SCENARIO agent, hanging target, abandoned callers: socket_leak {after:.1}s after the load began: {}",
         v["explanation"]
@@ -1412,24 +1405,8 @@ fn old_connections_closing_at_start_are_not_load_and_a_later_leak_is_flagged() {
     );
 
     let leak_start = Instant::now();
-    let _load = Proc::spawn(
-        Tunnel::load_cmd(&tunnel.server_addr, "/slow/600000", 60, 4.0, 60, false).args([
-            "--timeout",
-            "1s",
-            "--max-error-ratio",
-            "1",
-        ]),
-    )
-    .expect("spawn");
-    let (_, doc) = poll_status(&addr, Duration::from_secs(30), |d| {
-        has_verdict(d, "socket_leak")
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no socket_leak within 30 s of the leak: {:#}",
-            status(&addr)
-        )
-    });
+    let _load = Proc::spawn(&mut abandoning_callers(&tunnel, 60, 4.0)).expect("spawn");
+    let (_, doc) = wait_verdict(&addr, "socket_leak", Duration::from_secs(30));
     eprintln!(
         "SCENARIO 50 old callers hang up at start, kernel only: phase stayed idle; then socket_leak {:.1}s after the leak began (phase {})",
         leak_start.elapsed().as_secs_f64(),
