@@ -129,6 +129,17 @@ fn raised(changes: &[VerdictChange]) -> Vec<(VerdictKind, f64)> {
         .collect()
 }
 
+/// The verdicts of `kind` raised among `changes`, in order.
+fn raised_of(changes: &[VerdictChange], kind: VerdictKind) -> Vec<&Verdict> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            VerdictChange::Raised(v) if v.kind == kind => Some(v),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A healthy request: the caller connects, the tunneled connection is added, then removed and closed.
 /// `n` requests per second with `inflight` of them open at the sampling instant.
 fn healthy_traffic(t: &mut Tunnel, n: f64, inflight: u64) {
@@ -189,15 +200,9 @@ fn skip_remove_is_a_bookkeeping_leak_within_seconds() {
         t.added += 20.0;
         t.heap += 60_000.0;
     });
-    let bk: Vec<_> = changes
-        .iter()
-        .filter_map(|c| match c {
-            VerdictChange::Raised(v) if v.kind == VerdictKind::BookkeepingLeak => Some(v.clone()),
-            _ => None,
-        })
-        .collect();
+    let bk = raised_of(&changes, VerdictKind::BookkeepingLeak);
     assert_eq!(bk.len(), 1, "{changes:?}");
-    let v = &bk[0];
+    let v = bk[0];
     // The ledger's growth is measured as the median of the window's last seconds against its first:
     // a few seconds of leak move it past the tolerance.
     assert!(
@@ -456,13 +461,7 @@ fn quiescence_failure_after_a_burst_that_leaves_tasks_behind() {
         healthy_traffic(t, 0.0, 0);
         t.goroutines = held;
     }));
-    let q: Vec<_> = changes
-        .iter()
-        .filter_map(|c| match c {
-            VerdictChange::Raised(v) if v.kind == VerdictKind::QuiescenceFailure => Some(v),
-            _ => None,
-        })
-        .collect();
+    let q = raised_of(&changes, VerdictKind::QuiescenceFailure);
     assert_eq!(q.len(), 1, "{changes:?}");
     assert!(
         q[0].evidence["tasks.now"] > q[0].evidence["tasks.baseline"] + 5.0,
@@ -857,12 +856,9 @@ fn agent_sockets_idle_past_the_horizon_are_named_with_their_ages() {
         }
         changes.extend(an.observe(&snap));
     }
-    let v = changes
-        .iter()
-        .find_map(|c| match c {
-            VerdictChange::Raised(v) if v.kind == VerdictKind::IdleConnectionLeak => Some(v),
-            _ => None,
-        })
+    let v = raised_of(&changes, VerdictKind::IdleConnectionLeak)
+        .first()
+        .copied()
         .expect("an idle-connection verdict from the kernel's idle ages");
     assert!(v.subject.contains("target=127.0.0.1:6080"), "{}", v.subject);
     assert!(
@@ -964,12 +960,9 @@ fn a_row_that_appears_during_the_leak_is_named_with_all_it_grew() {
         }
         changes.extend(an.observe(&snap));
     }
-    let v = changes
-        .iter()
-        .find_map(|c| match c {
-            VerdictChange::Raised(v) if v.kind == VerdictKind::BookkeepingLeak => Some(v),
-            _ => None,
-        })
+    let v = raised_of(&changes, VerdictKind::BookkeepingLeak)
+        .first()
+        .copied()
         .expect("bookkeeping leak");
     let grown = v.evidence["app.live_growth_in_window"];
     assert!(
@@ -1038,12 +1031,9 @@ fn an_agent_whose_target_never_answers_is_flagged_well_before_the_idle_horizon()
             .map(|k| (f64::from(k) / 2.0, None))
             .collect()
     });
-    let v = changes
-        .iter()
-        .find_map(|c| match c {
-            VerdictChange::Raised(v) if v.kind == VerdictKind::SocketLeak => Some(v),
-            _ => None,
-        })
+    let v = raised_of(&changes, VerdictKind::SocketLeak)
+        .first()
+        .copied()
         .unwrap_or_else(|| panic!("a socket leak from the stalled requests: {changes:?}"));
     assert!(v.since <= 60.0, "raised at {}s", v.since);
     assert_eq!(v.subject.split(' ').next(), Some("target=127.0.0.1:6080"));
