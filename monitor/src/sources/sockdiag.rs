@@ -30,6 +30,15 @@
 //! pooled connection that nobody uses look busy. It is kept as a liveness sign: a small `last_ack_recv_ms` on
 //! an idle socket says the peer is still there, so the socket is held, not dead.
 //!
+//! # What "unanswered" means
+//!
+//! `tcpi_data_segs_in` and `tcpi_data_segs_out` (Linux 4.6+) count segments that carried data; a SYN-ACK,
+//! a bare ACK or a keepalive probe carries none. A socket that sent data and has not received one data
+//! segment since it was established is waiting for the first byte of an answer, for as long as its last
+//! send ([`TcpSockInfo::unanswered_ms`]). Every HTTP server answers with its headers at once, long polls and
+//! watches included, so a pile of such sockets is a target that hangs, or callers that left while the tunnel
+//! kept their connections: the agent side of abandoned callers, whose sockets stay ESTABLISHED.
+//!
 //! # Bounds
 //!
 //! The kernel lists every socket of the namespace in the requested states (ESTABLISHED and CLOSE_WAIT: the
