@@ -135,10 +135,7 @@ impl Analyzer {
                 .signals
                 .idle_excess(t, self.cfg.idle_horizon_s())
                 .map(|x| x.excess),
-            unanswered_requests: self
-                .signals
-                .unanswered
-                .last_fresh(t, 2.0 * self.cfg.window_s),
+            unanswered_requests: rules::unanswered_level(&self.signals, &self.cfg, t),
             fd_exhaustion_seconds: rules::fd_forecast(&self.signals, &self.cfg, t),
         };
         changes

@@ -277,6 +277,12 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
     ))
 }
 
+/// Requests waiting unanswered now: the last sock_diag reading, while it is recent enough to speak for now
+/// (the dump comes with the full procfs pass, every 5-15 s). The rule and the exported gauge read this.
+pub fn unanswered_level(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<f64> {
+    s.unanswered.last_fresh(t, 2.0 * cfg.window_s)
+}
+
 /// Requests piling up that the target never began to answer: ESTABLISHED sockets it dialed that sent data
 /// and got not one byte back for longer than `unanswered_after_s`. On an agent this is the leak whose
 /// sockets stay ESTABLISHED: each stalled dial holds its pipe goroutines, and no traffic explains them. The
@@ -284,7 +290,7 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
 /// the tunneled connection); the text names both. Judged on the level, not on growth since the watch began,
 /// so that a pile that was there before leakwatch is flagged too.
 pub fn unanswered_requests(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
-    let level = s.unanswered.last_fresh(t, 2.0 * cfg.window_s)?;
+    let level = unanswered_level(s, cfg, t)?;
     if level <= cfg.unanswered_tolerance {
         return None;
     }
