@@ -146,6 +146,10 @@ impl Default for Counters {
 /// Slots of the watch set.
 pub const MAX_WATCHED: u32 = 16;
 
+/// Default capacity of the socket tables: the in-kernel one (`SOCKS`, resized at load by `--max-sockets`),
+/// the userspace mirror, and the sock_diag dump. A tunnel with this many sockets open is already far gone.
+pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+
 /// One watched process. `tgid` is the pid as leakwatch sees it (its own pid namespace's); `host_tgid` is
 /// the kernel's, which is what `bpf_get_current_pid_tgid` returns. In the host namespace userspace writes
 /// both; in a pod's namespace the host pid is not visible from there, so userspace leaves it 0 and the

@@ -7,7 +7,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use monitor_ebpf::{
-    Counters, MAX_WATCHED, ProcessEvent, SockEvent, SockOwner, WatchSet, counter, event_kind,
+    Counters, DEFAULT_MAX_SOCKETS, MAX_WATCHED, ProcessEvent, SockEvent, SockOwner, WatchSet,
+    counter, event_kind,
     layout::{self, Field},
     listen_key, origin, tcp_state,
 };
@@ -22,7 +23,7 @@ static WATCHED: Array<WatchSet> = Array::with_max_entries(1, 0);
 
 /// Sockets attributed to a watched process, by `struct sock` address. Max entries are set by the loader.
 #[map]
-static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(65536, 0);
+static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
 /// Tracked sockets per remote port. A TCP state change that may run in softirq (where current says nothing)
 /// would otherwise cost every socket of the node a `SOCKS` hash lookup; with this array, an inlined load

@@ -46,20 +46,18 @@ pub struct KernelArgs {
     /// Do not load eBPF probes; observe through procfs only.
     #[arg(long, env = "LEAKWATCH_NO_EBPF")]
     pub no_ebpf: bool,
-    /// Cap of the in-kernel socket table; sockets beyond it are counted as dropped, never tracked
-    /// [default: 65536].
-    #[arg(long, env = "LEAKWATCH_MAX_SOCKETS", value_parser = clap::value_parser!(u32).range(MAX_SOCKETS_RANGE))]
+    // Cap of the socket tables; the help text states the default from its one definition.
+    #[arg(long, env = "LEAKWATCH_MAX_SOCKETS", help = crate::analysis::help::max_sockets(), value_parser = clap::value_parser!(u32).range(MAX_SOCKETS_RANGE))]
     pub max_sockets: Option<u32>,
     /// Also watch processes forked by the target.
     #[arg(long, env = "LEAKWATCH_FOLLOW_FORKS")]
     pub follow_forks: bool,
-    /// With eBPF on, how often procfs joins the target's fds with /proc/<pid>/net/tcp{,6} (that file lists
-    /// every socket of the network namespace, TIME_WAIT included, and is costly on busy nodes). fds,
-    /// threads and RSS are still read every interval; without eBPF (and in `observe`) the join runs every interval.
-    /// [default: 15s]
-    #[arg(long, env = "LEAKWATCH_PROCFS_SCAN_INTERVAL", value_parser = parse_duration)]
+    #[arg(long, env = "LEAKWATCH_PROCFS_SCAN_INTERVAL", help = crate::analysis::help::procfs_scan_interval(), value_parser = parse_duration)]
     pub procfs_scan_interval: Option<Duration>,
 }
+
+/// How often the full procfs join runs with eBPF on, unless told.
+pub const DEFAULT_PROCFS_SCAN_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Accepted values of `--max-sockets` (and `max_sockets` in the config file).
 pub const MAX_SOCKETS_RANGE: std::ops::RangeInclusive<i64> = 64..=4_194_304;
@@ -67,11 +65,13 @@ pub const MAX_SOCKETS_RANGE: std::ops::RangeInclusive<i64> = 64..=4_194_304;
 impl KernelArgs {
     /// The options are optional so that a config file can set them too; these are the defaults.
     pub fn max_sockets(&self) -> u32 {
-        self.max_sockets.unwrap_or(65_536)
+        self.max_sockets
+            .unwrap_or(monitor_ebpf::DEFAULT_MAX_SOCKETS)
     }
 
     pub fn procfs_scan_interval(&self) -> Duration {
-        self.procfs_scan_interval.unwrap_or(Duration::from_secs(15))
+        self.procfs_scan_interval
+            .unwrap_or(DEFAULT_PROCFS_SCAN_INTERVAL)
     }
 }
 
@@ -146,11 +146,7 @@ pub struct SidecarArgs {
     /// agent (targets' sockets are). `auto` decides from the sockets seen.
     #[arg(long, env = "LEAKWATCH_SIDE", value_enum)]
     pub side: Option<SideArg>,
-    /// The longest idle timeout a healthy HTTP transport of the target uses for pooled tunneled
-    /// connections (Go's default: 90s). A tunneled connection open with no caller for longer than this
-    /// plus a 15s margin is a leak; shorter-lived idle connections are healthy pooling and never alarm.
-    /// Also `[analysis] idle_timeout_s` in the config file.
-    #[arg(long, env = "LEAKWATCH_IDLE_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "LEAKWATCH_IDLE_TIMEOUT", help = crate::analysis::help::idle_timeout(), value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
     /// Where the target serves Go's goroutine profile (default: /debug/pprof/goroutine?debug=2 next to
     /// --metrics-url). Fetched once as a baseline and once per task-growth verdict, at most every 5 min.
@@ -212,10 +208,7 @@ pub struct VerifyArgs {
     /// How long to measure the baseline before the load.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub baseline: Duration,
-    /// How long the tunnel may take to return to baseline after the load. Default: the idle horizon
-    /// (`--idle-timeout`, 90s, plus a 15s margin), because a healthy keep-alive transport holds its idle
-    /// tunneled connections, and their goroutines and memory, for up to its idle timeout after the load.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, help = crate::analysis::help::verify_settle(), value_parser = parse_duration)]
     pub settle: Option<Duration>,
     /// Upper bound on the load phase; requests still running then count as failed and the criteria are
     /// judged as they stand.
@@ -228,15 +221,10 @@ pub struct VerifyArgs {
     /// through the tunnel proves nothing.
     #[arg(long, default_value_t = 0.9)]
     pub min_success_ratio: f64,
-    /// Extra tasks/goroutines, fds and CLOSE_WAIT sockets tolerated over the baseline (the analysis'
-    /// `settle_tasks_tolerance` and `settle_fds_tolerance` for this run).
-    #[arg(long, default_value_t = 5.0)]
-    pub tolerance: f64,
-    /// Extra heap tolerated over the baseline, as a fraction (0.25 = 25%), and never less than half the
-    /// heap rule's `heap_min_growth_bytes` (2 MiB by default); the analysis' `settle_heap_tolerance_ratio`
-    /// for this run.
-    #[arg(long, default_value_t = 0.25)]
-    pub heap_tolerance: f64,
+    #[arg(long, help = crate::analysis::help::verify_tolerance())]
+    pub tolerance: Option<f64>,
+    #[arg(long, help = crate::analysis::help::verify_heap_tolerance())]
+    pub heap_tolerance: Option<f64>,
     #[arg(long)]
     pub json: bool,
     /// Also write the run as one self-contained HTML file: charts over time with the baseline, load and

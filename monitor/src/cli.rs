@@ -39,9 +39,15 @@ pub enum Command {
     /// Run as a sidecar: all sources, analysis, and /metrics, /status, /healthz.
     Watch(WatchArgs),
     /// Watch for a fixed time and exit non-zero with a report if a leak was found (for CI and smoke tests).
+    ///
+    /// Exit codes: 0 no leak, 1 a leak was found, 2 bad usage or set-up, 3 inconclusive (the target was
+    /// never found or sampled, or --metrics-url was never read: no verdict then proves nothing).
     Check(CheckArgs),
     /// Run the leak-fix verification recipe against a running tunnel: drive load, wait for quiescence,
     /// report pass/fail per criterion.
+    ///
+    /// Exit codes: 0 every criterion passed, 1 one failed, 2 bad usage or set-up, 3 inconclusive (a
+    /// criterion could not be judged, e.g. no remotedialer ledger or no heap metric; n/a is not a pass).
     Verify(VerifyArgs),
     /// Run a recording (`--record`) through the analysis again, offline, optionally with other thresholds.
     Replay(ReplayArgs),

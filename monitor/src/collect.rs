@@ -112,6 +112,8 @@ pub struct Collector {
     last_counters: Option<RawCounters>,
     procfs_scan_interval: Duration,
     idle_horizon: Duration,
+    /// `--max-sockets`: the cap of the sock_diag dump, as of the kernel's table.
+    max_sockets: usize,
     /// Set once sock_diag turned out to be unavailable here (said once, not retried every pass).
     sockdiag_off: bool,
     /// When "no process matches" was last logged.
@@ -158,6 +160,7 @@ impl Collector {
             last_counters: None,
             procfs_scan_interval: opts.procfs_scan_interval,
             idle_horizon: opts.idle_horizon,
+            max_sockets: opts.probes.max_sockets as usize,
             sockdiag_off: false,
             not_found_said: None,
             procfs_offset: [0; 13],
@@ -186,6 +189,11 @@ impl Collector {
 
     pub fn target(&self) -> Option<&TargetId> {
         self.current.as_ref()
+    }
+
+    /// The target selector as the user gave it (`--pid N`, `--match "..."`), for messages.
+    pub fn describe_target(&self) -> String {
+        self.tracker.describe()
     }
 
     /// The ring buffer is drained continuously by its own task: at high churn it would overflow if it
@@ -303,7 +311,7 @@ impl Collector {
         if self.sockdiag_off {
             return;
         }
-        match sockdiag::dump_tcp(inodes, sockdiag::DEFAULT_MAX_SOCKETS) {
+        match sockdiag::dump_tcp(inodes, self.max_sockets) {
             Ok(dump) => {
                 let dialed: Vec<_> = dump
                     .sockets

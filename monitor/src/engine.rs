@@ -79,10 +79,43 @@ pub struct Raised {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RunStats {
     pub ticks: u64,
+    /// Ticks that sampled the target's process (procfs): what every kernel-side check rests on.
+    pub target_samples: u64,
     pub scrapes_ok: u64,
     pub scrapes_failed: u64,
     /// Target restarts seen (a new pid or start time).
     pub target_restarts: u64,
+    /// Why the last scrape failed, for the one-line reason of a run that never scraped.
+    pub last_scrape_error: Option<String>,
+}
+
+/// The exit code of `check` and `verify` when the run could not judge: the target was never found or
+/// never sampled, or the metrics they judge were never read. Distinct from 0 (no leak), 1 (leak or
+/// failed criterion) and 2 (bad usage or set-up), so a CI smoke test with a mistyped pattern goes red.
+pub const EXIT_INCONCLUSIVE: u8 = 3;
+
+impl RunStats {
+    /// Why nothing this run says can be trusted, if so: `target` names the selector, `metrics` whether a
+    /// metrics URL was given (its ledger is then part of what is judged).
+    pub fn unjudged(&self, target: &str, metrics: bool) -> Option<String> {
+        if self.target_samples == 0 {
+            return Some(format!(
+                "the target was never sampled: no process matched {target} in {} ticks",
+                self.ticks
+            ));
+        }
+        if metrics && self.scrapes_ok == 0 {
+            return Some(format!(
+                "the target's metrics were never read ({} scrapes failed{})",
+                self.scrapes_failed,
+                self.last_scrape_error
+                    .as_deref()
+                    .map(|e| format!(", last: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        None
+    }
 }
 
 pub struct Engine {
@@ -245,6 +278,9 @@ impl Engine {
     pub async fn step(&mut self) -> Vec<VerdictChange> {
         let (snap, target_events) = self.collector.tick().await;
         self.stats.ticks += 1;
+        if snap.proc.is_some() {
+            self.stats.target_samples += 1;
+        }
         match &snap.app {
             ScrapeOutcome::Ok(_) => {
                 if self.scrape_failing {
@@ -262,6 +298,7 @@ impl Engine {
                 }
                 self.scrape_failing = true;
                 self.stats.scrapes_failed += 1;
+                self.stats.last_scrape_error = Some(reason.clone());
             }
             ScrapeOutcome::NotConfigured => {}
         }

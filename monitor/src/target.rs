@@ -30,7 +30,22 @@ pub struct TargetTracker {
     current: Option<TargetId>,
     /// The last incarnation seen, kept while the target is gone so that its return is a restart.
     last: Option<TargetId>,
-    own_pid: u32,
+    /// leakwatch itself and every process above it (`timeout`, `sh -c`, `sudo`, `kubectl exec`): their
+    /// command lines hold the pattern, and none of them is the target.
+    excluded: Vec<u32>,
+}
+
+/// This process and its ancestors, up to init (which is never a target either).
+fn self_and_ancestors(procfs: &ProcfsSampler) -> Vec<u32> {
+    let mut chain = vec![std::process::id()];
+    while let Some(parent) = chain.last().and_then(|&p| procfs.ppid(p)) {
+        // pid 0 is the kernel; a loop would mean a garbled stat.
+        if parent == 0 || chain.contains(&parent) {
+            break;
+        }
+        chain.push(parent);
+    }
+    chain
 }
 
 impl TargetTracker {
@@ -40,11 +55,11 @@ impl TargetTracker {
 
     pub fn with_procfs(selector: TargetSelector, procfs: ProcfsSampler) -> Self {
         Self {
+            excluded: self_and_ancestors(&procfs),
             selector,
             procfs,
             current: None,
             last: None,
-            own_pid: std::process::id(),
         }
     }
 
@@ -56,7 +71,7 @@ impl TargetTracker {
                 .procfs
                 .pids()
                 .into_iter()
-                .filter(|&pid| pid != self.own_pid && !self.is_leakwatch(pid))
+                .filter(|pid| !self.excluded.contains(pid) && !self.is_leakwatch(*pid))
                 .filter(|&pid| {
                     self.procfs.comm(pid).is_some_and(|c| re.is_match(&c))
                         || self.procfs.cmdline(pid).is_some_and(|c| re.is_match(&c))

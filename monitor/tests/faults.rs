@@ -244,10 +244,11 @@ fn garbage_metrics_endpoint_is_reported_never_a_leak() {
         .output()
         .expect("run leakwatch check");
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // Never a leak (1), and never "no leak found" (0) either: the ledger it was told to judge was never read.
     assert_eq!(
         out.status.code(),
-        Some(0),
-        "no leak from a garbage endpoint: {stdout}{}",
+        Some(3),
+        "no leak from a garbage endpoint, and no clean bill of health: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("json report");
@@ -501,5 +502,88 @@ fn day_one_logs_and_labels_say_what_leakwatch_chose_and_why() {
         !metrics[1].contains("leakwatch_app_scrape_duration_seconds"),
         "no scrape, no scrape duration:\n{}",
         metrics[1]
+    );
+}
+
+/// Issue 19, items 1 and 2: a check that never saw its target, or never read the metrics it was told
+/// to judge, is inconclusive (exit 3 with a one-line reason), never "no leak found"; and the wrappers
+/// whose command lines hold the pattern (`timeout`, `sh -c`) are never taken for the target.
+#[test]
+fn a_check_that_never_saw_its_target_or_its_metrics_is_inconclusive() {
+    let marker = format!(
+        "no-such-process-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let lw = env!("CARGO_BIN_EXE_leakwatch");
+    let check = format!("{lw} check --no-ebpf --match {marker} --duration 3s --interval 500ms");
+    // Under `timeout` and under a shell that stays (the `; true` keeps it from exec'ing leakwatch):
+    // both are ancestors of leakwatch whose command lines contain the pattern.
+    let wrapped: [Vec<String>; 2] = [
+        ["timeout", "30"]
+            .into_iter()
+            .map(String::from)
+            .chain(check.split(' ').map(String::from))
+            .collect(),
+        vec!["sh".into(), "-c".into(), format!("{check}; true")],
+    ];
+    for argv in &wrapped {
+        let out = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run leakwatch check");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            !stderr.contains("target found"),
+            "{argv:?}: a wrapper was taken for the target:\n{stderr}"
+        );
+        if argv[0] == "timeout" {
+            assert_eq!(
+                out.status.code(),
+                Some(3),
+                "{argv:?}: inconclusive, not 'no leak found':\n{stdout}{stderr}"
+            );
+        }
+        assert!(
+            stdout.contains("inconclusive: the target was never sampled")
+                && stderr.contains(&format!("no process matched --match \"{marker}\"")),
+            "{argv:?}: the reason in one line:\n{stdout}{stderr}"
+        );
+    }
+
+    // The target is there, its metrics endpoint is not.
+    let target = Proc::spawn(Command::new("sleep").arg("30")).expect("spawn sleep");
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = leakwatch()
+        .args([
+            "check",
+            "--no-ebpf",
+            "--pid",
+            &target.pid().to_string(),
+            "--metrics-url",
+            &format!("http://{closed}/metrics"),
+            "--duration",
+            "3s",
+            "--interval",
+            "500ms",
+        ])
+        .output()
+        .expect("run leakwatch check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("inconclusive: the target's metrics were never read")
+            && stderr.contains("connect"),
+        "{stderr}"
     );
 }

@@ -55,6 +55,16 @@ pub struct AnalysisConfig {
     /// CLOSE_WAIT sockets tolerated (peers closed, the process has not yet).
     pub close_wait_tolerance: f64,
     pub close_wait_min_s: f64,
+    /// Not draining: the lowest CLOSE_WAIT count over this many last seconds is still over the tolerance.
+    pub close_wait_floor_s: f64,
+    /// A finding this many times over its tolerance is critical (bookkeeping, idle connections and
+    /// sockets, unanswered requests).
+    pub critical_factor: f64,
+    /// ... and for task growth, this many times `task_min_growth` unexplained.
+    pub task_critical_factor: f64,
+    /// A sock_diag reading (idle ages, unanswered requests) older than this speaks for nothing now,
+    /// seconds. It comes with the full procfs pass, every 5-15 s; this allows a few missed passes.
+    pub sockdiag_stale_s: f64,
     /// Socket fds: growth over the window (median of its last seconds minus its first) and slope (per s).
     pub fd_min_growth: f64,
     pub fd_min_slope: f64,
@@ -120,6 +130,10 @@ impl Default for AnalysisConfig {
             unanswered_min_s: 10.0,
             close_wait_tolerance: 3.0,
             close_wait_min_s: 8.0,
+            close_wait_floor_s: 8.0,
+            critical_factor: 4.0,
+            task_critical_factor: 5.0,
+            sockdiag_stale_s: 60.0,
             fd_min_growth: 20.0,
             fd_min_slope: 0.5,
             task_min_growth: 20.0,

@@ -6,6 +6,7 @@
 //! what holds right now; [`conditions`] debounces those findings into raised and cleared verdicts.
 mod conditions;
 mod config;
+pub mod help;
 pub mod quiescence;
 mod rules;
 pub mod series;

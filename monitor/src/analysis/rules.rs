@@ -118,7 +118,7 @@ pub fn bookkeeping(s: &Signals, cfg: &AnalysisConfig, t: f64, stale_after: f64) 
     if unbacked <= tolerance {
         return None;
     }
-    let severity = if unbacked > 4.0 * tolerance {
+    let severity = if unbacked > cfg.critical_factor * tolerance {
         Severity::Critical
     } else {
         Severity::Warning
@@ -157,11 +157,12 @@ pub fn idle_connections(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Fin
         return None;
     }
     let growth = Signals::growth(&s.old_open, t, cfg.window_s);
-    let severity = if x.excess > 4.0 * tolerance || growth.is_some_and(|g| g > tolerance) {
-        Severity::Critical
-    } else {
-        Severity::Warning
-    };
+    let severity =
+        if x.excess > cfg.critical_factor * tolerance || growth.is_some_and(|g| g > tolerance) {
+            Severity::Critical
+        } else {
+            Severity::Warning
+        };
     let rows = s.idle_rows(3);
     let subject = rows
         .iter()
@@ -256,7 +257,7 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
         .filter(|(_, c)| *c > 0)
         .map(|(l, c)| format!("{c} {}", l.replace('_', " ")))
         .collect();
-    let severity = if total as f64 > 4.0 * cfg.idle_tolerance {
+    let severity = if total as f64 > cfg.critical_factor * cfg.idle_tolerance {
         Severity::Critical
     } else {
         Severity::Warning
@@ -280,7 +281,7 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
 /// Requests waiting unanswered now: the last sock_diag reading, while it is recent enough to speak for now
 /// (the dump comes with the full procfs pass, every 5-15 s). The rule and the exported gauge read this.
 pub fn unanswered_level(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<f64> {
-    s.unanswered.last_fresh(t, 2.0 * cfg.window_s)
+    s.unanswered.last_fresh(t, cfg.sockdiag_stale_s)
 }
 
 /// Requests piling up that the target never began to answer: ESTABLISHED sockets it dialed that sent data
@@ -308,7 +309,7 @@ pub fn unanswered_requests(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<
     let subject = per_target(&mut evidence, &rows, "unanswered", "unanswered", |g| {
         g.oldest_unanswered_ms
     });
-    let severity = if level > 4.0 * cfg.unanswered_tolerance {
+    let severity = if level > cfg.critical_factor * cfg.unanswered_tolerance {
         Severity::Critical
     } else {
         Severity::Warning
@@ -346,7 +347,7 @@ pub fn close_wait(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> 
     // Not draining: the lowest count of the last seconds is still over the tolerance.
     let floor = s
         .close_wait
-        .min_since(t - cfg.close_wait_min_s.min(10.0))
+        .min_since(t - cfg.close_wait_floor_s)
         .unwrap_or(cw);
     if floor <= cfg.close_wait_tolerance {
         return None;
@@ -444,7 +445,7 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
     if slope < cfg.task_min_slope || unexplained < cfg.task_min_growth {
         return None;
     }
-    let severity = if unexplained > 5.0 * cfg.task_min_growth {
+    let severity = if unexplained > cfg.task_critical_factor * cfg.task_min_growth {
         Severity::Critical
     } else {
         Severity::Warning

@@ -72,6 +72,10 @@ impl RowHistory {
     }
 }
 
+/// How much longer than one idle horizon a row's history of `added` is kept: the look-back lands on a
+/// sample even when ticks are late or a scrape or two failed.
+const ROW_HISTORY_SLACK_S: f64 = 60.0;
+
 /// The idle-horizon cross-check at one instant; see [`Signals::idle_excess`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IdleExcess {
@@ -214,7 +218,7 @@ impl Signals {
                 });
                 series.push(t, live, horizon);
                 let history = self.rows.entry(key).or_default();
-                let increase = history.observe(t, row, idle_horizon + 60.0);
+                let increase = history.observe(t, row, idle_horizon + ROW_HISTORY_SLACK_S);
                 // Rows already there when the watch began bring their history, not new connections.
                 if history.first_seen < t || history.first_seen > watching_since {
                     raw_added += increase;

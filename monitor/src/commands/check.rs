@@ -7,13 +7,14 @@ use tokio::time::Instant;
 use super::Prepared;
 use crate::{
     args::CheckArgs,
-    engine::{Engine, Raised, RunStats},
+    engine::{EXIT_INCONCLUSIVE, Engine, Raised, RunStats},
     outputs::http,
     verdict::Verdict,
 };
 
 pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
     let listen = prepared.cfg.listen;
+    let metrics = prepared.cfg.metrics_url.is_some();
     let mut engine = Engine::build(prepared)?;
     if args.serve {
         http::serve(listen, engine.shared.clone()).await?;
@@ -36,7 +37,11 @@ pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
     };
     engine.run_until(stop, |_| ControlFlow::Continue(())).await;
     let (cpu_s, peak_rss) = crate::system::own_usage().unwrap_or((f64::NAN, 0));
+    let unjudged = engine
+        .stats
+        .unjudged(&engine.collector.describe_target(), metrics);
     let report = Report {
+        unjudged,
         leakwatch_cpu_percent: cpu_s / args.duration.as_secs_f64().max(1e-3) * 100.0,
         leakwatch_peak_rss_mib: peak_rss as f64 / 1048576.0,
         started_unix,
@@ -50,11 +55,15 @@ pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
     } else {
         print!("{}", report.render());
     }
-    Ok(if report.verdicts.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    if !report.verdicts.is_empty() {
+        return Ok(ExitCode::from(1));
+    }
+    // No verdict means "no leak" only if the run looked at what it judges.
+    if let Some(why) = &report.unjudged {
+        eprintln!("leakwatch check: inconclusive: {why}");
+        return Ok(ExitCode::from(EXIT_INCONCLUSIVE));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(serde::Serialize)]
@@ -68,6 +77,9 @@ struct Report {
     active_at_end: Vec<Verdict>,
     /// Ticks, scrapes and target restarts seen: what the verdicts (or their absence) rest on.
     run: RunStats,
+    /// Set when the run could not judge (target never sampled, metrics never read): no verdict then
+    /// is no evidence of health.
+    unjudged: Option<String>,
 }
 
 impl Report {
@@ -85,7 +97,11 @@ impl Report {
 
     fn render(&self) -> String {
         if self.verdicts.is_empty() {
-            return format!("leakwatch check: no leak found\n{}", self.cost_line());
+            let head = match &self.unjudged {
+                Some(why) => format!("leakwatch check: inconclusive: {why}"),
+                None => "leakwatch check: no leak found".into(),
+            };
+            return format!("{head}\n{}", self.cost_line());
         }
         let mut out = format!(
             "leakwatch check: {} verdict(s) raised\n",

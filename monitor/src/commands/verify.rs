@@ -166,10 +166,16 @@ pub async fn run(args: VerifyArgs, mut prepared: Prepared) -> Result<ExitCode> {
         );
     }
     // verify's tolerances are the analysis' settle tolerances for this run: one rule for both.
+    // Given on the command line, they override `[analysis] settle_*` of the config file; not given, the
+    // file's (or the defaults) stand.
     let analysis = &mut prepared.cfg.analysis;
-    analysis.settle_tasks_tolerance = args.tolerance;
-    analysis.settle_fds_tolerance = args.tolerance;
-    analysis.settle_heap_tolerance_ratio = args.heap_tolerance;
+    if let Some(t) = args.tolerance {
+        analysis.settle_tasks_tolerance = t;
+        analysis.settle_fds_tolerance = t;
+    }
+    if let Some(r) = args.heap_tolerance {
+        analysis.settle_heap_tolerance_ratio = r;
+    }
     let settle = args
         .settle
         .unwrap_or_else(|| Duration::from_secs_f64(prepared.cfg.analysis.idle_horizon_s()));
@@ -240,7 +246,8 @@ pub async fn run(args: VerifyArgs, mut prepared: Prepared) -> Result<ExitCode> {
     let drained_after = load_ended.elapsed();
     let load_criterion = load_went_through(ok, args.requests, args.min_success_ratio);
     results.insert(0, load_criterion);
-    let passed = results.iter().all(|c| c.pass != Some(false));
+    let outcome = Outcome::of(&results);
+    let passed = outcome == Outcome::Pass;
     let drained = results.iter().skip(1).all(|c| c.pass != Some(false));
     if let Some(path) = &args.report {
         let summary = format!(
@@ -256,6 +263,7 @@ pub async fn run(args: VerifyArgs, mut prepared: Prepared) -> Result<ExitCode> {
             "{}",
             serde_json::json!({
                 "passed": passed,
+                "outcome": outcome,
                 "requests_ok": ok,
                 "requests_failed": failed,
                 "settle_s": settle.as_secs_f64(),
@@ -266,7 +274,7 @@ pub async fn run(args: VerifyArgs, mut prepared: Prepared) -> Result<ExitCode> {
     } else {
         println!(
             "verify: {} ({ok} requests ok, {failed} failed; {})",
-            if passed { "PASS" } else { "FAIL" },
+            outcome.word(),
             if drained {
                 format!(
                     "back to baseline {:.0}s after the load ended",
@@ -294,11 +302,56 @@ pub async fn run(args: VerifyArgs, mut prepared: Prepared) -> Result<ExitCode> {
             );
         }
     }
-    Ok(if passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    if outcome == Outcome::Inconclusive {
+        let unjudged: Vec<&str> = results
+            .iter()
+            .filter(|c| c.pass.is_none())
+            .map(|c| c.name)
+            .collect();
+        eprintln!(
+            "verify: inconclusive: could not judge {}",
+            unjudged.join(", ")
+        );
+    }
+    Ok(ExitCode::from(outcome.exit_code()))
+}
+
+/// What the recipe concludes. A criterion it could not judge (n/a) is not a pass: a verify that never
+/// saw the ledger, or the heap, proves nothing about them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Outcome {
+    Pass,
+    Fail,
+    Inconclusive,
+}
+
+impl Outcome {
+    fn of(results: &[Criterion]) -> Self {
+        if results.iter().any(|c| c.pass == Some(false)) {
+            Self::Fail
+        } else if results.iter().any(|c| c.pass.is_none()) {
+            Self::Inconclusive
+        } else {
+            Self::Pass
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Self::Pass => "PASS",
+            Self::Fail => "FAIL",
+            Self::Inconclusive => "INCONCLUSIVE",
+        }
+    }
+
+    fn exit_code(self) -> u8 {
+        match self {
+            Self::Pass => 0,
+            Self::Fail => 1,
+            Self::Inconclusive => crate::engine::EXIT_INCONCLUSIVE,
+        }
+    }
 }
 
 /// The recipe proves something only if its load went through the tunnel.
@@ -434,6 +487,36 @@ mod tests {
         let heap_tol = quiescence::heap_tolerance(100.0 * 1048576.0, &cfg);
         assert_eq!(c[4].limit, Some(100.0 * 1048576.0 + heap_tol));
         assert_eq!(c[4].detail, format!("tolerance +{heap_tol}"));
+    }
+
+    fn criterion(pass: Option<bool>) -> Criterion {
+        Criterion {
+            name: "x",
+            pass,
+            baseline: None,
+            after: None,
+            detail: String::new(),
+            limit: None,
+        }
+    }
+
+    #[test]
+    fn a_criterion_not_judged_is_not_a_pass() {
+        let run =
+            |p: &[Option<bool>]| Outcome::of(&p.iter().map(|&p| criterion(p)).collect::<Vec<_>>());
+        assert_eq!(run(&[Some(true), Some(true)]), Outcome::Pass);
+        assert_eq!(run(&[Some(true), None]), Outcome::Inconclusive);
+        assert_eq!(
+            run(&[None, Some(false)]),
+            Outcome::Fail,
+            "a failure is a failure"
+        );
+        assert_eq!(
+            Outcome::Inconclusive.exit_code(),
+            crate::engine::EXIT_INCONCLUSIVE
+        );
+        // The report's and the JSON's pass flag follow the outcome.
+        assert_ne!(run(&[None]), Outcome::Pass);
     }
 
     #[test]

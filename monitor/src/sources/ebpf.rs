@@ -75,7 +75,7 @@ pub struct ProbeOptions {
 impl Default for ProbeOptions {
     fn default() -> Self {
         Self {
-            max_sockets: 65536,
+            max_sockets: monitor_ebpf::DEFAULT_MAX_SOCKETS,
             ring_bytes: 1 << 22,
             follow_forks: false,
         }

@@ -82,9 +82,9 @@ pub use crate::sample::{
 };
 use thiserror::Error;
 
-/// How many of the target's sockets one dump keeps. A tunnel agent with this many connections open is
-/// already far gone; the cap bounds memory (about 64 bytes a socket) when it is.
-pub const DEFAULT_MAX_SOCKETS: usize = 65_536;
+/// How many of the target's sockets one dump keeps when not told (`--max-sockets` sets it for the
+/// sidecar): the cap bounds memory (about 64 bytes a socket).
+pub const DEFAULT_MAX_SOCKETS: usize = monitor_ebpf::DEFAULT_MAX_SOCKETS as usize;
 
 /// A healthy dump of even 100k sockets takes well under a second; a kernel or sandbox that accepts the
 /// request and never answers must not stall the sampler forever.
