@@ -42,7 +42,9 @@ RUN cargo xtask build-ebpf \
 FROM gcr.io/distroless/cc-debian12:latest
 COPY --from=build /out/leakwatch /usr/local/bin/leakwatch
 EXPOSE 9477
-# The metrics/status port must be reachable by Prometheus from outside the pod.
+# /metrics and /healthz must be reachable by Prometheus and the kubelet from outside the pod. /status and
+# the live page (peers, clientkeys, stacks) stay on loopback (127.0.0.1:9478, `kubectl port-forward`) unless
+# LEAKWATCH_STATUS_TOKEN_FILE opts in to serving them here behind a bearer token.
 ENV LEAKWATCH_LISTEN=0.0.0.0:9477
 # hadolint ignore=DL3002
 USER 0:0

@@ -139,9 +139,20 @@ pub struct SidecarArgs {
     /// Sampling interval.
     #[arg(long, env = "LEAKWATCH_INTERVAL", value_parser = parse_duration)]
     pub interval: Option<Duration>,
-    /// Address for /metrics, /status and /healthz (loopback by default: /status names peers).
+    /// Address for /metrics and /healthz, where Prometheus and the kubelet reach them [default:
+    /// 127.0.0.1:9477]. The live page and /status (peers, clientkeys, stacks) are served here too only
+    /// when this is a loopback address; otherwise on --status-listen, or here with --status-token-file.
     #[arg(long, env = "LEAKWATCH_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address for the live page, /status and /healthz when --listen is not loopback [default:
+    /// 127.0.0.1:9478]. Keep it on loopback (`kubectl port-forward` reaches it) unless the network in
+    /// between is trusted.
+    #[arg(long, env = "LEAKWATCH_STATUS_LISTEN")]
+    pub status_listen: Option<SocketAddr>,
+    /// File holding a bearer token: with it, the live page and /status are served on --listen too, to
+    /// requests carrying `Authorization: Bearer <token>` (re-read at start; never logged).
+    #[arg(long, env = "LEAKWATCH_STATUS_TOKEN_FILE", value_parser = existing_file)]
+    pub status_token_file: Option<PathBuf>,
     /// Which side of the tunnel the target is: the server (callers' sockets are the kernel truth) or the
     /// agent (targets' sockets are). `auto` decides from the sockets seen.
     #[arg(long, env = "LEAKWATCH_SIDE", value_enum)]

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::{
     analysis::AnalysisConfig,
     args::{KernelArgs, SideArg, SidecarArgs, TargetArgs},
+    outputs::http::Listeners,
     sources::scrape::MetricNames,
     target::TargetSelector,
 };
@@ -32,6 +33,8 @@ struct FileConfig {
     #[serde(default, with = "opt_duration")]
     interval: Option<Duration>,
     listen: Option<SocketAddr>,
+    status_listen: Option<SocketAddr>,
+    status_token_file: Option<PathBuf>,
     side: Option<SideArg>,
     no_ebpf: Option<bool>,
     analysis: Option<AnalysisConfig>,
@@ -68,7 +71,8 @@ pub struct SidecarConfig {
     pub ca_file: Option<PathBuf>,
     pub scrape_timeout: Duration,
     pub interval: Duration,
-    pub listen: SocketAddr,
+    /// Where each HTTP audience is served (see [`crate::outputs::http`]).
+    pub listeners: Listeners,
     pub no_ebpf: bool,
     pub kernel: KernelArgs,
     pub analysis: AnalysisConfig,
@@ -79,6 +83,18 @@ pub struct SidecarConfig {
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+
+/// The status bearer token: a file that is missing, unreadable or empty is a start-up error, never an
+/// open /status.
+fn read_token(path: &Path) -> Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the status token file {}", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        bail!("the status token file {} is empty", path.display());
+    }
+    Ok(token.to_string())
+}
 
 fn load_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
@@ -159,10 +175,16 @@ impl SidecarArgs {
                 .interval
                 .or(file.interval)
                 .unwrap_or(Duration::from_secs(1)),
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            listeners: Listeners::plan(
+                self.listen
+                    .or(file.listen)
+                    .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+                self.status_listen.or(file.status_listen),
+                match self.status_token_file.clone().or(file.status_token_file) {
+                    Some(path) => Some(read_token(&path)?),
+                    None => None,
+                },
+            ),
             no_ebpf: self.kernel.no_ebpf || file.no_ebpf.unwrap_or(false),
             kernel: KernelArgs {
                 no_ebpf: self.kernel.no_ebpf || file.no_ebpf.unwrap_or(false),

@@ -587,3 +587,116 @@ fn a_check_that_never_saw_its_target_or_its_metrics_is_inconclusive() {
         "{stderr}"
     );
 }
+
+/// A free loopback port (bound and released: the same small race every test of this file accepts).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` on `addr` with extra header lines; the status and body.
+fn get_with(addr: &str, path: &str, headers: &str) -> (u16, String) {
+    let raw = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
+    let r = testsupport::http_request(addr, &raw, Duration::from_secs(5)).expect("answer");
+    (r.status, r.body_text())
+}
+
+/// Issue 19, item 4: on a pod-network address, /metrics and /healthz are served and /status and the live
+/// page are not (they are on the loopback status listener); a bearer token opts in to serving them on
+/// the public address, to requests that carry it.
+#[test]
+fn status_and_the_page_stay_off_the_pod_network_unless_opted_in() {
+    let target = Proc::spawn(Command::new("sleep").arg("60")).expect("spawn sleep");
+    let (public, private) = (free_port(), free_port());
+    let lw = Proc::launch(
+        leakwatch()
+            .args(["watch", "--no-ebpf", "--interval", "500ms", "--pid"])
+            .arg(target.pid().to_string())
+            .args(["--listen", &format!("0.0.0.0:{public}")])
+            .args(["--status-listen", &format!("127.0.0.1:{private}")])
+            .env("NO_COLOR", "1"),
+    )
+    .read_stderr()
+    .spawn()
+    .expect("spawn leakwatch");
+    let line = lw
+        .wait_err_line("leakwatch watching", Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        line.contains(&format!("/status on http://127.0.0.1:{private}/")),
+        "the start-up line says where /status is: {line}"
+    );
+    let public_addr = format!("127.0.0.1:{public}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get_with(&public_addr, "/healthz", "").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "no /healthz on the public listener"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = get_with(&public_addr, "/metrics", "");
+    assert_eq!(code, 200);
+    assert!(body.contains("leakwatch_"), "{body}");
+    for path in ["/status", "/"] {
+        let (code, body) = get_with(&public_addr, path, "");
+        assert_eq!(code, 404, "{path} on the pod network: {body}");
+        assert!(
+            body.contains("--status-listen"),
+            "says where instead: {body}"
+        );
+    }
+    let (code, body) = get_with(&format!("127.0.0.1:{private}"), "/status", "");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"target\""), "{body}");
+    drop(lw);
+
+    // Opted in: a bearer token serves them on the public address, and only to who carries it.
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let public = free_port();
+    let lw = Proc::launch(
+        leakwatch()
+            .args(["watch", "--no-ebpf", "--interval", "500ms", "--pid"])
+            .arg(target.pid().to_string())
+            .args(["--listen", &format!("0.0.0.0:{public}")])
+            .arg("--status-token-file")
+            .arg(&token)
+            .env("NO_COLOR", "1"),
+    )
+    .read_stderr()
+    .spawn()
+    .expect("spawn leakwatch");
+    lw.wait_err_line("leakwatch watching", Duration::from_secs(30))
+        .unwrap();
+    let public_addr = format!("127.0.0.1:{public}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get_with(&public_addr, "/healthz", "").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "no /healthz on the public listener"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get_with(&public_addr, "/status", "").0, 401);
+    assert_eq!(
+        get_with(&public_addr, "/status", "Authorization: Bearer wrong\r\n").0,
+        401
+    );
+    let (code, body) = get_with(
+        &public_addr,
+        "/status",
+        "Authorization: Bearer s3cret-token\r\n",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        get_with(&public_addr, "/metrics", "").0,
+        200,
+        "/metrics needs no token"
+    );
+    drop(lw);
+}

@@ -13,11 +13,11 @@ use crate::{
 };
 
 pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
-    let listen = prepared.cfg.listen;
+    let listeners = prepared.cfg.listeners.clone();
     let metrics = prepared.cfg.metrics_url.is_some();
     let mut engine = Engine::build(prepared)?;
     if args.serve {
-        http::serve(listen, engine.shared.clone()).await?;
+        http::serve(&listeners, engine.shared.clone()).await?;
     }
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -11,12 +11,12 @@ use crate::{
 };
 
 pub async fn run(prepared: Prepared) -> Result<()> {
-    let listen = prepared.cfg.listen;
+    let listeners = prepared.cfg.listeners.clone();
     let mut engine = Engine::build(prepared)?;
-    let addr = http::serve(listen, engine.shared.clone()).await?;
+    let bound = http::serve(&listeners, engine.shared.clone()).await?;
     info!(
         mode = %crate::engine::mode_name(engine.collector.mode()),
-        "leakwatch watching; live page on http://{addr}/ (and /metrics, /status, /healthz)"
+        "leakwatch watching; {bound}"
     );
     if let Some(r) = engine
         .run_until(terminated(), |_| ControlFlow::Continue(()))

@@ -1,5 +1,11 @@
-//! The live page (`/`), /metrics, /status and /healthz. Served on loopback by default: the status document names sockets and
-//! peers of the watched process.
+//! The live page (`/`), /metrics, /status and /healthz.
+//!
+//! Two audiences, two listeners. Prometheus scrapes `/metrics` and the kubelet probes `/healthz` over the
+//! pod network; `/status` and the page name the target's peers, clientkeys and goroutine stacks, which
+//! the pod network has no business reading. So `--listen` always serves the first two and serves the
+//! private pair only when it is a loopback address; the private pair is otherwise on `--status-listen`
+//! (loopback by default: `kubectl port-forward` reaches it), or on `--listen` behind a bearer token
+//! (`--status-token-file`, as kube-rbac-proxy users expect) for those who opt in.
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, RwLock},
@@ -128,25 +134,194 @@ async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
     }
 }
 
-pub fn router(shared: Shared) -> Router {
-    Router::new()
-        .route("/", get(index))
+/// What a listener serves besides /metrics and /healthz.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Private {
+    /// /status and / as well (a loopback listener, or the status listener).
+    Open,
+    /// /status and / only to requests that carry `Authorization: Bearer <token>`.
+    Token(String),
+    /// Not here: a request for them is told where they are.
+    Elsewhere,
+}
+
+/// Where the two audiences are served (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listeners {
+    pub public: SocketAddr,
+    pub public_private: Private,
+    /// The status listener, when /status and / are not (only) on `public`.
+    pub status: Option<SocketAddr>,
+}
+
+/// The port of the status listener when `--listen` is not loopback and `--status-listen` is not given.
+pub const DEFAULT_STATUS_PORT: u16 = 9478;
+
+impl Listeners {
+    /// `listen` and `status_listen` as given; `token` is the bearer token read from its file.
+    pub fn plan(
+        listen: SocketAddr,
+        status_listen: Option<SocketAddr>,
+        token: Option<String>,
+    ) -> Self {
+        let public_private = match token {
+            Some(t) => Private::Token(t),
+            None if listen.ip().is_loopback() && status_listen.is_none() => Private::Open,
+            None => Private::Elsewhere,
+        };
+        let status = match (&public_private, status_listen) {
+            (_, Some(s)) => Some(s),
+            (Private::Elsewhere, None) => Some(SocketAddr::from((
+                std::net::Ipv4Addr::LOCALHOST,
+                DEFAULT_STATUS_PORT,
+            ))),
+            _ => None,
+        };
+        Self {
+            public: listen,
+            public_private,
+            status,
+        }
+    }
+}
+
+async fn not_here() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        "/status and / are not served on this address: they are on the status listener \
+         (--status-listen, loopback by default), or here with --status-token-file\n",
+    )
+}
+
+/// Constant-time comparison: the time a wrong token takes must not tell how much of it was right.
+fn same_token(given: &[u8], want: &[u8]) -> bool {
+    given.len() == want.len()
+        && given
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn require_token(
+    State(token): State<Arc<String>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if same_token(g.as_bytes(), token.as_bytes()) => next.run(req).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "/status and / need Authorization: Bearer <the token of --status-token-file>\n",
+        )
+            .into_response(),
+    }
+}
+
+pub fn router(shared: Shared, private: &Private) -> Router {
+    let public = Router::new()
         .route("/metrics", get(metrics))
-        .route("/status", get(status))
-        .route("/healthz", get(healthz))
-        .with_state(shared)
+        .route("/healthz", get(healthz));
+    let private_routes = || {
+        Router::new()
+            .route("/", get(index))
+            .route("/status", get(status))
+    };
+    let routes = match private {
+        Private::Open => public.merge(private_routes()),
+        Private::Token(t) => public.merge(private_routes().layer(
+            axum::middleware::from_fn_with_state(Arc::new(t.clone()), require_token),
+        )),
+        Private::Elsewhere => public
+            .route("/", get(not_here))
+            .route("/status", get(not_here)),
+    };
+    routes.with_state(shared)
 }
 
 /// Binds first (so a bad address fails start-up with a clear error), then serves in the background.
-pub async fn serve(addr: SocketAddr, shared: Shared) -> anyhow::Result<SocketAddr> {
+async fn serve_one(addr: SocketAddr, app: Router) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(shared)).await {
-            tracing::error!("HTTP server stopped: {e}");
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("HTTP server on {local} stopped: {e}");
         }
     });
     Ok(local)
+}
+
+/// The addresses actually bound (port 0 resolved), for the start-up line.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub public: SocketAddr,
+    pub status: Option<SocketAddr>,
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(s) => write!(
+                f,
+                "/metrics and /healthz on http://{}/metrics; live page and /status on http://{s}/",
+                self.public
+            ),
+            None => write!(
+                f,
+                "live page on http://{}/ (and /metrics, /status, /healthz)",
+                self.public
+            ),
+        }
+    }
+}
+
+pub async fn serve(plan: &Listeners, shared: Shared) -> anyhow::Result<Bound> {
+    let public = serve_one(plan.public, router(shared.clone(), &plan.public_private)).await?;
+    let status = match plan.status {
+        Some(addr) => Some(serve_one(addr, router(shared, &Private::Open)).await?),
+        None => None,
+    };
+    Ok(Bound { public, status })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn status_stays_on_loopback_unless_opted_in() {
+        let lo = Listeners::plan(addr("127.0.0.1:9477"), None, None);
+        assert_eq!((lo.public_private, lo.status), (Private::Open, None));
+        let pod = Listeners::plan(addr("0.0.0.0:9477"), None, None);
+        assert_eq!(pod.public_private, Private::Elsewhere);
+        assert_eq!(pod.status, Some(addr("127.0.0.1:9478")));
+        let chosen = Listeners::plan(addr("0.0.0.0:9477"), Some(addr("127.0.0.1:7000")), None);
+        assert_eq!(chosen.status, Some(addr("127.0.0.1:7000")));
+        let token = Listeners::plan(addr("0.0.0.0:9477"), None, Some("t".into()));
+        assert_eq!(
+            (token.public_private, token.status),
+            (Private::Token("t".into()), None)
+        );
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_token(b"secret", b"secret"));
+        assert!(!same_token(b"secre", b"secret"));
+        assert!(!same_token(b"secreT", b"secret"));
+        assert!(!same_token(b"", b"secret"));
+    }
 }
