@@ -126,7 +126,7 @@ pub struct Engine {
     pub stats: RunStats,
     scrape_failing: bool,
     /// The side last logged (see [`crate::analysis::Derived::side`]).
-    side_said: String,
+    side_said: Option<crate::analysis::SideInEffect>,
     /// Every verdict raised during the run, for one-shot reports.
     pub raised: Vec<Raised>,
     pub last: Option<Snapshot>,
@@ -181,7 +181,7 @@ impl Engine {
             target_name: target_name.to_string(),
             stats: RunStats::default(),
             scrape_failing: false,
-            side_said: String::new(),
+            side_said: None,
             raised: Vec::new(),
             last: None,
             recorder: None,
@@ -357,17 +357,16 @@ impl Engine {
         }
         let active = self.active();
         let derived = self.analyzer.derived().clone();
-        if !derived.side.is_empty() && derived.side != self.side_said {
+        if let Some(side) = derived.side.filter(|s| Some(*s) != self.side_said) {
             tracing::info!(
-                side = %derived.side,
+                %side,
                 "tunneled connections are backed by the {} sockets",
-                if derived.side.starts_with("server") {
-                    "callers'"
-                } else {
-                    "targets'"
+                match side.end {
+                    crate::analysis::End::Server => "callers'",
+                    crate::analysis::End::Agent => "targets'",
                 }
             );
-            self.side_said.clone_from(&derived.side);
+            self.side_said = Some(side);
         }
         if let Ok(mut m) = self.shared.metrics.lock() {
             if let ScrapeOutcome::Failed { class, .. } = &snap.app {
@@ -504,7 +503,12 @@ impl Engine {
         match &snap.app {
             // Only a remotedialer server keeps the ledger; a client (the agent) exports none, ever.
             ScrapeOutcome::Ok(app) if !app.remotedialer_present => notes.push(
-                if self.analyzer.derived().side.starts_with("agent") {
+                if self
+                    .analyzer
+                    .derived()
+                    .side
+                    .is_some_and(|s| s.end == crate::analysis::End::Agent)
+                {
                     "an agent exports no remotedialer session_server_* metrics (only the server keeps the \
                      ledger); the kernel checks (sockets, idle ages, unanswered requests, tasks) carry the watch"
                 } else {
@@ -525,7 +529,7 @@ impl Engine {
 
 /// The server-side idle-connection verdict (from the ledger), as opposed to the agent's (from sockets).
 fn is_ledger_idle_verdict(v: &Verdict) -> bool {
-    v.kind == VerdictKind::IdleConnectionLeak && v.subject.starts_with("clientkey=")
+    v.kind == VerdictKind::IdleConnectionLeak && v.scope == crate::verdict::Scope::LedgerIdle
 }
 
 /// Puts the goroutine-age evidence into an idle-connection verdict: the connection goroutines Go reports

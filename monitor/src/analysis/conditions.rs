@@ -3,7 +3,7 @@
 //! nor silences a real leak.
 use std::collections::BTreeMap;
 
-use crate::verdict::{Verdict, VerdictChange, VerdictKind};
+use crate::verdict::{Scope, Verdict, VerdictChange, VerdictKind};
 
 /// What a rule sees right now.
 #[derive(Clone, Debug, PartialEq)]
@@ -11,9 +11,6 @@ pub struct Finding {
     pub verdict: Verdict,
     /// How long the condition must hold before it becomes a verdict.
     pub min_duration: f64,
-    /// What the condition is about, stable from tick to tick (the verdict's subject may change as the
-    /// evidence does: which clientkeys grew most, say). One condition per kind and scope.
-    pub scope: &'static str,
     /// For growth rules: the level before the growth began. A leak that stops growing is still a leak
     /// until its level comes back, so a raised verdict holds while the level stays above this.
     pub baseline: Option<f64>,
@@ -35,12 +32,12 @@ struct Condition {
 /// back to `baseline`), or gone.
 pub trait HoldCheck {
     /// The current level of what `scope` measures and how much above the baseline still counts as held.
-    fn level(&self, scope: &str) -> Option<(f64, f64)>;
+    fn level(&self, scope: Scope) -> Option<(f64, f64)>;
 }
 
 #[derive(Debug, Default)]
 pub struct Conditions {
-    by_key: BTreeMap<(VerdictKind, &'static str), Condition>,
+    by_key: BTreeMap<(VerdictKind, Scope), Condition>,
 }
 
 impl Conditions {
@@ -59,7 +56,7 @@ impl Conditions {
         let mut changes = Vec::new();
         let mut seen = Vec::new();
         for f in findings {
-            let key = (f.verdict.kind, f.scope);
+            let key = (f.verdict.kind, f.verdict.scope);
             seen.push(key);
             let c = self.by_key.entry(key).or_insert_with(|| Condition {
                 since: t,
@@ -120,6 +117,7 @@ impl Conditions {
                         kind: key.0,
                         subject: c.latest.subject,
                         at: t,
+                        reason: None,
                     });
                 }
             }
@@ -137,9 +135,36 @@ impl Conditions {
                 kind: *kind,
                 subject: c.latest.subject.clone(),
                 at: t,
+                reason: Some("the target restarted".into()),
             })
             .collect();
         self.by_key.clear();
+        changes
+    }
+
+    /// Drops at once every condition whose evidence went silent (`silent` says why, per scope): numbers
+    /// nobody can see any more hold nothing, and a raised one is cleared saying so rather than left
+    /// standing on the last value a dead source gave.
+    pub fn expire(
+        &mut self,
+        t: f64,
+        silent: &dyn Fn(Scope) -> Option<String>,
+    ) -> Vec<VerdictChange> {
+        let mut changes = Vec::new();
+        self.by_key.retain(|(kind, scope), c| {
+            let Some(why) = silent(*scope) else {
+                return true;
+            };
+            if c.raised {
+                changes.push(VerdictChange::Cleared {
+                    kind: *kind,
+                    subject: c.latest.subject.clone(),
+                    at: t,
+                    reason: Some(why),
+                });
+            }
+            false
+        });
         changes
     }
 

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 /// Which side of the tunnel the target is, i.e. which kernel sockets back its tunneled connections.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
     /// The tunnel server: each tunneled connection serves a caller whose socket it accepted.
@@ -16,7 +16,47 @@ pub enum Side {
     Auto,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// One end of the tunnel.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum End {
+    Server,
+    Agent,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Server => "server",
+            End::Agent => "agent",
+        }
+    }
+}
+
+/// The end whose sockets back tunneled connections at the last kernel sample, and whether `--side auto`
+/// chose it. Shown as `server` or `server (auto)` (logs, /status); never parsed back.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SideInEffect {
+    pub end: End,
+    pub auto: bool,
+}
+
+impl std::fmt::Display for SideInEffect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.end.as_str())?;
+        if self.auto {
+            f.write_str(" (auto)")?;
+        }
+        Ok(())
+    }
+}
+
+impl serde::Serialize for SideInEffect {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AnalysisConfig {
     pub side: Side,

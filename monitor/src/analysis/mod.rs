@@ -15,20 +15,21 @@ pub mod trend;
 
 use std::collections::BTreeMap;
 
-pub use config::{AnalysisConfig, Side};
+pub use config::{AnalysisConfig, End, Side, SideInEffect};
 
 use self::{conditions::Conditions, quiescence::Quiescence, signals::Signals};
 use crate::{
     sample::{Snapshot, TargetId},
-    verdict::{Verdict, VerdictChange, VerdictKind},
+    verdict::{Scope, Source, Verdict, VerdictChange, VerdictKind},
 };
 
 /// Numbers the analysis derives that are worth exporting (the cross-check at a glance).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Derived {
     /// Which side's sockets back tunneled connections now: `server` (callers) or `agent` (targets);
-    /// with `--side auto`, whichever the kernel shows more of, marked `(auto)`.
-    pub side: String,
+    /// with `--side auto`, whichever the kernel shows more of, marked `(auto)`. `None` before the first
+    /// kernel sample.
+    pub side: Option<SideInEffect>,
     pub app_live_by_clientkey: BTreeMap<String, f64>,
     /// App-live connections minus the kernel connections that could back them (callers on a server,
     /// targets on an agent): idle pooled connections and leaks alike, an at-a-glance gauge.
@@ -50,7 +51,7 @@ struct Held<'a> {
 }
 
 impl conditions::HoldCheck for Held<'_> {
-    fn level(&self, scope: &str) -> Option<(f64, f64)> {
+    fn level(&self, scope: Scope) -> Option<(f64, f64)> {
         rules::held_level(self.signals, self.cfg, scope, self.t, self.stale_after)
     }
 }
@@ -114,7 +115,17 @@ impl Analyzer {
             }
         }
         self.signals.update(snap, &self.cfg, self.horizon());
-        let findings = self.findings(t);
+        let silent: BTreeMap<Scope, String> = Scope::ALL
+            .iter()
+            .filter_map(|&scope| Some((scope, self.silent(scope, t)?)))
+            .collect();
+        changes.extend(
+            self.conditions
+                .expire(t, &|scope| silent.get(&scope).cloned()),
+        );
+        let mut findings = self.findings(t);
+        // One freshness rule for every rule: a finding whose every source has gone silent is no finding.
+        findings.retain(|f| self.silent(f.verdict.scope, t).is_none());
         let hold = Held {
             signals: &self.signals,
             cfg: &self.cfg,
@@ -129,7 +140,7 @@ impl Analyzer {
             &hold,
         ));
         self.derived = Derived {
-            side: self.signals.side_in_effect.to_string(),
+            side: self.signals.side_in_effect,
             app_live_by_clientkey: self.signals.app_live_by_key.clone(),
             unbacked_connections: self.signals.unbacked.last_fresh(t, self.stale_after()),
             idle_beyond_horizon: self
@@ -145,6 +156,39 @@ impl Analyzer {
     /// A value older than this is not evidence of anything now (scrape gap, target gone).
     fn stale_after(&self) -> f64 {
         self.cfg.unbacked_min_s.max(5.0)
+    }
+
+    /// How long a source may be silent before what rests on it alone is void: a sock_diag reading comes
+    /// with the full procfs pass (every 5-15 s), every other source every tick.
+    fn freshness_bound(&self, source: Source) -> f64 {
+        match source {
+            Source::SockDiag => self.cfg.sockdiag_stale_s,
+            Source::App | Source::Kernel | Source::Procfs => self.stale_after(),
+        }
+    }
+
+    /// Why findings of `scope` stand on nothing now, if they do: every source they read has been silent
+    /// for longer than its bound.
+    fn silent(&self, scope: Scope, t: f64) -> Option<String> {
+        let mut said = Vec::new();
+        // Tasks are read from one source at a time: the app's goroutines, or procfs' threads.
+        let tasks = [self.signals.tasks_source.source()];
+        let sources = match scope {
+            Scope::Tasks => &tasks[..],
+            _ => scope.sources(),
+        };
+        for &source in sources {
+            match self.signals.silent_for(source, t) {
+                Some(s) if s > self.freshness_bound(source) => {
+                    said.push(format!("{} silent for {s:.0}s", source.as_str()))
+                }
+                // Fresh, or never heard from in this incarnation: a source that never answered
+                // contributed nothing, so the others decide.
+                Some(_) => return None,
+                None => {}
+            }
+        }
+        (!said.is_empty()).then(|| format!("its evidence went stale ({})", said.join(", ")))
     }
 
     fn findings(&mut self, t: f64) -> Vec<conditions::Finding> {
@@ -170,7 +214,8 @@ impl Analyzer {
             || self.conditions.holding(VerdictKind::BookkeepingLeak);
         if ledger_lies {
             out.retain(|f| {
-                !(f.verdict.kind == VerdictKind::IdleConnectionLeak && f.scope == "idle")
+                !(f.verdict.kind == VerdictKind::IdleConnectionLeak
+                    && f.verdict.scope == Scope::LedgerIdle)
             });
         }
         const HEAP_HOLDERS: [VerdictKind; 3] = [

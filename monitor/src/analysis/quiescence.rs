@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{AnalysisConfig, conditions::Finding, signals::Signals};
-use crate::verdict::{Severity, Verdict, VerdictKind};
+use crate::verdict::{Scope, Severity, Verdict, VerdictKind};
 
 /// The levels the recipe compares, each the median of the last few seconds.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -242,9 +242,15 @@ impl Quiescence {
         Finding {
             verdict: Verdict {
                 kind: VerdictKind::QuiescenceFailure,
+                scope: Scope::Recipe,
                 severity,
                 since: 0.0,
-                subject: String::new(),
+                // What did not return; the numbers are in the evidence.
+                subject: over
+                    .iter()
+                    .map(|(name, ..)| *name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 evidence,
                 explanation: format!(
                     "load ended {settled_for:.0}s ago but levels did not return to their pre-load baseline: {}",
@@ -253,7 +259,6 @@ impl Quiescence {
             },
             // The settle time already elapsed: no further waiting.
             min_duration: 0.0,
-            scope: "recipe",
             baseline: None,
         }
     }

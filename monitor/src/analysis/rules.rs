@@ -1,8 +1,12 @@
 //! The rules: each reads the signals at time `t` and returns the findings that hold right now.
 use std::collections::BTreeMap;
 
-use super::{AnalysisConfig, conditions::Finding, signals::Signals};
-use crate::verdict::{Severity, Verdict, VerdictKind};
+use super::{
+    AnalysisConfig,
+    conditions::Finding,
+    signals::{Signals, TasksSource},
+};
+use crate::verdict::{Scope, Severity, Verdict, VerdictKind};
 
 fn finding(
     kind: VerdictKind,
@@ -11,12 +15,13 @@ fn finding(
     evidence: BTreeMap<String, f64>,
     explanation: String,
     min_duration: f64,
-    scope: &'static str,
+    scope: Scope,
 ) -> Finding {
     Finding {
         baseline: None,
         verdict: Verdict {
             kind,
+            scope,
             severity,
             since: 0.0,
             subject,
@@ -24,7 +29,6 @@ fn finding(
             explanation,
         },
         min_duration,
-        scope,
     }
 }
 
@@ -41,17 +45,17 @@ impl Finding {
 pub fn held_level(
     s: &Signals,
     cfg: &AnalysisConfig,
-    scope: &str,
+    scope: Scope,
     t: f64,
     stale_after: f64,
 ) -> Option<(f64, f64)> {
     match scope {
-        "ledger" => Some((
+        Scope::Ledger => Some((
             s.app_live.last_fresh(t, stale_after)?,
             cfg.unbacked_abs_tolerance,
         )),
-        "fds" => Some((s.fds.last_fresh(t, stale_after)?, cfg.fd_min_growth / 2.0)),
-        "tasks" => Some((
+        Scope::Fds => Some((s.fds.last_fresh(t, stale_after)?, cfg.fd_min_growth / 2.0)),
+        Scope::Tasks => Some((
             s.tasks.last_fresh(t, stale_after)?,
             cfg.task_min_growth / 2.0,
         )),
@@ -105,7 +109,7 @@ pub fn bookkeeping(s: &Signals, cfg: &AnalysisConfig, t: f64, stale_after: f64) 
     // A failed scrape leaves the last value in place; a stale ledger is no evidence of a leak now.
     let app = s.app_live.last_fresh(t, stale_after)?;
     // Threads do not scale with connections; only the app's own task count can back the ledger.
-    if s.tasks_source != "app.goroutines" || s.app_live.span(t) < cfg.min_span_s {
+    if s.tasks_source != TasksSource::AppGoroutines || s.app_live.span(t) < cfg.min_span_s {
         return None;
     }
     let live_growth = Signals::growth(&s.app_live, t, cfg.window_s)?;
@@ -140,7 +144,7 @@ pub fn bookkeeping(s: &Signals, cfg: &AnalysisConfig, t: f64, stale_after: f64) 
             cfg.window_s
         ),
         cfg.unbacked_min_s,
-        "ledger",
+        Scope::Ledger,
     )
     .with_baseline(app - live_growth))
 }
@@ -195,7 +199,7 @@ pub fn idle_connections(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Fin
             x.excess, cfg.idle_timeout_s, cfg.idle_margin_s
         ),
         cfg.idle_min_s,
-        "idle",
+        Scope::LedgerIdle,
     ))
 }
 
@@ -274,7 +278,7 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
             ages.join(", ")
         ),
         cfg.idle_min_s,
-        "sockets",
+        Scope::SocketIdle,
     ))
 }
 
@@ -337,18 +341,16 @@ pub fn unanswered_requests(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<
             f64::from(top.oldest_unanswered_ms) / 1000.0,
         ),
         cfg.unanswered_min_s,
-        "unanswered",
+        Scope::Unanswered,
     ))
 }
 
 /// Sockets left in CLOSE_WAIT: the peer closed, the process never did.
 pub fn close_wait(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
     let cw = s.close_wait.last()?;
-    // Not draining: the lowest count of the last seconds is still over the tolerance.
-    let floor = s
-        .close_wait
-        .min_since(t - cfg.close_wait_floor_s)
-        .unwrap_or(cw);
+    // Not draining: the lowest count of the last seconds is still over the tolerance. No count in those
+    // seconds (the source went quiet) is no evidence, not the last count again.
+    let floor = s.close_wait.min_since(t - cfg.close_wait_floor_s)?;
     if floor <= cfg.close_wait_tolerance {
         return None;
     }
@@ -384,7 +386,7 @@ pub fn close_wait(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> 
             "{cw:.0} sockets sit in CLOSE_WAIT: their peers hung up and the process never closed them{whom}"
         ),
         cfg.close_wait_min_s,
-        "close_wait",
+        Scope::CloseWait,
     ))
 }
 
@@ -418,7 +420,7 @@ pub fn fd_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
             cfg.window_s
         ),
         0.0,
-        "fds",
+        Scope::Fds,
     )
     .with_baseline(s.fds.last()? - growth))
 }
@@ -435,11 +437,12 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
     // Connections whose callers left (CLOSE_WAIT) justify nothing.
     let established_growth = Signals::growth(&s.established, t, cfg.window_s).unwrap_or(0.0);
     // Connections peers hold through this server hold tasks here too (a relay pipe each).
-    let ledger_growth = Signals::growth(&s.app_live, t, cfg.window_s).unwrap_or(0.0)
-        + Signals::growth(&s.peer_live, t, cfg.window_s).unwrap_or(0.0)
-        - Signals::growth(&s.close_wait, t, cfg.window_s)
-            .unwrap_or(0.0)
-            .max(0.0);
+    let ledger_raw_growth = Signals::growth(&s.app_live, t, cfg.window_s).unwrap_or(0.0)
+        + Signals::growth(&s.peer_live, t, cfg.window_s).unwrap_or(0.0);
+    let close_wait_growth = Signals::growth(&s.close_wait, t, cfg.window_s)
+        .unwrap_or(0.0)
+        .max(0.0);
+    let ledger_growth = ledger_raw_growth - close_wait_growth;
     let live_growth = established_growth.max(ledger_growth).max(0.0);
     let unexplained = growth - cfg.tasks_per_connection * live_growth;
     if slope < cfg.task_min_slope || unexplained < cfg.task_min_growth {
@@ -450,27 +453,65 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
     } else {
         Severity::Warning
     };
-    Some(finding(
-        VerdictKind::TaskGrowth,
-        severity,
-        s.tasks_source.to_string(),
-        ev(&[
-            ("tasks.current", s.tasks.last()),
-            ("tasks.growth_in_window", Some(growth)),
-            ("tasks.slope_per_s", Some(slope)),
-            ("kernel.established_growth_in_window", Some(established_growth)),
-            ("crosscheck.live_connection_growth_in_window", Some(live_growth)),
-            ("kernel.close_wait_sockets", s.close_wait.last()),
-            ("app.live_connections", s.app_live.last()),
-        ]),
-        format!(
-            "{} grew by {growth:.0} in {:.0}s ({slope:.1}/s) while live connections grew by {live_growth:.0}: tasks are held for connections whose callers left",
-            s.tasks_source, cfg.window_s
-        ),
-        0.0,
-        "tasks",
+    Some(
+        finding(
+            VerdictKind::TaskGrowth,
+            severity,
+            s.tasks_source.as_str().to_string(),
+            ev(&[
+                ("tasks.current", s.tasks.last()),
+                ("tasks.growth_in_window", Some(growth)),
+                ("tasks.slope_per_s", Some(slope)),
+                (
+                    "kernel.established_growth_in_window",
+                    Some(established_growth),
+                ),
+                (
+                    "crosscheck.live_connection_growth_in_window",
+                    Some(live_growth),
+                ),
+                ("kernel.close_wait_sockets", s.close_wait.last()),
+                ("app.live_connections", s.app_live.last()),
+            ]),
+            task_growth_text(
+                s.tasks_source,
+                (growth, slope, cfg.window_s),
+                live_growth,
+                ledger_raw_growth,
+                close_wait_growth,
+            ),
+            0.0,
+            Scope::Tasks,
+        )
+        .with_baseline(s.tasks.last()? - growth),
     )
-    .with_baseline(s.tasks.last()? - growth))
+}
+
+/// What a task-growth verdict says: the numbers it rests on, and a cause only where they show one. The
+/// ledger's connections whose callers hung up (CLOSE_WAIT) are counted out of the live ones, so the text
+/// says so when that is why "live connections" stayed flat while the ledger grew.
+fn task_growth_text(
+    source: TasksSource,
+    (growth, slope, window): (f64, f64, f64),
+    live_growth: f64,
+    ledger_growth: f64,
+    close_wait_growth: f64,
+) -> String {
+    let head = format!(
+        "{source} grew by {growth:.0} in {window:.0}s ({slope:.1}/s) while live connections grew by {live_growth:.0}"
+    );
+    if close_wait_growth >= 1.0 {
+        let ledger = if ledger_growth >= 1.0 {
+            format!(" (the ledger's grew by {ledger_growth:.0}, ")
+        } else {
+            " (".to_string()
+        };
+        format!(
+            "{head}{ledger}but {close_wait_growth:.0} of their callers hung up and sit in CLOSE_WAIT): tasks are held for connections whose callers left"
+        )
+    } else {
+        format!("{head}: the growth is not explained by connections")
+    }
 }
 
 /// Heap growing along with a task or bookkeeping leak.
@@ -495,7 +536,7 @@ pub fn heap_growth(s: &Signals, cfg: &AnalysisConfig, t: f64, correlated: bool) 
     Some(finding(
         VerdictKind::HeapGrowth,
         Severity::Warning,
-        String::new(),
+        "heap".into(),
         ev(&[
             ("app.heap_inuse_bytes", s.heap.last()),
             ("app.heap_growth_in_window", Some(growth)),
@@ -507,7 +548,7 @@ pub fn heap_growth(s: &Signals, cfg: &AnalysisConfig, t: f64, correlated: bool) 
             cfg.window_s
         ),
         0.0,
-        "heap",
+        Scope::Heap,
     ))
 }
 
@@ -543,7 +584,7 @@ pub fn fd_exhaustion(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Findin
     Some(finding(
         VerdictKind::FdExhaustion,
         severity,
-        String::new(),
+        "fds".into(),
         ev(&[
             ("procfs.open_fds", s.fds.last()),
             ("procfs.fd_limit", s.fd_limit),
@@ -555,6 +596,6 @@ pub fn fd_exhaustion(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Findin
             secs / 60.0
         ),
         0.0,
-        "fd_limit",
+        Scope::FdLimit,
     ))
 }

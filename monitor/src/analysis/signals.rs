@@ -4,8 +4,11 @@ use std::collections::BTreeMap;
 
 use monitor_ebpf::tcp_state::{CLOSE_WAIT, ESTABLISHED};
 
-use super::{AnalysisConfig, Side, series::Series};
-use crate::sample::{LedgerRow, ScrapeOutcome, Snapshot};
+use super::{AnalysisConfig, End, Side, SideInEffect, series::Series};
+use crate::{
+    sample::{LedgerRow, ScrapeOutcome, Snapshot},
+    verdict::Source,
+};
 
 /// One ledger row's counters made reset-safe (a counter reset adds its new value, the way Prometheus'
 /// `increase()` reads it), with enough history of `added` to look one idle horizon back.
@@ -115,6 +118,38 @@ pub fn local_rows(ledger: &[LedgerRow]) -> (Vec<LedgerRow>, f64) {
     (rows, peer_live)
 }
 
+/// Where the task count comes from: one source per incarnation's series, the app's own count when it
+/// reports one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TasksSource {
+    #[default]
+    ProcfsThreads,
+    AppGoroutines,
+}
+
+impl TasksSource {
+    /// The evidence name, as in `tasks_source` of every verdict's text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TasksSource::AppGoroutines => "app.goroutines",
+            TasksSource::ProcfsThreads => "procfs.threads",
+        }
+    }
+
+    pub fn source(self) -> Source {
+        match self {
+            TasksSource::AppGoroutines => Source::App,
+            TasksSource::ProcfsThreads => Source::Procfs,
+        }
+    }
+}
+
+impl std::fmt::Display for TasksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 fn row_key(row: &LedgerRow) -> String {
     format!(
         "clientkey={} proto={} addr={}",
@@ -141,7 +176,7 @@ pub struct Signals {
     pub fds: Series,
     pub fd_limit: Option<f64>,
     pub tasks: Series,
-    pub tasks_source: &'static str,
+    pub tasks_source: TasksSource,
     pub heap: Series,
     /// Cumulative connections opened (reset-safe), for load detection.
     pub opened: Series,
@@ -160,7 +195,7 @@ pub struct Signals {
     /// Connections peer servers hold through this one (their callers are on the peers).
     pub peer_live: Series,
     /// The side whose sockets backed tunneled connections at the last kernel sample.
-    pub side_in_effect: &'static str,
+    pub side_in_effect: Option<SideInEffect>,
     /// Idle ages of the sockets the target dialed, per remote (kernel tcp_info, refreshed with each full
     /// procfs pass), and per remote the fewest sockets idle past the horizon seen in this incarnation.
     pub dialed_idle: Vec<crate::sample::RemoteIdle>,
@@ -173,6 +208,8 @@ pub struct Signals {
     /// (the agent's websocket, scrapes). Subtracted before comparing.
     kernel_offset: Option<f64>,
     pub remotedialer_present: bool,
+    /// When each source last delivered a reading in this incarnation (see [`Signals::silent_for`]).
+    last_heard: BTreeMap<Source, f64>,
 }
 
 impl Signals {
@@ -180,8 +217,28 @@ impl Signals {
         *self = Signals::default();
     }
 
+    /// Seconds since `source` last delivered, or `None` if it never did in this incarnation (a source
+    /// that never answered holds nothing either, but there is nothing to clear).
+    pub fn silent_for(&self, source: Source, t: f64) -> Option<f64> {
+        self.last_heard.get(&source).map(|at| t - at)
+    }
+
     pub fn update(&mut self, s: &Snapshot, cfg: &AnalysisConfig, horizon: f64) {
         let t = s.t;
+        let heard = [
+            (Source::App, matches!(s.app, ScrapeOutcome::Ok(_))),
+            (Source::Kernel, s.kernel.is_some()),
+            (Source::Procfs, s.proc.is_some()),
+            (
+                Source::SockDiag,
+                s.proc
+                    .as_ref()
+                    .is_some_and(|p| p.dialed_idle_horizon_s > 0.0),
+            ),
+        ];
+        for (source, _) in heard.iter().filter(|(_, h)| *h) {
+            self.last_heard.insert(*source, t);
+        }
         let side = cfg.side;
         let idle_horizon = cfg.idle_horizon_s();
         // Series read one idle horizon back must be kept that long, plus a window to measure their trend.
@@ -247,16 +304,20 @@ impl Signals {
             app_live = Some(total);
         }
         if let Some(k) = &s.kernel {
-            let (conn, side_name) = match side {
-                Side::Server => (k.accepted_live, "server"),
-                Side::Agent => (k.connected_live, "agent"),
-                Side::Auto if k.accepted_live >= k.connected_live => {
-                    (k.accepted_live, "server (auto)")
-                }
-                Side::Auto => (k.connected_live, "agent (auto)"),
+            let end = match side {
+                Side::Server => End::Server,
+                Side::Agent => End::Agent,
+                Side::Auto if k.accepted_live >= k.connected_live => End::Server,
+                Side::Auto => End::Agent,
             };
-            let conn = conn as f64;
-            self.side_in_effect = side_name;
+            let conn = match end {
+                End::Server => k.accepted_live,
+                End::Agent => k.connected_live,
+            } as f64;
+            self.side_in_effect = Some(SideInEffect {
+                end,
+                auto: side == Side::Auto,
+            });
             self.kernel_conn.push(t, conn, long);
             self.kernel_conn_floor = Some(self.kernel_conn_floor.map_or(conn, |f| f.min(conn)));
             self.established
@@ -311,15 +372,15 @@ impl Signals {
         // A scrape gap is a gap, not a switch of source.
         match (app.and_then(|a| a.goroutines), &s.proc) {
             (Some(g), _) => {
-                if self.tasks_source != "app.goroutines" {
+                if self.tasks_source != TasksSource::AppGoroutines {
                     self.tasks.clear();
                 }
                 self.tasks.push(t, g, horizon);
-                self.tasks_source = "app.goroutines";
+                self.tasks_source = TasksSource::AppGoroutines;
             }
-            (None, Some(p)) if self.tasks_source != "app.goroutines" => {
+            (None, Some(p)) if self.tasks_source != TasksSource::AppGoroutines => {
                 self.tasks.push(t, p.threads as f64, horizon);
-                self.tasks_source = "procfs.threads";
+                self.tasks_source = TasksSource::ProcfsThreads;
             }
             _ => {}
         }

@@ -23,6 +23,9 @@ struct Tunnel {
     goroutines: f64,
     heap: f64,
     scrape_ok: bool,
+    /// The probes and procfs answer (a source that stops answering is tested by turning these off).
+    kernel_ok: bool,
+    proc_ok: bool,
 }
 
 impl Tunnel {
@@ -42,6 +45,8 @@ impl Tunnel {
             goroutines: 12.0,
             heap: 8.0 * 1048576.0,
             scrape_ok: true,
+            kernel_ok: true,
+            proc_ok: true,
         }
     }
 
@@ -76,7 +81,7 @@ impl Tunnel {
                 pid: self.pid,
                 start_ticks: self.start_ticks,
             }),
-            kernel: Some(KernelSample {
+            kernel: self.kernel_ok.then(|| KernelSample {
                 live_sockets: self.established + self.close_wait,
                 sockets_by_state: by_state,
                 accepted_live: self.accepted,
@@ -88,7 +93,7 @@ impl Tunnel {
                 },
                 ..KernelSample::default()
             }),
-            proc: Some(ProcSample {
+            proc: self.proc_ok.then(|| ProcSample {
                 open_fds: self.fds,
                 fd_limit: Some(self.fd_limit),
                 socket_fds: self.established + self.close_wait,
@@ -1133,4 +1138,181 @@ fn kernel_only_load_is_connections_opened_not_old_sockets_first_seen_closing() {
     }
     assert!(phases[..25].iter().all(|p| *p == "idle"), "{phases:?}");
     assert_eq!(phases[39], "loaded", "{phases:?}");
+}
+
+/// The clear caused by a source going silent, if one came: when, and what it said.
+fn cleared_for_silence(changes: &[VerdictChange], kind: VerdictKind) -> Option<(f64, String)> {
+    changes.iter().find_map(|c| match c {
+        VerdictChange::Cleared {
+            kind: k,
+            at,
+            reason: Some(why),
+            ..
+        } if *k == kind => Some((*at, why.clone())),
+        _ => None,
+    })
+}
+
+/// Issue 19, item 3: evidence has a freshness bound. The agent's idle-socket verdict rests on sock_diag
+/// alone; when sock_diag stops answering (a dump that fails from then on), the verdict clears within the
+/// bound and says why, instead of standing on the last reading for ever.
+#[test]
+fn a_verdict_whose_only_source_goes_silent_clears_and_says_so() {
+    use crate::sample::RemoteIdle;
+    let (mut an, mut tun) = (analyzer_on(Side::Agent), Tunnel::new());
+    tun.scrape_ok = false;
+    let cfg = AnalysisConfig::default();
+    let mut changes = Vec::new();
+    let (mut raised_at, mut silent_from) = (None, None);
+    for i in 0..400u32 {
+        tun.t += 1.0;
+        let mut snap = tun.snapshot();
+        // Two idle sockets a second from t=0, seen by a full pass every 15 s; sock_diag breaks 30 s after
+        // the verdict is raised and never answers again.
+        let seen_at = i - i % 15;
+        if raised_at.is_none() && !an.active().is_empty() {
+            raised_at = Some(tun.t);
+        }
+        let sockdiag_up = raised_at.is_none_or(|r| tun.t < r + 30.0);
+        if sockdiag_up {
+            if let Some(p) = snap.proc.as_mut() {
+                let established = 2 * u64::from(seen_at).max(1);
+                let old = 2 * u64::from(seen_at.saturating_sub(105));
+                p.dialed_idle = vec![RemoteIdle {
+                    remote: "127.0.0.1:6080".into(),
+                    established,
+                    idle_over_horizon: old,
+                    oldest_idle_ms: 200_000,
+                    buckets: [0, 0, established - old, old, 0, 0],
+                    ..RemoteIdle::default()
+                }];
+                p.dialed_idle_horizon_s = 105.0;
+            }
+        } else if silent_from.is_none() {
+            silent_from = Some(tun.t);
+        }
+        changes.extend(an.observe(&snap));
+    }
+    assert!(
+        !raised_of(&changes, VerdictKind::IdleConnectionLeak).is_empty(),
+        "raised while sock_diag answered: {changes:?}"
+    );
+    let silent_from = silent_from.expect("sock_diag went silent");
+    let (at, why) = cleared_for_silence(&changes, VerdictKind::IdleConnectionLeak)
+        .unwrap_or_else(|| panic!("cleared once sock_diag went silent: {changes:?}"));
+    assert!(
+        at - silent_from <= cfg.sockdiag_stale_s + 15.0 + 2.0,
+        "cleared {}s after its last reading",
+        at - silent_from
+    );
+    assert!(why.contains("sock_diag silent for"), "{why}");
+    assert!(an.active().is_empty(), "{:?}", an.active());
+}
+
+/// The same for CLOSE_WAIT, which the kernel (eBPF) and procfs both count: while either answers it
+/// stands; once both are silent it clears at once, saying so (before, it held on the last count).
+#[test]
+fn close_wait_clears_when_both_its_sources_go_silent() {
+    let (mut an, mut tun) = (analyzer(), Tunnel::new());
+    replay(&mut an, &mut tun, 10, |t, _| healthy_traffic(t, 5.0, 1));
+    let changes = replay(&mut an, &mut tun, 30, |t, _| t.close_wait = 40);
+    assert!(
+        !raised_of(&changes, VerdictKind::SocketLeak).is_empty(),
+        "{changes:?}"
+    );
+    // The probes stop; procfs still counts the 40: the verdict stands.
+    let changes = replay(&mut an, &mut tun, 20, |t, _| t.kernel_ok = false);
+    assert!(
+        cleared_for_silence(&changes, VerdictKind::SocketLeak).is_none(),
+        "{changes:?}"
+    );
+    assert!(
+        an.active()
+            .iter()
+            .any(|v| v.kind == VerdictKind::SocketLeak)
+    );
+    // procfs stops too (the ledger still answers): nothing can see those sockets now.
+    let silent_at = tun.t;
+    let changes = replay(&mut an, &mut tun, 30, |t, _| t.proc_ok = false);
+    let (at, why) = cleared_for_silence(&changes, VerdictKind::SocketLeak)
+        .unwrap_or_else(|| panic!("cleared once nothing counts CLOSE_WAIT: {changes:?}"));
+    assert!(at - silent_at <= 12.0, "cleared {}s later", at - silent_at);
+    assert!(
+        why.contains("the eBPF probes silent") && why.contains("procfs silent"),
+        "{why}"
+    );
+}
+
+/// Issue 19, item 9: every verdict has a subject, and the texts say what the numbers say: held pipes
+/// whose callers hung up are named as such, with the ledger's own growth, not "live connections grew by 0".
+#[test]
+fn every_verdict_has_a_subject_and_says_what_its_numbers_say() {
+    let (mut an, mut tun) = (analyzer(), Tunnel::new());
+    replay(&mut an, &mut tun, 20, |t, i| {
+        healthy_traffic(t, 20.0, (i % 3) as u64)
+    });
+    let mut changes = replay(&mut an, &mut tun, 60, |t, _| {
+        t.added += 20.0;
+        t.close_wait += 20;
+        t.accepted += 20;
+        t.fds += 20;
+        t.goroutines += 40.0;
+        t.heap += 2.0 * 1048576.0;
+    });
+    let tg = raised_of(&changes, VerdictKind::TaskGrowth)[0].clone();
+    assert!(
+        tg.explanation.contains("the ledger's grew by")
+            && tg.explanation.contains("sit in CLOSE_WAIT")
+            && tg.explanation.contains("callers left"),
+        "{}",
+        tg.explanation
+    );
+    // Tasks that grow with no connection and no CLOSE_WAIT: no claim about callers.
+    let (mut an2, mut tun2) = (analyzer(), Tunnel::new());
+    let grow = replay(&mut an2, &mut tun2, 60, |t, _| t.goroutines += 5.0);
+    let plain = raised_of(&grow, VerdictKind::TaskGrowth)[0].clone();
+    assert!(
+        plain.explanation.contains("not explained by connections")
+            && !plain.explanation.contains("callers left"),
+        "{}",
+        plain.explanation
+    );
+    // An fd leak runs to the limit (fd_exhaustion), and a burst that leaves tasks behind fails quiescence.
+    let (mut an3, mut tun3) = (analyzer(), Tunnel::new());
+    changes.extend(replay(&mut an3, &mut tun3, 60, |t, _| t.fds += 5));
+    let (mut an4, mut tun4) = (analyzer(), Tunnel::new());
+    replay(&mut an4, &mut tun4, 20, |_, _| {});
+    replay(&mut an4, &mut tun4, 20, |t, _| healthy_traffic(t, 20.0, 2));
+    changes.extend(replay(&mut an4, &mut tun4, 200, |t, _| {
+        t.accepted = 2;
+        t.established = 2;
+        t.goroutines = 60.0;
+    }));
+    let kinds: std::collections::BTreeSet<VerdictKind> = changes
+        .iter()
+        .filter_map(|c| match c {
+            VerdictChange::Raised(v) => Some(v.kind),
+            _ => None,
+        })
+        .collect();
+    for kind in [
+        VerdictKind::TaskGrowth,
+        VerdictKind::HeapGrowth,
+        VerdictKind::SocketLeak,
+        VerdictKind::FdExhaustion,
+        VerdictKind::QuiescenceFailure,
+    ] {
+        assert!(kinds.contains(&kind), "{kind:?} raised: {kinds:?}");
+    }
+    for c in &changes {
+        if let VerdictChange::Raised(v) = c {
+            assert!(!v.subject.is_empty(), "{:?} has no subject: {v:?}", v.kind);
+        }
+    }
+    let q = raised_of(&changes, VerdictKind::QuiescenceFailure)[0];
+    assert!(
+        q.subject.contains("tasks"),
+        "says what did not return: {}",
+        q.subject
+    );
 }

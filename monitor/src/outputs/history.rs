@@ -534,6 +534,7 @@ mod tests {
         let mut h = History::with_capacity(3);
         let v = Verdict {
             kind: VerdictKind::BookkeepingLeak,
+            scope: crate::verdict::Scope::Ledger,
             severity: Severity::Critical,
             since: 0.0,
             subject: "clientkey=c1".into(),

@@ -29,9 +29,17 @@ pub fn log_change(change: &VerdictChange, unix_offset: f64) {
             let evidence = serde_json::to_string(&v.evidence).unwrap_or_default();
             warn!(kind = v.kind.as_str(), severity = v.severity.as_str(), subject = %v.subject, %evidence, "escalated to {}: {}", v.severity.as_str(), v.explanation);
         }
-        VerdictChange::Cleared { kind, subject, at } => {
+        VerdictChange::Cleared {
+            kind,
+            subject,
+            at,
+            reason,
+        } => {
             let at = timestamp(*at, unix_offset);
-            info!(kind = kind.as_str(), %subject, %at, "cleared");
+            match reason {
+                Some(why) => info!(kind = kind.as_str(), %subject, %at, "cleared: {why}"),
+                None => info!(kind = kind.as_str(), %subject, %at, "cleared"),
+            }
         }
         VerdictChange::TargetRestarted {
             at,

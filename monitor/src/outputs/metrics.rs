@@ -398,16 +398,11 @@ impl LeakwatchMetrics {
                 .with_label_values(&[t])
                 .set(costs.scrape);
         }
-        if !derived.side.is_empty() {
-            let side = if derived.side.starts_with("server") {
-                "server"
-            } else {
-                "agent"
-            };
-            for s in ["server", "agent"] {
+        if let Some(side) = derived.side {
+            for end in [crate::analysis::End::Server, crate::analysis::End::Agent] {
                 self.side
-                    .with_label_values(&[t, s])
-                    .set(i64::from(s == side));
+                    .with_label_values(&[t, end.as_str()])
+                    .set(i64::from(end == side.end));
             }
         }
         self.sample_duration
