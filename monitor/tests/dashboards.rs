@@ -294,7 +294,10 @@ fn exporter_names() -> BTreeSet<String> {
         }),
     };
     let derived = Derived {
-        side: "server".into(),
+        side: Some(leakwatch::analysis::SideInEffect {
+            end: leakwatch::analysis::End::Server,
+            auto: false,
+        }),
         app_live_by_clientkey: [("c1".to_string(), 1.0)].into(),
         unbacked_connections: Some(0.0),
         idle_beyond_horizon: Some(0.0),
