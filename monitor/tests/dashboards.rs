@@ -877,3 +877,63 @@ fn prometheusrule_manifest_wraps_the_rules_unchanged() {
          regenerate it with the command in its header"
     );
 }
+
+/// Issue 19, item 5: the thresholds and defaults the docs, the dashboard and the runbooks state are the
+/// analysis' own (`AnalysisConfig::default()`, the one table everything reads), not copies that drift.
+#[test]
+fn docs_dashboard_and_runbooks_state_the_analysis_defaults() {
+    let c = leakwatch::analysis::AnalysisConfig::default();
+    let dashboard: Value = serde_json::from_str(&read(&dashboard_path())).expect("dashboard JSON");
+    let panel = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .find(|p| p["title"] == "Unbacked and idle-beyond-horizon connections")
+        .expect("the idle panel");
+    let steps: Vec<f64> = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        .as_array()
+        .expect("threshold steps")
+        .iter()
+        .filter_map(|s| s["value"].as_f64())
+        .collect();
+    let (warn, crit) = (c.idle_tolerance, c.critical_factor * c.idle_tolerance);
+    assert_eq!(
+        steps,
+        [warn, crit],
+        "the idle panel draws the idle rule's warning and critical levels"
+    );
+    let description = panel["description"].as_str().expect("description");
+    for says in [
+        format!("Threshold lines: {warn} (warning) and {crit} (critical)"),
+        format!("{}x it", c.critical_factor),
+        format!("({} s for Go)", c.idle_timeout_s),
+        format!("for over {} s", c.unanswered_after_s),
+    ] {
+        assert!(description.contains(&says), "the panel says {says:?}: {description}");
+    }
+    let metrics_md = read(&root().join("docs/metrics.md"));
+    for says in [
+        format!("(`--idle-timeout` + {} s)", c.idle_margin_s),
+        format!("longer than {} s", c.unanswered_after_s),
+        format!(
+            "every `--procfs-scan-interval`, {} s by default",
+            leakwatch::args::DEFAULT_PROCFS_SCAN_INTERVAL.as_secs()
+        ),
+    ] {
+        assert!(metrics_md.contains(&says), "docs/metrics.md says {says:?}");
+    }
+    let rules = read(&rules_path());
+    let horizon = format!("{}s by default", c.idle_horizon_s());
+    assert!(
+        rules.contains(&format!("(idle timeout\n            + margin, {horizon})")),
+        "the idle runbook states the horizon: {horizon}"
+    );
+    let readme = read(&root().join("README.md"));
+    assert!(
+        readme.contains(&format!(
+            "(`--idle-timeout`, {} s, + {} s margin)",
+            c.idle_timeout_s, c.idle_margin_s
+        )),
+        "README states the idle horizon's parts"
+    );
+}
