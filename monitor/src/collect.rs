@@ -209,8 +209,11 @@ impl Collector {
     }
 
     /// The procfs part of a tick: full (with the TCP-table join) in procfs-only mode, for a new target, and
-    /// every `procfs_scan_interval`; otherwise the light pass with the last join carried over.
-    fn proc_sample(&mut self) -> Option<ProcSample> {
+    /// every `procfs_scan_interval`; otherwise the light pass with the last join carried over. The reads
+    /// (and the sock_diag dump of a full pass) run on a blocking thread: on a busy node `/proc/<pid>/fd`
+    /// and `/proc/<pid>/net/tcp` take tens of milliseconds, which must not hold up the async workers that
+    /// serve /metrics and /healthz and drain the ring buffer.
+    async fn proc_sample(&mut self) -> Option<ProcSample> {
         let id = self.current.clone()?;
         let light_ok = self.mode == KernelMode::Ebpf;
         // Only CLOSE_WAIT: it is what a socket-leak verdict stands on, and ESTABLISHED differs by a few
@@ -227,19 +230,31 @@ impl Collector {
         } else {
             self.procfs_scan_interval
         };
+        let procfs = self.procfs.clone();
         let result = match &self.last_full_proc {
             Some((who, last, at)) if light_ok && *who == id && at.elapsed() < interval => {
-                self.procfs.sample_light(id.pid, last)
+                let last = last.clone();
+                off_the_runtime(move || procfs.sample_light(id.pid, &last)).await
             }
             _ => {
                 let t0 = Instant::now();
-                let full =
-                    self.procfs
+                let (sockdiag_on, max_sockets) = (!self.sockdiag_off, self.max_sockets);
+                let pass = off_the_runtime(move || {
+                    procfs
                         .sample_with_sockets(id.pid)
-                        .map(|(mut s, inodes, listening)| {
-                            self.add_dialed_idle(&mut s, &inodes, &listening);
-                            s
-                        });
+                        .map(|(s, inodes, listening)| {
+                            let dump =
+                                sockdiag_on.then(|| sockdiag::dump_tcp(&inodes, max_sockets));
+                            (s, listening, dump)
+                        })
+                })
+                .await;
+                let full = pass.map(|(mut s, listening, dump)| {
+                    if let Some(dump) = dump {
+                        self.add_dialed_idle(&mut s, dump, &listening);
+                    }
+                    s
+                });
                 self.costs.procfs_full = t0.elapsed().as_secs_f64();
                 if let Ok(s) = &full {
                     self.last_full_proc = Some((id.clone(), s.clone(), Instant::now()));
@@ -305,13 +320,10 @@ impl Collector {
     fn add_dialed_idle(
         &mut self,
         sample: &mut ProcSample,
-        inodes: &HashSet<u64>,
+        dump: Result<sockdiag::TcpDump, sockdiag::SockDiagError>,
         listening: &HashSet<u16>,
     ) {
-        if self.sockdiag_off {
-            return;
-        }
-        match sockdiag::dump_tcp(inodes, self.max_sockets) {
+        match dump {
             Ok(dump) => {
                 let dialed: Vec<_> = dump
                     .sockets
@@ -346,7 +358,7 @@ impl Collector {
 
         let t0 = Instant::now();
         self.full_pass_now = false;
-        let proc = self.proc_sample();
+        let proc = self.proc_sample().await;
         self.costs.procfs = t0.elapsed().as_secs_f64();
         if let Some(k) = kernel.as_mut() {
             self.reconcile(k, proc.as_ref().filter(|_| self.full_pass_now));
@@ -493,6 +505,19 @@ impl Drop for Collector {
             p.abort();
         }
     }
+}
+
+/// Runs blocking reads on tokio's blocking pool. A read that panics (it should not: every parser returns
+/// errors) is a failed sample, not a dead sidecar.
+async fn off_the_runtime<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, ProcError> + Send + 'static,
+) -> Result<T, ProcError> {
+    tokio::task::spawn_blocking(read).await.unwrap_or_else(|e| {
+        Err(ProcError::Io {
+            path: "/proc".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
 }
 
 async fn run_pump(

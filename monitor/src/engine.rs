@@ -29,7 +29,7 @@ use crate::{
         scrape::{ScrapeConfig, Scraper},
     },
     target::{TargetSelector, TargetTracker},
-    verdict::{Verdict, VerdictChange, VerdictKind},
+    verdict::{Raised, Verdict, VerdictChange, VerdictKind},
 };
 
 /// What `watch`, `check` and `verify` start from: the resolved configuration and the kernel side,
@@ -65,14 +65,6 @@ pub async fn terminated() -> Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
-}
-
-/// A verdict as it was raised, with when it was raised (detection time, as opposed to `since`).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Raised {
-    pub verdict: Verdict,
-    pub raised_t: f64,
-    pub raised_unix: f64,
 }
 
 /// What a run saw, for one-shot reports: proof that the run looked at what it reports on.

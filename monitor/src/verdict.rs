@@ -156,6 +156,14 @@ pub struct Verdict {
     pub explanation: String,
 }
 
+/// A verdict as it was raised, with when it was raised (detection time, as opposed to `since`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Raised {
+    pub verdict: Verdict,
+    pub raised_t: f64,
+    pub raised_unix: f64,
+}
+
 /// A verdict appearing or clearing, for logs and event counters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum VerdictChange {

@@ -909,7 +909,10 @@ fn docs_dashboard_and_runbooks_state_the_analysis_defaults() {
         format!("({} s for Go)", c.idle_timeout_s),
         format!("for over {} s", c.unanswered_after_s),
     ] {
-        assert!(description.contains(&says), "the panel says {says:?}: {description}");
+        assert!(
+            description.contains(&says),
+            "the panel says {says:?}: {description}"
+        );
     }
     let metrics_md = read(&root().join("docs/metrics.md"));
     for says in [

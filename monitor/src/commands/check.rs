@@ -7,9 +7,9 @@ use tokio::time::Instant;
 use super::Prepared;
 use crate::{
     args::CheckArgs,
-    engine::{EXIT_INCONCLUSIVE, Engine, Raised, RunStats},
+    engine::{EXIT_INCONCLUSIVE, Engine, RunStats},
     outputs::http,
-    verdict::Verdict,
+    verdict::{Raised, Verdict},
 };
 
 pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {

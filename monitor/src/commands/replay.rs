@@ -7,9 +7,8 @@ use anyhow::{Context, Result};
 use crate::{
     analysis::{AnalysisConfig, Analyzer, Side},
     args::{ReplayArgs, SideArg},
-    engine::Raised,
     outputs::{history::History, page, record::read_recording},
-    verdict::VerdictChange,
+    verdict::{Raised, VerdictChange},
 };
 
 /// Ticks a replay report holds at most (about 15 MiB): a day at one a second. Longer recordings are

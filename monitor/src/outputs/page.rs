@@ -12,7 +12,10 @@ use super::{
     history::History,
     http::StatusDoc,
 };
-use crate::{analysis::Side, engine::Raised, verdict::Verdict};
+use crate::{
+    analysis::Side,
+    verdict::{Raised, Verdict},
+};
 
 /// Escapes text for HTML content and attribute values: target names, subjects, peers and explanations
 /// come from outside (process names, the target's metric labels).
