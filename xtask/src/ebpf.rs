@@ -96,7 +96,9 @@ pub fn detect() -> Detection {
     }
 }
 
-pub fn build() -> Result<()> {
+/// `cargo <subcommand>` for the probes on the BPF target, with whichever toolchain is here (`build` to
+/// compile them, `clippy` to lint them: the host build of the crate compiles no probe code).
+fn bpf_cargo(subcommand: &str) -> Result<Command> {
     let det = detect();
     let (Some(toolchain), Some(linker)) = (&det.toolchain, &det.bpf_linker) else {
         bail!(
@@ -106,12 +108,21 @@ pub fn build() -> Result<()> {
     };
     let root = workspace_root();
     let linker_dir = linker.parent().expect("a file has a parent");
+    // Debian's cargo-clippy runs the clippy-driver it finds first on PATH: Debian's, whose sysroot has the
+    // BPF core, must come before rustup's.
+    let toolchain_dir = match toolchain {
+        Toolchain::Debian { rustc, .. } => rustc.parent().map(Path::to_path_buf),
+        Toolchain::Nightly => None,
+    };
     let path = std::env::join_paths(
-        std::iter::once(linker_dir.to_path_buf()).chain(
-            std::env::var_os("PATH")
-                .iter()
-                .flat_map(std::env::split_paths),
-        ),
+        toolchain_dir
+            .into_iter()
+            .chain(std::iter::once(linker_dir.to_path_buf()))
+            .chain(
+                std::env::var_os("PATH")
+                    .iter()
+                    .flat_map(std::env::split_paths),
+            ),
     )?;
     let common = [
         "--release",
@@ -128,16 +139,23 @@ pub fn build() -> Result<()> {
         Toolchain::Debian { cargo, .. } => {
             let mut c = Command::new(cargo);
             c.env("RUSTC_BOOTSTRAP", "1")
-                .arg("build")
+                .arg(subcommand)
                 .args(common)
                 .arg(&target_dir);
             c
         }
         Toolchain::Nightly => {
             let mut c = Command::new("rustup");
-            c.args(["run", "nightly", "cargo", "build", "-Z", "build-std=core"])
-                .args(common)
-                .arg(&target_dir);
+            c.args([
+                "run",
+                "nightly",
+                "cargo",
+                subcommand,
+                "-Z",
+                "build-std=core",
+            ])
+            .args(common)
+            .arg(&target_dir);
             c
         }
     };
@@ -157,7 +175,18 @@ pub fn build() -> Result<()> {
         cmd.env("RUSTC", rustc);
     }
     cmd.env("PATH", path).current_dir(&root);
-    util::run(&mut cmd)?;
+    Ok(cmd)
+}
+
+/// Clippy over the probes as they are compiled, for the BPF target, warnings as errors.
+pub fn lint() -> Result<()> {
+    let mut cmd = bpf_cargo("clippy")?;
+    cmd.args(["--", "-D", "warnings"]);
+    util::run(&mut cmd)
+}
+
+pub fn build() -> Result<()> {
+    util::run(&mut bpf_cargo("build")?)?;
     let obj = object_path();
     let size = std::fs::metadata(&obj).map(|m| m.len()).unwrap_or(0);
     if size == 0 {
@@ -167,8 +196,9 @@ pub fn build() -> Result<()> {
         );
     }
     eprintln!(
-        "xtask: eBPF object {} ({size} bytes, {toolchain:?})",
-        obj.display()
+        "xtask: eBPF object {} ({size} bytes, {:?})",
+        obj.display(),
+        detect().toolchain
     );
     Ok(())
 }

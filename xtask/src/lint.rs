@@ -1,6 +1,6 @@
 //! `cargo xtask lint`: the checks a reviewer would otherwise do by hand, run by the test command so that
-//! CI fails on them: formatting, clippy with every warning an error (eBPF crate included, which builds
-//! for the host too), and dependencies that no code uses.
+//! CI fails on them: formatting, clippy with every warning an error (the host crates, and the eBPF probes
+//! for the BPF target with Debian's clippy), and dependencies that no code uses.
 use anyhow::{Context, Result, bail};
 
 use crate::util;
@@ -21,6 +21,15 @@ pub fn run() -> Result<()> {
         "warnings",
     ])
     .context("clippy found warnings")?;
+    // The host build of monitor-ebpf compiles none of the probe code (it is `cfg(target_arch = "bpf")`):
+    // lint it for the target it runs on.
+    if crate::ebpf::detect().toolchain.is_some() {
+        crate::ebpf::lint().context("clippy found warnings in the eBPF probes")?;
+    } else {
+        eprintln!(
+            "xtask: WARNING: the eBPF probes were NOT linted: no BPF toolchain here (`cargo xtask setup` installs it)"
+        );
+    }
     if util::which(MACHETE).is_none() {
         util::cargo(&["install", MACHETE, "--locked"])
             .with_context(|| format!("installing {MACHETE}"))?;
@@ -34,6 +43,8 @@ pub fn run() -> Result<()> {
     if !status.success() {
         bail!("{MACHETE} found unused dependencies (listed above)");
     }
-    eprintln!("xtask: lint clean (fmt, clippy -D warnings, no unused dependencies)");
+    eprintln!(
+        "xtask: lint clean (fmt, clippy -D warnings on the host crates and the probes, no unused dependencies)"
+    );
     Ok(())
 }

@@ -10,11 +10,15 @@ const APT_EBPF: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
+    APT_EBPF_CLIPPY,
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
 ];
+/// Debian's clippy for the same compiler: the probes are linted as they are compiled, for BPF. Checked on
+/// its own too, for machines set up before the lint existed.
+const APT_EBPF_CLIPPY: &str = "rust-web-clippy";
 /// Real Prometheus and promtool for the rule tests and the alerting integration test; Chromium and a font
 /// for the picture tests (the live page and the reports rendered in a real browser).
 const APT_TEST: &[&str] = &["prometheus", "python3", "chromium", "fonts-dejavu-core"];
@@ -56,6 +60,9 @@ pub fn run(check_only: bool) -> Result<()> {
     } else {
         Vec::new()
     };
+    if matches!(det.toolchain, Some(ebpf::Toolchain::Debian { .. })) {
+        apt.extend(apt_missing(&[APT_EBPF_CLIPPY]));
+    }
     apt.extend(apt_missing(APT_TEST));
     if !apt.is_empty() {
         if can_apt && !check_only {

@@ -291,17 +291,6 @@ impl Probes {
             .collect()
     }
 
-    /// Host pids the probes know for the watched processes (learned in the kernel when leakwatch runs in a
-    /// pid namespace of its own; 0 while still unknown), in slot order.
-    pub fn host_tgids(&self) -> Vec<(u32, u32)> {
-        self.set()
-            .slots
-            .iter()
-            .filter(|s| s.tgid != 0)
-            .map(|s| (s.tgid, s.host_tgid))
-            .collect()
-    }
-
     /// Tells the kernel which listening ports belong to `tgid`, for listeners opened before attach:
     /// without this their accepted children could not be attributed.
     pub fn seed_listeners(&mut self, tgid: u32, ports: &[(u16, u16)]) -> Result<(), ProbeError> {
@@ -385,11 +374,6 @@ pub async fn pump_ring(
     let n = drain_ring(guard.get_inner_mut(), on_event);
     guard.clear_ready();
     Ok(n)
-}
-
-/// Human name of a TCP state, for logs.
-pub fn state_name(state: u8) -> &'static str {
-    tcp_state::name(state)
 }
 
 #[cfg(test)]
