@@ -40,12 +40,17 @@ fn apt_install(pkgs: &[String]) -> Result<()> {
     if pkgs.is_empty() {
         return Ok(());
     }
-    util::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    util::run(
+    eprintln!("xtask: installing with apt: {}", pkgs.join(" "));
+    util::run_logged(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-update.log",
+    )?;
+    util::run_logged(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(pkgs),
+        "apt-install.log",
     )
 }
 

@@ -25,6 +25,28 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Like [`run`], but the command's output goes to `log` (under target/leakwatch-results/) and only its
+/// last lines are shown, if it fails: apt and dpkg print hundreds of progress lines nobody reads.
+pub fn run_logged(cmd: &mut Command, log: &str) -> Result<()> {
+    let line = format!("{cmd:?}");
+    let dir = workspace_root().join("target/leakwatch-results");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(log);
+    eprintln!("xtask: running {line} (output in {})", path.display());
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {line}"))?;
+    let text = [out.stdout, out.stderr].concat();
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        bail!("{line} failed ({}); its last lines:\n{tail}", out.status);
+    }
+    Ok(())
+}
+
 /// Runs the same cargo that runs xtask (rustup's, normally) in the workspace root.
 pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
