@@ -385,6 +385,7 @@ impl Engine {
                 goroutine_growth: self.goroutine_growth.clone(),
                 sockets_by_state: sockets_by_state(&snap),
                 crosscheck: derived.clone(),
+                analysis: self.analyzer.config().clone(),
             };
         }
         if let Ok(mut t) = self.shared.last_tick.lock() {

@@ -235,18 +235,22 @@ fn brief(listen: &str) -> (String, Vec<String>, Vec<String>) {
     (line, kinds, explained)
 }
 
+/// The fix's idle timeout, seconds: Go's `http.DefaultTransport` default, which v2.10.5's transport clones.
+const FIX_IDLE_TIMEOUT_S: u32 = 90;
+
 /// Act 1: v2.10.3 and v2.10.5 under the same load, side by side.
 fn bug_and_fix_side_by_side() -> Result<(Tunnel, Tunnel, Proc, Proc)> {
     println!(
         "\n=== 1/3  The v2.10.3 bug and the v2.10.5 fix, side by side ===\n\
          Both tunnels proxy through a keep-alive HTTP transport built for every request. v2.10.3's never\n\
-         closes an idle connection; v2.10.5's closes it after Go's 90 s. Each gets 5 requests/s for 60 s from\n\
+         closes an idle connection; v2.10.5's closes it after Go's {FIX_IDLE_TIMEOUT_S} s. Each gets 5 requests/s for 60 s from\n\
          one keep-alive caller. Callers are served normally and no socket goes to CLOSE_WAIT: every request\n\
          leaves an idle tunneled connection with no caller behind it, on both. leakwatch must page on the\n\
          bug and stay silent on the fix, which only pools.\n"
     );
     let bug = start_tunnel_with(None, &["--proxy-transport", "per-request"])?;
-    let fix = start_tunnel_with(None, &["--proxy-transport", "per-request-idle=90s"])?;
+    let fix_transport = format!("per-request-idle={FIX_IDLE_TIMEOUT_S}s");
+    let fix = start_tunnel_with(None, &["--proxy-transport", &fix_transport])?;
     let lw_bug = start_leakwatch_on(&bug, LEAKWATCH, "v2.10.3")?;
     let lw_fix = start_leakwatch_on(&fix, LEAKWATCH_FIX, "v2.10.5")?;
     println!("live pages: http://{LEAKWATCH}/ (v2.10.3) and http://{LEAKWATCH_FIX}/ (v2.10.5)\n");
@@ -283,10 +287,19 @@ fn bug_and_fix_side_by_side() -> Result<(Tunnel, Tunnel, Proc, Proc)> {
     if !fix_seen.is_empty() {
         bail!("leakwatch raised {fix_seen:?} on v2.10.5, which only pools");
     }
+    // The horizon as leakwatch has it (its /status), not a copy of its defaults.
+    let analysis = http_get(&format!("http://{LEAKWATCH}/status"))
+        .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+        .map(|d| d["analysis"].clone())
+        .unwrap_or_default();
+    let (timeout, margin) = (
+        analysis["idle_timeout_s"].as_f64().unwrap_or(f64::NAN),
+        analysis["idle_margin_s"].as_f64().unwrap_or(f64::NAN),
+    );
     println!(
-        "\nHow leakwatch told them apart: for the first 90 s the two are the same (a connection per request,\n\
+        "\nHow leakwatch told them apart: for the first {FIX_IDLE_TIMEOUT_S} s the two are the same (a connection per request,\n\
          idle, no caller). A healthy pool never holds a connection idle past its idle timeout, so leakwatch\n\
-         counts the connections opened more than the idle horizon (90 s + 15 s margin) ago that are still\n\
+         counts the connections opened more than the idle horizon ({timeout} s + {margin} s margin) ago that are still\n\
          open and that no caller explains. On v2.10.5 that stays 0; on v2.10.3 it climbs by 5 a second:"
     );
     for e in explained {

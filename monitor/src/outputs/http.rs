@@ -43,6 +43,9 @@ pub struct StatusDoc {
     /// The cross-check at a glance: the side in effect, unbacked and idle-past-horizon connections, the
     /// fd forecast.
     pub crosscheck: crate::analysis::Derived,
+    /// The thresholds in force (defaults, the config file and the command line resolved): what an on-call
+    /// engineer needs to read a verdict's numbers, and what the demo quotes.
+    pub analysis: crate::analysis::AnalysisConfig,
     /// The target's live TCP sockets per state by name (the snapshot's arrays are indexed by the kernel's
     /// state numbers), from eBPF, or from procfs in procfs-only mode.
     pub sockets_by_state: std::collections::BTreeMap<String, u64>,
