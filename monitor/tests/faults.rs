@@ -17,11 +17,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `leakwatch watch` on `pid` with its own port, once it serves /healthz.
 fn start_watch(pid: u32, extra: &[&str]) -> (Proc, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let lw = Proc::spawn(
         leakwatch()
             .args([
@@ -35,11 +31,7 @@ fn start_watch(pid: u32, extra: &[&str]) -> (Proc, u16) {
             .stderr(Stdio::null()),
     )
     .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(&format!("http://127.0.0.1:{port}/healthz")).is_none() {
-        assert!(Instant::now() < deadline, "leakwatch did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_healthz(&format!("127.0.0.1:{port}"));
     (lw, port)
 }
 
@@ -409,20 +401,9 @@ fn day_one_logs_and_labels_say_what_leakwatch_chose_and_why() {
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // A pattern no process has yet.
-    let marker = format!(
-        "3600.{}{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    );
+    let marker = unique_marker("3600.");
     let pattern = format!("sleep {marker}");
-    let closed_port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed_port = free_port();
     let metrics_url = format!("http://127.0.0.1:{closed_port}/metrics");
     let lw = Proc::launch(&mut watch_cmd(&[
         "--match",
@@ -510,14 +491,7 @@ fn day_one_logs_and_labels_say_what_leakwatch_chose_and_why() {
 /// whose command lines hold the pattern (`timeout`, `sh -c`) are never taken for the target.
 #[test]
 fn a_check_that_never_saw_its_target_or_its_metrics_is_inconclusive() {
-    let marker = format!(
-        "no-such-process-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    );
+    let marker = unique_marker("no-such-process-");
     let lw = env!("CARGO_BIN_EXE_leakwatch");
     let check = format!("{lw} check --no-ebpf --match {marker} --duration 3s --interval 500ms");
     // Under `timeout` and under a shell that stays (the `; true` keeps it from exec'ing leakwatch):
@@ -560,10 +534,7 @@ fn a_check_that_never_saw_its_target_or_its_metrics_is_inconclusive() {
 
     // The target is there, its metrics endpoint is not.
     let target = Proc::spawn(Command::new("sleep").arg("30")).expect("spawn sleep");
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = format!("127.0.0.1:{}", free_port());
     let out = leakwatch()
         .args([
             "check",
@@ -586,6 +557,27 @@ fn a_check_that_never_saw_its_target_or_its_metrics_is_inconclusive() {
             && stderr.contains("connect"),
         "{stderr}"
     );
+}
+
+/// A pattern, with this test's pid and a clock reading, that no other process has.
+fn unique_marker(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}{}{nanos}", std::process::id())
+}
+
+/// Waits (bounded) until leakwatch at `addr` answers /healthz: it has started and ticked.
+fn wait_healthz(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(&format!("http://{addr}/healthz")).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "leakwatch at {addr} did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A free loopback port (bound and released: the same small race every test of this file accepts).
@@ -630,14 +622,7 @@ fn status_and_the_page_stay_off_the_pod_network_unless_opted_in() {
         "the start-up line says where /status is: {line}"
     );
     let public_addr = format!("127.0.0.1:{public}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get_with(&public_addr, "/healthz", "").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "no /healthz on the public listener"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_healthz(&public_addr);
     let (code, body) = get_with(&public_addr, "/metrics", "");
     assert_eq!(code, 200);
     assert!(body.contains("leakwatch_"), "{body}");
@@ -674,14 +659,7 @@ fn status_and_the_page_stay_off_the_pod_network_unless_opted_in() {
     lw.wait_err_line("leakwatch watching", Duration::from_secs(30))
         .unwrap();
     let public_addr = format!("127.0.0.1:{public}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get_with(&public_addr, "/healthz", "").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "no /healthz on the public listener"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_healthz(&public_addr);
     assert_eq!(get_with(&public_addr, "/status", "").0, 401);
     assert_eq!(
         get_with(&public_addr, "/status", "Authorization: Bearer wrong\r\n").0,
