@@ -550,12 +550,12 @@ fn a_check_that_never_saw_its_target_or_its_metrics_is_inconclusive() {
         ])
         .output()
         .expect("run leakwatch check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert!(
-        stderr.contains("inconclusive: the target's metrics were never read")
-            && stderr.contains("connect"),
-        "{stderr}"
+        stdout.contains("inconclusive: the target's metrics were never read")
+            && stdout.contains("connect"),
+        "{stdout}"
     );
 }
 

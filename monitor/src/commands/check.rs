@@ -60,7 +60,10 @@ pub async fn run(args: CheckArgs, prepared: Prepared) -> Result<ExitCode> {
     }
     // No verdict means "no leak" only if the run looked at what it judges.
     if let Some(why) = &report.unjudged {
-        eprintln!("leakwatch check: inconclusive: {why}");
+        // The text report says it already; a JSON report gets the one line on stderr too.
+        if args.json {
+            eprintln!("leakwatch check: inconclusive: {why}");
+        }
         return Ok(ExitCode::from(EXIT_INCONCLUSIVE));
     }
     Ok(ExitCode::SUCCESS)
