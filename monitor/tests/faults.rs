@@ -526,8 +526,9 @@ fn a_check_that_never_saw_its_target_or_its_metrics_is_inconclusive() {
             );
         }
         assert!(
-            stdout.contains("inconclusive: the target was never sampled")
-                && stderr.contains(&format!("no process matched --match \"{marker}\"")),
+            stdout.contains(&format!(
+                "inconclusive: the target was never sampled: no process matched --match \"{marker}\""
+            )),
             "{argv:?}: the reason in one line:\n{stdout}{stderr}"
         );
     }
