@@ -18,6 +18,9 @@ const APT_EBPF: &[&str] = &[
 /// Real Prometheus and promtool for the rule tests and the alerting integration test; Chromium and a font
 /// for the picture tests (the live page and the reports rendered in a real browser).
 const APT_TEST: &[&str] = &["prometheus", "python3", "chromium", "fonts-dejavu-core"];
+/// The kernel matrix (`cargo xtask kernels`): qemu and its virtiofsd, a static busybox for the guest's
+/// init, xz for the modules of newer kernels.
+const APT_KERNELS: &[&str] = &["qemu-system-x86", "busybox-static", "xz-utils"];
 
 fn apt_missing(pkgs: &[&str]) -> Vec<String> {
     pkgs.iter()
@@ -57,6 +60,7 @@ pub fn run(check_only: bool) -> Result<()> {
         Vec::new()
     };
     apt.extend(apt_missing(APT_TEST));
+    apt.extend(apt_missing(APT_KERNELS));
     if !apt.is_empty() {
         if can_apt && !check_only {
             apt_install(&apt)?;
