@@ -340,8 +340,16 @@ fn apt(dir: &Path, program: &str) -> Command {
     cmd
 }
 
-/// Fetches the suite's cloud kernel with apt (cached under target/kernels) and unpacks it there.
+/// Fetches the suite's cloud kernel with apt (cached under target/kernels) and unpacks it there. The apt
+/// lists are fetched once; when the kernel they name is no longer on the mirror, they are fetched again.
 fn fetch(dir: &Path, k: &Kernel) -> Result<KernelFiles> {
+    fetch_with(dir, k, false).or_else(|e| {
+        eprintln!("xtask: {e:#}; fetching {}'s apt lists again", k.suite);
+        fetch_with(dir, k, true)
+    })
+}
+
+fn fetch_with(dir: &Path, k: &Kernel, refresh: bool) -> Result<KernelFiles> {
     let state = dir.join("apt").join(k.suite);
     if !state.join("sources.list").exists() {
         for d in [
@@ -362,7 +370,7 @@ fn fetch(dir: &Path, k: &Kernel) -> Result<KernelFiles> {
     let has_lists = fs::read_dir(state.join("state/lists"))?
         .flatten()
         .any(|e| e.file_name().to_string_lossy().contains("_Packages"));
-    if !has_lists {
+    if refresh || !has_lists {
         util::run(apt(&state, "apt-get").arg("update"))?;
     }
     let show = apt(&state, "apt-cache")
