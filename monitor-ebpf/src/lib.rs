@@ -281,7 +281,7 @@ pub mod layout {
     pub const NEWTASK_CLONE_FLAGS: Field = f("task/task_newtask", "clone_flags", 32, 8);
     pub const EXIT_GROUP_DEAD: Field = f("sched/sched_process_exit", "group_dead", 32, 1);
 
-    /// Every field a probe reads: what userspace checks.
+    /// Every field a probe always reads: what userspace checks before loading.
     pub const EXPECTED: &[Field] = &[
         SOCK_SKADDR,
         SOCK_OLDSTATE,
@@ -296,8 +296,11 @@ pub mod layout {
         SOCK_DADDR_V6,
         NEWTASK_PID,
         NEWTASK_CLONE_FLAGS,
-        EXIT_GROUP_DEAD,
     ];
+
+    /// Read only when the running kernel has it (6.18 does, 6.12 and older do not): without it the loader
+    /// attaches [`super::EXIT_MAIN_THREAD_PROGRAM`] instead, which needs no field.
+    pub const OPTIONAL: &[Field] = &[EXIT_GROUP_DEAD];
 }
 
 /// The programs and the tracepoints they attach to: (program name, category, tracepoint name). None is a
@@ -309,6 +312,10 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
+
+/// Attached to `sched/sched_process_exit` in place of `sched_process_exit` on kernels whose record has no
+/// `group_dead`: a process exits with its main thread.
+pub const EXIT_MAIN_THREAD_PROGRAM: &str = "sched_process_exit_main_thread";
 
 /// Names of the maps, shared so a rename cannot drift between the two sides.
 pub mod map_name {

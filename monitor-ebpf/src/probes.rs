@@ -28,7 +28,8 @@ static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(DEFAULT_MAX_SO
 /// Tracked sockets per remote port. A TCP state change that may run in softirq (where current says nothing)
 /// would otherwise cost every socket of the node a `SOCKS` hash lookup; with this array, an inlined load
 /// says "no tracked socket has this remote port" for nearly all of them. The remote port is set before a
-/// socket's first tracked transition (connect sets it before SYN_SENT, accept before SYN_RECV) and kept
+/// socket's first tracked transition (connect sets it before SYN_SENT; accept before SYN_RECV on 6.18, and
+/// right after it on older kernels, when the socket counts under port 0 until it leaves SYN_RECV) and kept
 /// until its CLOSE, so a tracked socket always finds its count non-zero; an untracked one that shares a
 /// remote port with a tracked one only pays the lookup it paid before.
 #[map]
@@ -206,7 +207,11 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
         None
     };
     let dport: u16 = read(ctx, layout::SOCK_DPORT);
-    if owner_tgid.is_none() && new != tcp_state::SYN_RECV && port_refs(dport) == 0 {
+    // Older kernels (6.1) report an accepted socket's SYN_RECV before its remote port is set: it is tracked
+    // under port 0, and while any socket is, a transition out of SYN_RECV is looked up to learn its port.
+    let port_unknown = old == tcp_state::SYN_RECV && port_refs(0) != 0;
+    if owner_tgid.is_none() && new != tcp_state::SYN_RECV && port_refs(dport) == 0 && !port_unknown
+    {
         return None;
     }
     let skaddr: u64 = read(ctx, layout::SOCK_SKADDR);
@@ -218,6 +223,11 @@ fn try_sock_state(ctx: &TracePointContext) -> Option<()> {
             let o = unsafe { &mut *owner };
             bump(&mut c, counter::STATE_OUT_BASE + o.state as u32);
             o.state = new;
+            if o.port == 0 && dport != 0 {
+                add_port_ref(0, u64::MAX);
+                add_port_ref(dport, 1);
+                o.port = dport;
+            }
             (o.tgid, o.origin, o.port)
         }
         None => {
@@ -404,13 +414,31 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    on_task_exit(|| read::<u8>(&ctx, layout::EXIT_GROUP_DEAD) != 0)
+}
+
+/// `sched_process_exit` for kernels whose record has no `group_dead` (6.12 and older): the process counts
+/// as exited when its main thread exits. On `exit_group`, a fatal signal or a return from main all threads
+/// die together, and exits of threads that come after the main thread's are not counted; a main thread
+/// that calls `pthread_exit` while other threads run reads as the process exiting.
+#[tracepoint]
+pub fn sched_process_exit_main_thread(_ctx: TracePointContext) -> u32 {
+    on_task_exit(|| {
+        let id = bpf_get_current_pid_tgid();
+        id as u32 == (id >> 32) as u32
+    })
+}
+
+/// Counts a watched task's exit; `process_exits` is asked only then, keeping the unwatched path as short
+/// as every other program's.
+#[inline(always)]
+fn on_task_exit(process_exits: impl FnOnce() -> bool) -> u32 {
     let Some(tgid) = watched_current() else {
         return 0;
     };
     let mut c = counters();
     bump(&mut c, counter::TASK_EXIT);
-    let group_dead: u8 = read(&ctx, layout::EXIT_GROUP_DEAD);
-    if group_dead != 0 {
+    if process_exits() {
         bump(&mut c, counter::PROCESS_EXIT);
         // Forget the pid now: if the kernel reuses it, the new process must not be watched by accident.
         remove_watched(tgid);

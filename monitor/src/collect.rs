@@ -32,7 +32,12 @@ pub fn load_kernel(opts: &CollectorOptions) -> (Option<Probes>, KernelMode) {
         );
     }
     match Probes::load(&opts.probes, opts.bpf_stats) {
-        Ok(p) => (Some(p), KernelMode::Ebpf),
+        Ok(p) => {
+            if let Some(fallback) = p.fallback() {
+                warn!("eBPF fallback: {fallback}");
+            }
+            (Some(p), KernelMode::Ebpf)
+        }
         Err(e) => {
             warn!("eBPF unavailable, continuing in procfs-only mode: {e}");
             (None, KernelMode::ProcfsOnly(e.to_string()))

@@ -182,12 +182,33 @@ pub const KEPT_CAPABILITIES: [caps::Capability; 2] = [
     caps::Capability::CAP_DAC_READ_SEARCH,
 ];
 
-/// Drops every capability but [`KEPT_CAPABILITIES`] from all sets (bounding included), so a bug in the
-/// sidecar cannot load programs or mount anything after start-up. Map updates on already-open map fds
-/// keep working (kernels >= 6.5 check CAP_BPF only when creating maps and loading programs).
-pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
+/// Whether this kernel refuses `read` (a map read on an open map fd) without CAP_BPF or CAP_SYS_ADMIN:
+/// 5.10, with unprivileged BPF disabled, checks them on every bpf() call; 6.1 and later only when maps are
+/// created and programs loaded. Tried with both out of this thread's effective set, then restored.
+pub fn map_reads_need_cap_bpf(
+    read: impl FnOnce() -> bool,
+) -> Result<bool, caps::errors::CapsError> {
+    use caps::{CapSet, Capability};
+    let effective = caps::read(None, CapSet::Effective)?;
+    let mut without = effective.clone();
+    without.remove(&Capability::CAP_BPF);
+    without.remove(&Capability::CAP_SYS_ADMIN);
+    caps::set(None, CapSet::Effective, &without)?;
+    let ok = read();
+    caps::set(None, CapSet::Effective, &effective)?;
+    Ok(!ok)
+}
+
+/// Drops every capability but [`KEPT_CAPABILITIES`] (and CAP_BPF when `keep_bpf`, for kernels where
+/// [`map_reads_need_cap_bpf`]) from all sets (bounding included), so a bug in the sidecar cannot mount
+/// anything or, without CAP_BPF, load programs after start-up. Map reads and updates on already-open map
+/// fds keep working. Returns what was kept.
+pub fn drop_capabilities(keep_bpf: bool) -> Result<Vec<caps::Capability>, caps::errors::CapsError> {
     use caps::{CapSet, Capability, CapsHashSet};
-    let keep: CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
+    let mut keep: CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
+    if keep_bpf {
+        keep.insert(Capability::CAP_BPF);
+    }
     // Dropping from the bounding set needs CAP_SETPCAP, so it goes last.
     let mut order: Vec<Capability> = caps::all()
         .into_iter()
@@ -207,7 +228,9 @@ pub fn drop_capabilities() -> Result<(), caps::errors::CapsError> {
         .collect();
     caps::set(None, CapSet::Effective, &kept)?;
     caps::set(None, CapSet::Permitted, &kept)?;
-    Ok(())
+    let mut kept: Vec<_> = kept.into_iter().collect();
+    kept.sort_by_key(|c| c.index());
+    Ok(kept)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of the probes' `bpf_ktime_get_ns` timestamps.

@@ -40,7 +40,7 @@ fn counters_and_socket_table_match_what_a_real_process_did() {
     // Fully closed pairs close both ends; a half-closed client is orphaned in FIN_WAIT2, which the kernel
     // turns into a time-wait mini-socket at once, closing the full socket: 2M + K.
     let expect_closed = 2 * m + k;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + support::scaled(Duration::from_secs(5));
     let counters = loop {
         ebpf::drain_ring(&mut ring, |ev| {
             if let ProbeEvent::Sock(s) = ev {
@@ -63,7 +63,7 @@ fn counters_and_socket_table_match_what_a_real_process_did() {
     assert_eq!(
         counters.sock_close_wait,
         m + k,
-        "every passive close passes CLOSE_WAIT"
+        "every passive close passes CLOSE_WAIT: {counters:?}"
     );
     assert_eq!(counters.sock_closed, expect_closed);
     assert_eq!(counters.task_new_thread, t);
@@ -106,7 +106,7 @@ fn process_exit_is_reported_and_unwatched_in_kernel() {
     child.wait_for_line("done");
     let pid = child.pid;
     child.finish();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + support::scaled(Duration::from_secs(5));
     let mut exited = false;
     while !exited && Instant::now() < deadline {
         ebpf::drain_ring(&mut ring, |ev| {

@@ -3,6 +3,7 @@ mod bench;
 mod demo;
 mod ebpf;
 mod fuzz;
+mod kernels;
 mod lint;
 mod report;
 mod setup;
@@ -43,9 +44,17 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// The kernel tests on the kernels users' nodes run (Debian's 5.10, 6.1 and 6.12 cloud kernels, each
+    /// booted in qemu) and natively on this machine's; one row per kernel.
+    Kernels {
+        /// Only these (e.g. `--kernel 5.10 --kernel native`); all by default.
+        #[arg(long = "kernel", value_name = "VERSION")]
+        kernels: Vec<String>,
+    },
     /// fmt check, clippy with warnings as errors, unused dependencies (run by `test` too).
     Lint,
-    /// Set up, build the probes, and run the whole test suite (the README's test command).
+    /// Set up, build the probes, and run the whole test suite and the kernel matrix (the README's test
+    /// command).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
@@ -74,6 +83,11 @@ fn main() -> Result<()> {
         }
         Command::Fuzz { seconds } => fuzz::run(seconds, true),
         Command::Lint => lint::run(),
+        Command::Kernels { kernels } => {
+            setup::run(false)?;
+            ebpf::build()?;
+            kernels::run(&kernels)
+        }
         Command::Test { cargo_args } => {
             setup::run(false)?;
             ebpf::build()?;
@@ -92,14 +106,24 @@ fn main() -> Result<()> {
             let fuzzing = fuzz::run(20, false);
             let ((passed, failed, ignored), ok) = util::cargo_test(&args)?;
             report::print_scenarios(&results);
+            // The kernel tests ran natively above; here they run on the kernels users' nodes run, each
+            // booted once in qemu (about 2 minutes a kernel, see the README's Kernels section).
+            let emulated: Vec<String> = kernels::KERNELS
+                .iter()
+                .map(|k| k.version.to_string())
+                .collect();
+            let matrix = kernels::run(&emulated);
             if let Err(e) = &fuzzing {
                 eprintln!("xtask: fuzzing failed: {e:#}");
+            }
+            if let Err(e) = &matrix {
+                eprintln!("xtask: kernel matrix failed: {e:#}");
             }
             println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
             if !ok || failed > 0 {
                 anyhow::bail!("the test suite failed");
             }
-            fuzzing
+            fuzzing.and(matrix)
         }
     }
 }

@@ -22,6 +22,9 @@ const APT_EBPF_CLIPPY: &str = "rust-web-clippy";
 /// Real Prometheus and promtool for the rule tests and the alerting integration test; Chromium and a font
 /// for the picture tests (the live page and the reports rendered in a real browser).
 const APT_TEST: &[&str] = &["prometheus", "python3", "chromium", "fonts-dejavu-core"];
+/// The kernel matrix (`cargo xtask kernels`): qemu and its virtiofsd, a static busybox for the guest's
+/// init, xz for the modules of newer kernels.
+const APT_KERNELS: &[&str] = &["qemu-system-x86", "busybox-static", "xz-utils"];
 
 fn apt_missing(pkgs: &[&str]) -> Vec<String> {
     pkgs.iter()
@@ -69,6 +72,7 @@ pub fn run(check_only: bool) -> Result<()> {
         apt.extend(apt_missing(&[APT_EBPF_CLIPPY]));
     }
     apt.extend(apt_missing(APT_TEST));
+    apt.extend(apt_missing(APT_KERNELS));
     if !apt.is_empty() {
         if can_apt && !check_only {
             apt_install(&apt)?;

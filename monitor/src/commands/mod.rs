@@ -24,10 +24,18 @@ pub fn prepare(args: &SidecarArgs) -> Result<Prepared> {
         } else {
             "no probes"
         };
-        match system::drop_capabilities() {
-            Ok(()) => info!(
-                kept = ?system::KEPT_CAPABILITIES,
-                "{done}; dropped every other capability (no further BPF loads or mounts possible)"
+        let keep_bpf = kernel.0.as_ref().is_some_and(|p| {
+            system::map_reads_need_cap_bpf(|| p.counters().is_ok()).unwrap_or(false)
+        });
+        if keep_bpf {
+            warn!(
+                "eBPF fallback: this kernel checks CAP_BPF on every bpf() call, map reads included: keeping CAP_BPF after attaching"
+            );
+        }
+        match system::drop_capabilities(keep_bpf) {
+            Ok(kept) => info!(
+                ?kept,
+                "{done}; dropped every other capability (no further mounts possible)"
             ),
             Err(e) => warn!("could not drop capabilities after attaching: {e}"),
         }

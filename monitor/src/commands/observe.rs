@@ -31,6 +31,8 @@ pub async fn run(args: ObserveArgs) -> Result<()> {
     let mut collector = Collector::new(opts, None);
     if let KernelMode::ProcfsOnly(reason) = collector.mode() {
         println!("mode: procfs-only ({reason})");
+    } else if let Some(fallback) = collector.probes().and_then(|p| p.fallback()) {
+        println!("mode: ebpf (fallback: {fallback})");
     } else {
         println!("mode: ebpf");
     }

@@ -12,9 +12,9 @@ use aya::{
     programs::{ProgramError, TracePoint},
 };
 use monitor_ebpf::{
-    Counters, GLOBAL_FOLLOW_FORKS, GLOBAL_PIDNS_DEV, GLOBAL_PIDNS_INO, GLOBAL_RING_BYTES,
-    MAX_WATCHED, PROGRAMS, ProcessEvent, SockEvent, WatchSet, WatchSlot, counter, event_kind,
-    layout, listen_key, map_name, origin, tcp_state,
+    Counters, EXIT_MAIN_THREAD_PROGRAM, GLOBAL_FOLLOW_FORKS, GLOBAL_PIDNS_DEV, GLOBAL_PIDNS_INO,
+    GLOBAL_RING_BYTES, MAX_WATCHED, PROGRAMS, ProcessEvent, SockEvent, WatchSet, WatchSlot,
+    counter, event_kind, layout, listen_key, map_name, origin, tcp_state,
 };
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
@@ -181,7 +181,20 @@ pub struct Probes {
     listeners: BpfHashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, Counters>,
     ring: Option<RingBuf<MapData>>,
+    fallback: Option<String>,
     _stats: Option<OwnedFd>,
+}
+
+/// Kernels up to 6.12 have no `group_dead` in `sched_process_exit`: the exit program then reads a process's
+/// exit from its main thread's (see the probe). Any other layout problem is the usual hard failure.
+fn exit_fallback() -> Result<Option<String>, ProbeError> {
+    match system::check_tracepoint_layout(layout::OPTIONAL) {
+        Ok(()) => Ok(None),
+        Err(system::SystemError::MissingField { event, field }) => Ok(Some(format!(
+            "tracepoint {event} has no field {field}: a process's exit is read from its main thread's"
+        ))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 impl Probes {
@@ -192,6 +205,7 @@ impl Probes {
         }
         system::ensure_tracefs()?;
         system::check_tracepoint_layout(layout::EXPECTED)?;
+        let fallback = exit_fallback()?;
         // Only matters on kernels < 5.11; a failure here surfaces as a load error below if it mattered.
         let _ = system::raise_memlock_rlimit();
         let follow = u8::from(opts.follow_forks);
@@ -211,6 +225,10 @@ impl Probes {
             None
         };
         for &(name, category, tracepoint) in PROGRAMS {
+            let name = match fallback {
+                Some(_) if name == "sched_process_exit" => EXIT_MAIN_THREAD_PROGRAM,
+                _ => name,
+            };
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
                 .ok_or(ProbeError::Program {
@@ -237,8 +255,14 @@ impl Probes {
             listeners,
             counters,
             ring,
+            fallback,
             _stats: stats_fd,
         })
+    }
+
+    /// What this kernel lacks and what the probes do instead, in one line; `None` when nothing is missing.
+    pub fn fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
     }
 
     fn set(&self) -> WatchSet {

@@ -15,6 +15,22 @@ pub fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// How much longer than on real hardware a test may wait for what it waits on: `cargo xtask kernels` sets
+/// `LEAKWATCH_TEST_TIME_SCALE` in its emulated guests, which run 10-50x slower. Only bounds scale; what a
+/// test asserts does not.
+pub fn time_scale() -> u32 {
+    std::env::var("LEAKWATCH_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// A wait bound, scaled by [`time_scale`].
+pub fn scaled(bound: std::time::Duration) -> std::time::Duration {
+    bound * time_scale()
+}
+
 /// eBPF tests need root and the embedded object. Missing either is a failure unless explicitly skipped.
 pub fn ebpf_tests_enabled() -> bool {
     if std::env::var_os("LEAKWATCH_SKIP_EBPF_TESTS").is_some() {
