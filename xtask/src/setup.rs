@@ -19,7 +19,7 @@ const APT_EBPF: &[&str] = &[
 /// for the picture tests (the live page and the reports rendered in a real browser).
 const APT_TEST: &[&str] = &["prometheus", "python3", "chromium", "fonts-dejavu-core"];
 
-fn apt_missing(pkgs: &[&str]) -> Vec<String> {
+pub(crate) fn apt_missing(pkgs: &[&str]) -> Vec<String> {
     pkgs.iter()
         .filter(|p| {
             let out = Command::new("dpkg-query")
@@ -32,7 +32,7 @@ fn apt_missing(pkgs: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn apt_install(pkgs: &[String]) -> Result<()> {
+pub(crate) fn apt_install(pkgs: &[String]) -> Result<()> {
     if pkgs.is_empty() {
         return Ok(());
     }

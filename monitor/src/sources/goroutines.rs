@@ -100,15 +100,22 @@ impl StackProfile {
             self.other += count;
             return;
         }
+        // Looked up before inserting: a dump repeats a few keys many times, and a key is a String.
         if let Some(m) = minutes {
-            *self
-                .blocked_minutes
-                .entry(key.clone())
-                .or_default()
-                .entry(m)
-                .or_default() += count;
+            match self.blocked_minutes.get_mut(&key) {
+                Some(ages) => *ages.entry(m).or_default() += count,
+                None => {
+                    self.blocked_minutes
+                        .insert(key.clone(), BTreeMap::from([(m, count)]));
+                }
+            }
         }
-        *self.by_stack.entry(key).or_default() += count;
+        match self.by_stack.get_mut(&key) {
+            Some(c) => *c += count,
+            None => {
+                self.by_stack.insert(key, count);
+            }
+        }
     }
 }
 
