@@ -16,10 +16,12 @@
 //!   a full stop). Only it has ages, so it is read only to confirm an idle-connection verdict, below a
 //!   goroutine bound, rarely, and streamed under a byte cap.
 //!
-//! Measured by `cargo xtask bench` (Go 1.19, this project's 2-core VM): the longest stall of a steady
-//! request loop to the target went from ~5 ms to ~0.4 s with one `debug=2` at 10k goroutines (8.9 MB) and
-//! to 3-4.5 s at 100k (cut at 64 MiB); `debug=1` cost 11-25 ms at 10k and ~64 ms at 100k. Go offers
-//! nothing cheaper for ages: `debug=1` and the protobuf profile (`debug=0`) carry none, the execution
+//! Measured by `cargo xtask bench` (Go 1.19, this project's shared 2-core VM, three runs): one `debug=2`
+//! at 10k goroutines (8.9 MB) stalled a steady request loop to the target by 0.2-0.42 s (20-40 µs per
+//! goroutine), at 100k by 5.4-9.1 s (cut by Go at 64 MiB, served in 15-20 s); one `debug=1` (6 KB) by
+//! 10-25 ms at 10k, near the loop's own noise, and 27-64 ms at 100k. The two layouts give the same
+//! stacks on the real runtime (the bench checks it at 1k and 10k; at 100k Go's cut leaves the dump
+//! short). Go offers nothing cheaper for ages: `debug=1` and the protobuf profile (`debug=0`) carry none, the execution
 //! tracer records states but not since when, and Go 1.26's `goroutineleak` profile (experimental, behind
 //! `GOEXPERIMENT=goroutineleakprofile` at build time) finds goroutines blocked on unreachable channels,
 //! which an idle pooled connection (blocked on a live socket) is not. What Go does offer for free is the
@@ -56,8 +58,8 @@ pub struct ProfileLimits {
     pub max_profile_goroutines: u64,
     /// Stack growth is read at most this often (one `debug=1` per task-growth verdict, the baseline aside).
     pub growth_interval: Duration,
-    /// Full dumps (`debug=2`) are read only up to this many goroutines: about 0.4 s of stopped world at the
-    /// measured cost. The 50k a Rancher in trouble quickly reaches would be 2 s.
+    /// Full dumps (`debug=2`) are read only up to this many goroutines: 0.2-0.4 s of stopped world at the
+    /// measured cost. The 50k a Rancher in trouble quickly reaches would be 1-2 s.
     pub max_dump_goroutines: u64,
     /// At most one full dump this often. Ages only grow, so a later look loses nothing but time: at 5 min
     /// the stall is at most 0.4 s in 300 s, and an idle verdict the first dump could not confirm yet (its
@@ -442,7 +444,7 @@ impl GoroutineProfiler {
             "the goroutine profile was not read: {n} goroutines (go_goroutines), and collecting it would stall \
              the target for about {} and make it allocate {} MB of stack records; it is read up to {} goroutines",
             human(PROFILE_COST_PER_GOROUTINE.mul_f64(n as f64)),
-            (n * 256) >> 20,
+            n * 256 / 1_000_000,
             self.limits.max_profile_goroutines
         ))
     }
