@@ -159,8 +159,12 @@ pub struct SidecarArgs {
     pub side: Option<SideArg>,
     #[arg(long, env = "LEAKWATCH_IDLE_TIMEOUT", help = crate::analysis::help::idle_timeout(), value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
-    /// Where the target serves Go's goroutine profile (default: /debug/pprof/goroutine?debug=2 next to
-    /// --metrics-url). Fetched once as a baseline and once per task-growth verdict, at most every 5 min.
+    /// Where the target serves Go's goroutine profiles (default: /debug/pprof/goroutine next to
+    /// --metrics-url; a `debug` parameter given here is replaced). The aggregated profile (?debug=1,
+    /// collected concurrently) is read once as a baseline and per task-growth verdict, at most once a
+    /// minute, up to 250,000 goroutines; the full dump (?debug=2, which stops the target's world for all
+    /// its goroutines) only to confirm an idle-connection verdict, at most every 5 min, up to 10,000
+    /// goroutines (the target's go_goroutines) and 64 MiB; a skipped dump is said in the verdict.
     #[arg(long, env = "LEAKWATCH_PPROF_URL")]
     pub pprof_url: Option<String>,
     /// Never fetch goroutine profiles from the target.

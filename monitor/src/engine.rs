@@ -25,7 +25,7 @@ use crate::{
     sample::{ScrapeOutcome, Snapshot},
     sources::{
         ebpf::{ProbeOptions, Probes},
-        goroutines::GoroutineProfiler,
+        goroutines::{AgeReading, GoroutineProfiler},
         scrape::{ScrapeConfig, Scraper},
     },
     target::{TargetSelector, TargetTracker},
@@ -128,6 +128,8 @@ pub struct Engine {
     pub profiler: Option<GoroutineProfiler>,
     /// The last stack growth found, for /status.
     goroutine_growth: Vec<(String, i64)>,
+    /// Why the last look at stack growth read nothing (a profile skipped or failed), if it did.
+    growth_note: Option<String>,
     /// Go targets: connection goroutines blocked past the idle horizon, found when an idle-connection
     /// verdict was raised.
     blocked_connections: Option<BlockedConnections>,
@@ -142,8 +144,13 @@ pub struct Engine {
 #[derive(Clone, Debug, PartialEq)]
 struct BlockedConnections {
     min_minutes: u64,
-    total: u64,
-    per_stack: Vec<(String, u64)>,
+    reading: AgeReading,
+}
+
+impl BlockedConnections {
+    fn confirmed(&self) -> bool {
+        self.reading.read && self.reading.total > 0
+    }
 }
 
 impl Engine {
@@ -179,6 +186,7 @@ impl Engine {
             recorder: None,
             profiler: None,
             goroutine_growth: Vec::new(),
+            growth_note: None,
             blocked_connections: None,
             interval: Duration::from_secs(1),
             ticker: None,
@@ -299,6 +307,7 @@ impl Engine {
                 self.stats.target_restarts += 1;
                 // A new process: its goroutines are compared with its own baseline, not the old one's.
                 self.goroutine_growth.clear();
+                self.growth_note = None;
                 self.blocked_connections = None;
                 if let Some(p) = &mut self.profiler {
                     p.reset();
@@ -339,11 +348,11 @@ impl Engine {
             if let Some(b) = self
                 .blocked_connections
                 .as_ref()
-                .filter(|b| Some(*b) != blocked_before.as_ref())
+                .filter(|b| b.reading.read && Some(*b) != blocked_before.as_ref())
             {
                 h.set_blocked_ages(&[(
                     format!("{}+ min (connection goroutines)", b.min_minutes),
-                    b.total as f64,
+                    b.reading.total as f64,
                 )]);
             }
         }
@@ -403,7 +412,7 @@ impl Engine {
             .iter_mut()
             .filter(|v| v.kind == VerdictKind::TaskGrowth)
         {
-            attach_stacks(v, &self.goroutine_growth);
+            attach_stacks(v, &self.goroutine_growth, self.growth_note.as_deref());
         }
         if let Some(b) = &self.blocked_connections {
             for v in active.iter_mut().filter(|v| is_ledger_idle_verdict(v)) {
@@ -413,28 +422,38 @@ impl Engine {
         active
     }
 
-    /// On a task-growth verdict, asks the target which goroutine stacks grew (the seed's pprof step).
+    /// On a task-growth verdict, asks the target which goroutine stacks grew (the seed's pprof step); on a
+    /// server's idle-connection verdict, how long its connection goroutines have been blocked. The
+    /// profiler bounds what each costs the target, against the goroutine count the target's own metrics
+    /// report (read for free with every scrape).
     async fn add_stack_evidence(&mut self, snap: &Snapshot, changes: &mut [VerdictChange]) {
         let min_minutes = (self.analyzer.config().idle_horizon_s() / 60.0).ceil() as u64;
-        // An idle verdict the dump could not confirm yet is looked at again: ages only grow.
+        // An idle verdict the dump could not confirm yet is looked at again (at the profiler's pace):
+        // ages only grow.
         let recheck = self
             .blocked_connections
             .as_ref()
-            .is_some_and(|b| b.total == 0)
+            .is_some_and(|b| !b.confirmed())
             && self.analyzer.active().iter().any(is_ledger_idle_verdict);
         let (Some(profiler), Some(scraper)) = (self.profiler.as_mut(), self.collector.scraper())
         else {
             return;
         };
+        let goroutines = match &snap.app {
+            ScrapeOutcome::Ok(app) => app.goroutines.map(|g| g.max(0.0) as u64),
+            _ => None,
+        };
         if matches!(snap.app, ScrapeOutcome::Ok(_)) {
-            profiler.ensure_baseline(scraper).await;
+            profiler.ensure_baseline(scraper, goroutines).await;
         }
         if recheck {
-            if let Some((total, per_stack)) = profiler.blocked_beyond(scraper, min_minutes).await {
+            if let Some(reading) = profiler
+                .blocked_beyond(scraper, min_minutes, goroutines)
+                .await
+            {
                 self.blocked_connections = Some(BlockedConnections {
                     min_minutes,
-                    total,
-                    per_stack,
+                    reading,
                 });
             }
         }
@@ -444,13 +463,13 @@ impl Engine {
             };
             if is_ledger_idle_verdict(v) {
                 // Go rounds ages down to whole minutes: count only those certainly past the horizon.
-                if let Some((total, per_stack)) =
-                    profiler.blocked_beyond(scraper, min_minutes).await
+                if let Some(reading) = profiler
+                    .blocked_beyond(scraper, min_minutes, goroutines)
+                    .await
                 {
                     let b = BlockedConnections {
                         min_minutes,
-                        total,
-                        per_stack,
+                        reading,
                     };
                     attach_blocked(v, &b);
                     self.blocked_connections = Some(b);
@@ -460,11 +479,18 @@ impl Engine {
             if v.kind != VerdictKind::TaskGrowth {
                 continue;
             }
-            let Some(top) = profiler.growth(scraper).await else {
-                continue;
-            };
-            attach_stacks(v, &top);
-            self.goroutine_growth = top;
+            match profiler.growth(scraper, goroutines).await {
+                None => continue,
+                Some(Ok(top)) => {
+                    attach_stacks(v, &top, None);
+                    self.goroutine_growth = top;
+                    self.growth_note = None;
+                }
+                Some(Err(note)) => {
+                    attach_stacks(v, &[], Some(&note));
+                    self.growth_note = Some(note);
+                }
+            }
         }
     }
 
@@ -527,42 +553,59 @@ fn is_ledger_idle_verdict(v: &Verdict) -> bool {
 
 /// Puts the goroutine-age evidence into an idle-connection verdict: the connection goroutines Go reports
 /// blocked for longer than the horizon confirm it. A dump that shows none does not clear it: the
-/// connections left behind first may simply not be old enough yet, so it is looked at again every
-/// minute while the verdict holds, and the verdict says what the last look found.
+/// connections left behind first may simply not be old enough yet, so it is looked at again while the
+/// verdict holds, and the verdict says what the last look found, or why there was no look (a dump skipped
+/// because it would stall the target, or refused, or cut short).
 fn attach_blocked(v: &mut Verdict, b: &BlockedConnections) {
-    if v.evidence
-        .contains_key("pprof.connection_goroutines_blocked_beyond_horizon")
-    {
+    if v.evidence.contains_key("pprof.dump_min_minutes") {
+        return;
+    }
+    v.evidence
+        .insert("pprof.dump_min_minutes".into(), b.min_minutes as f64);
+    let r = &b.reading;
+    if !r.read {
+        v.explanation += &format!(
+            "; not confirmed by the goroutine dump: {}",
+            r.note.as_deref().unwrap_or("no dump")
+        );
         return;
     }
     v.evidence.insert(
         "pprof.connection_goroutines_blocked_beyond_horizon".into(),
-        b.total as f64,
+        r.total as f64,
     );
-    for (stack, n) in b.per_stack.iter().take(3) {
+    for (stack, n) in r.per_stack.iter().take(3) {
         v.evidence
             .insert(format!("pprof.blocked_beyond_horizon[{stack}]"), *n as f64);
     }
-    v.explanation += &match b.per_stack.first() {
+    v.explanation += &match r.per_stack.first() {
         Some((stack, _)) => format!(
             "; confirmed by the goroutine dump: {} connection goroutines blocked for {}+ minutes (most: {stack})",
-            b.total, b.min_minutes
+            r.total, b.min_minutes
         ),
         None => format!(
             "; not yet confirmed by the goroutine dump: no connection goroutine blocked for {}+ minutes so far",
             b.min_minutes
         ),
     };
+    if let Some(note) = &r.note {
+        v.explanation += &format!(" ({note})");
+    }
 }
 
-/// Puts the goroutine stacks that grew (most grown first) into a task-growth verdict.
-fn attach_stacks(v: &mut Verdict, top: &[(String, i64)]) {
+/// Puts the goroutine stacks that grew (most grown first) into a task-growth verdict, or why they could
+/// not be read.
+fn attach_stacks(v: &mut Verdict, top: &[(String, i64)], note: Option<&str>) {
     for (stack, grown) in top {
         v.evidence
             .insert(format!("pprof.goroutines_grown[{stack}]"), *grown as f64);
     }
     if let Some((stack, grown)) = top.first() {
         v.explanation += &format!("; most grown stack: {stack} (+{grown})");
+    } else if let Some(note) = note {
+        if !v.explanation.contains(note) {
+            v.explanation += &format!("; {note}");
+        }
     }
 }
 

@@ -348,7 +348,8 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: std::sync::Ar
                         .await
                 }
                 "/debug/pprof/goroutine" => {
-                    let dump = tasks::render_goroutine_dump();
+                    let query = req.path.split_once('?').map_or("", |(_, q)| q);
+                    let dump = tasks::render_goroutine_endpoint(query);
                     crate::http::respond(&mut sock, 200, "text/plain", dump.as_bytes()).await
                 }
                 _ => crate::http::respond(&mut sock, 404, "text/plain", b"not found\n").await,

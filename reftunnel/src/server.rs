@@ -221,7 +221,8 @@ async fn handle(state: Arc<State>, mut sock: TcpStream, peer: SocketAddr) {
                 http::respond_maybe_keep(&mut sock, keep, 200, "text/plain", body.as_bytes()).await
             }
             "/debug/pprof/goroutine" => {
-                let dump = tasks::render_goroutine_dump();
+                let query = req.path.split_once('?').map_or("", |(_, q)| q);
+                let dump = tasks::render_goroutine_endpoint(query);
                 http::respond_maybe_keep(&mut sock, keep, 200, "text/plain", dump.as_bytes()).await
             }
             "/healthz" => {

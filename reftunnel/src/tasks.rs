@@ -223,6 +223,59 @@ pub fn render_goroutine_dump_at(now: Instant) -> String {
     out
 }
 
+/// A stable made-up program counter for a frame's function: the aggregated profile names each stack by
+/// its pcs (`COUNT @ 0xpc 0xpc...`), and tokio tasks have none.
+fn fake_pc(function: &str) -> u64 {
+    // FNV-1a: the same function gets the same pc in every profile of the process.
+    let h = function.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    0x40_0000 + (h & 0xf_ffff)
+}
+
+/// The live tasks in the text layout of Go's `/debug/pprof/goroutine?debug=1`: `goroutine profile: total
+/// N`, then one block per distinct stack, most frequent first, `COUNT @ 0xpc...` followed by one
+/// `#\t0xpc\tfunction+0xoff\tfile:line` line per frame. Go collects this layout without stopping the
+/// world for the whole dump and it carries no wait ages; like Go, it is what a sidecar should read
+/// routinely. The frames are the dump's (see [`render_goroutine_dump`]), with no source location.
+pub fn render_goroutine_profile() -> String {
+    let live: Vec<TaskRef> = with_registry(|r| r.live.values().cloned().collect());
+    let mut by_stack: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+    for t in &live {
+        let mut frames: Vec<String> = t.frames.iter().map(|f| f.to_string()).collect();
+        frames.push(format!("reftunnel.{}", t.kind));
+        *by_stack.entry(frames).or_default() += 1;
+    }
+    let mut stacks: Vec<(Vec<String>, u64)> = by_stack.into_iter().collect();
+    stacks.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut out = format!("goroutine profile: total {}\n", live.len());
+    for (frames, count) in stacks {
+        let pcs: Vec<String> = frames
+            .iter()
+            .map(|f| format!("{:#x}", fake_pc(f)))
+            .collect();
+        out.push_str(&format!("{count} @ {}\n", pcs.join(" ")));
+        for (f, pc) in frames.iter().zip(&pcs) {
+            out.push_str(&format!(
+                "#\t{pc}\t{f}+0x0\t(reftunnel task registry: no source location)\n"
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// What `/debug/pprof/goroutine` serves for a request's query, as Go does: `debug=1` the aggregated
+/// profile, anything else the full dump (Go's default is its binary protobuf, which this does not
+/// speak; the dump is what a reader of text asks for).
+pub fn render_goroutine_endpoint(query: &str) -> String {
+    if query.split('&').any(|p| p == "debug=1") {
+        render_goroutine_profile()
+    } else {
+        render_goroutine_dump()
+    }
+}
+
 /// The longest current wait among live tasks of `kind` (for tests and diagnostics).
 pub fn longest_wait(kind: &str, now: Instant) -> Option<Duration> {
     with_registry(|r| {
@@ -314,5 +367,55 @@ mod tests {
         );
         let _ = tx.send(());
         h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_aggregated_profile_counts_live_tasks_per_stack() {
+        const FRAMES: &[&str] = &["net/http.(*persistConn).readLoop"];
+        let mut stop = Vec::new();
+        let mut handles = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            stop.push(tx);
+            handles.push(
+                spawn_with_frames("test.profiled", FRAMES, async move {
+                    let _ = rx.await;
+                })
+                .0,
+            );
+        }
+        let profile = render_goroutine_endpoint("debug=1");
+        assert!(
+            profile.starts_with("goroutine profile: total "),
+            "{profile}"
+        );
+        let (_, blocks) = profile.split_once('\n').unwrap();
+        let block = blocks
+            .split("\n\n")
+            .find(|b| b.contains("reftunnel.test.profiled+0x0"))
+            .expect("a block for the kind");
+        let mut lines = block.lines();
+        let head = lines.next().unwrap();
+        assert!(head.starts_with("3 @ 0x"), "{block}");
+        assert_eq!(
+            head.split(' ').count(),
+            4,
+            "count, @ and one pc per frame: {block}"
+        );
+        assert!(
+            lines.next().unwrap().starts_with("#\t0x")
+                && block.contains("\tnet/http.(*persistConn).readLoop+0x0\t"),
+            "{block}"
+        );
+        // The same stack always gets the same pcs; other queries get the full dump.
+        assert!(render_goroutine_profile().contains(head));
+        assert!(render_goroutine_endpoint("debug=2").starts_with("goroutine "));
+        assert!(!render_goroutine_endpoint("debug=2").contains(" @ 0x"));
+        for tx in stop {
+            let _ = tx.send(());
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
     }
 }

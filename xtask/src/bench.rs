@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use testsupport::{Proc, http_get, load_args, release_bin};
 
 use crate::{
-    report,
+    bench_dumps, report,
     tunnel::{Tunnel, start_tunnel},
     util::{self, wait_http, workspace_root},
 };
@@ -386,8 +386,21 @@ fn tunnel_overhead(rounds: usize, seconds: u64) -> Result<Value> {
     }))
 }
 
-pub fn run() -> Result<()> {
+pub fn run(goroutines_only: bool) -> Result<()> {
     util::cargo(&["build", "--release", "-p", "monitor", "--examples"])?;
+    let dir = workspace_root().join("target/leakwatch-results");
+    std::fs::create_dir_all(&dir)?;
+    if goroutines_only {
+        let rows = bench_dumps::run()?;
+        std::fs::write(
+            dir.join("bench-goroutines.json"),
+            serde_json::to_string_pretty(&rows)?,
+        )?;
+        println!("\n| measurement | value | target (issue 17) |");
+        println!("|---|---|---|");
+        bench_dumps::print_rows(&rows);
+        return Ok(());
+    }
     let mut out = json!({});
     eprintln!(
         "bench: eBPF cost per event under a 20k-connection loopback storm, and per syscall of an unwatched process"
@@ -420,11 +433,13 @@ pub fn run() -> Result<()> {
         sampling.push(row);
     }
     out["sampling"] = Value::Array(sampling);
+    eprintln!(
+        "bench: what reading goroutine profiles costs a Go target (its stall) at 1k, 10k and 100k goroutines"
+    );
+    out["goroutine_profiles"] = bench_dumps::run()?;
     out["scenarios"] = Value::Array(report::scenario_rows(
         &workspace_root().join("target/leakwatch-results"),
     ));
-    let dir = workspace_root().join("target/leakwatch-results");
-    std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(&out)?)?;
     print_table(&out);
     eprintln!("bench: JSON in {}", dir.join("bench.json").display());
@@ -540,4 +555,5 @@ fn print_table(out: &Value) {
             c["procfs_over_ebpf"].as_f64().unwrap_or(f64::NAN),
         );
     }
+    bench_dumps::print_rows(&out["goroutine_profiles"]);
 }

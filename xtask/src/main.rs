@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything a newcomer or CI runs, each command doing its own set-up.
 mod bench;
+mod bench_dumps;
 mod demo;
 mod ebpf;
 mod fuzz;
@@ -36,8 +37,13 @@ enum Command {
     /// healthy tunnel staying green and the fix's verification recipe passing.
     Demo,
     /// Benchmarks: eBPF cost per event, leakwatch CPU/RSS under churn, tunnel overhead, sampling cost,
-    /// detection scorecard. Prints one table and writes target/leakwatch-results/bench.json.
-    Bench,
+    /// detection scorecard, the stall goroutine profiles cause a Go target. Prints one table and writes
+    /// target/leakwatch-results/bench.json.
+    Bench {
+        /// Only the goroutine-profile part (a Go target's stall at 1k/10k/100k goroutines).
+        #[arg(long)]
+        goroutines_only: bool,
+    },
     /// Run every fuzz target for a bounded time (needs a nightly toolchain; installs cargo-fuzz).
     Fuzz {
         /// Seconds per target.
@@ -77,9 +83,9 @@ fn main() -> Result<()> {
             build_release()?;
             demo::run()
         }
-        Command::Bench => {
+        Command::Bench { goroutines_only } => {
             build_release()?;
-            bench::run()
+            bench::run(goroutines_only)
         }
         Command::Fuzz { seconds } => fuzz::run(seconds, true),
         Command::Lint => lint::run(),

@@ -26,7 +26,7 @@ const APT_TEST: &[&str] = &["prometheus", "python3", "chromium", "fonts-dejavu-c
 /// init, xz for the modules of newer kernels.
 const APT_KERNELS: &[&str] = &["qemu-system-x86", "busybox-static", "xz-utils"];
 
-fn apt_missing(pkgs: &[&str]) -> Vec<String> {
+pub(crate) fn apt_missing(pkgs: &[&str]) -> Vec<String> {
     pkgs.iter()
         .filter(|p| {
             let out = Command::new("dpkg-query")
@@ -39,7 +39,7 @@ fn apt_missing(pkgs: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn apt_install(pkgs: &[String]) -> Result<()> {
+pub(crate) fn apt_install(pkgs: &[String]) -> Result<()> {
     if pkgs.is_empty() {
         return Ok(());
     }

@@ -167,9 +167,9 @@ impl Scraper {
         self.fetch_url(&self.cfg.url).await
     }
 
-    /// A bounded GET of another path of the same target (same credentials, timeout and size cap).
-    pub async fn fetch_url(&self, url: &str) -> Result<String, ScrapeError> {
-        let started = Instant::now();
+    /// A GET of another path of the same target (same credentials and timeout) that answered 2xx; the
+    /// caller reads the body under its own bounds (the goroutine dump is parsed as it streams in).
+    pub async fn get(&self, url: &str) -> Result<reqwest::Response, ScrapeError> {
         let mut req = self
             .client
             .get(url)
@@ -180,17 +180,26 @@ impl Scraper {
                 .map_err(|e| ScrapeError::Token(format!("cannot read {}: {e}", path.display())))?;
             req = req.bearer_auth(token.trim());
         }
-        let classify = |e: reqwest::Error| {
-            if e.is_timeout() {
-                ScrapeError::Timeout(self.cfg.timeout)
-            } else {
-                ScrapeError::Connect(without_url(e))
-            }
-        };
-        let mut resp = req.send().await.map_err(classify)?;
+        let resp = req.send().await.map_err(|e| self.classify(e))?;
         if !resp.status().is_success() {
             return Err(ScrapeError::Status(resp.status().as_u16()));
         }
+        Ok(resp)
+    }
+
+    fn classify(&self, e: reqwest::Error) -> ScrapeError {
+        if e.is_timeout() {
+            ScrapeError::Timeout(self.cfg.timeout)
+        } else {
+            ScrapeError::Connect(without_url(e))
+        }
+    }
+
+    /// A bounded GET of another path of the same target (same credentials, timeout and size cap).
+    pub async fn fetch_url(&self, url: &str) -> Result<String, ScrapeError> {
+        let started = Instant::now();
+        let mut resp = self.get(url).await?;
+        let classify = |e: reqwest::Error| self.classify(e);
         if resp
             .content_length()
             .is_some_and(|n| n as usize > self.cfg.max_body_bytes)
