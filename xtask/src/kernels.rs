@@ -90,6 +90,8 @@ struct Row {
     tests_s: Option<f64>,
     /// Why the row is incomplete, when it is.
     problem: Option<String>,
+    /// What the first boot said, when only a second one passed (see [`run`]).
+    first_boot: Option<String>,
 }
 
 impl Row {
@@ -132,7 +134,25 @@ pub fn run(only: &[String]) -> Result<()> {
     }
     for k in KERNELS.iter().filter(|k| wanted(k.version)) {
         let row = match fetch(&dir, k) {
-            Ok(files) => boot(&dir, &files, &bins)?,
+            Ok(files) => {
+                let first = boot(&dir, &files, &bins)?;
+                if first.ok() {
+                    first
+                } else {
+                    // One unexplained miscount in five runs was seen on 5.10 under emulation (see the
+                    // README's Kernels section): a failing kernel boots once more, and the row says what
+                    // the first boot found, so a flake is visible, never hidden, and a real failure
+                    // (which fails twice) still fails the matrix.
+                    eprintln!(
+                        "xtask: {}: {}; booting it once more",
+                        first.kernel,
+                        counts(&first)
+                    );
+                    let mut second = boot(&dir, &files, &bins)?;
+                    second.first_boot = Some(counts(&first));
+                    second
+                }
+            }
             Err(e) => Row {
                 kernel: k.version.into(),
                 mode: String::new(),
@@ -141,6 +161,7 @@ pub fn run(only: &[String]) -> Result<()> {
                 boot_s: None,
                 tests_s: None,
                 problem: Some(format!("could not fetch the kernel: {e:#}")),
+                first_boot: None,
             },
         };
         print_row(&row);
@@ -249,6 +270,7 @@ fn parse_results(kernel: String, text: &str, wall: f64) -> Row {
         boot_s: None,
         tests_s: None,
         problem: None,
+        first_boot: None,
     };
     let (mut start, mut end) = (None, None);
     for line in text.lines().map(|l| l.trim_end_matches('\r')) {
@@ -775,6 +797,9 @@ fn counts(row: &Row) -> String {
     }
     if let Some(p) = &row.problem {
         s += &format!("; {p}");
+    }
+    if let Some(first) = &row.first_boot {
+        s += &format!(" (second boot; the first: {first})");
     }
     s
 }
