@@ -56,6 +56,7 @@ fn snapshot(t: f64) -> Snapshot {
             threads: 12,
             ..ProcSample::default()
         }),
+        goroutines: None,
         app: ScrapeOutcome::Ok(AppSample {
             ledger: (0..50)
                 .map(|i| LedgerRow {

@@ -12,9 +12,13 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
-    sample::{KernelSample, ProcSample, ScrapeOutcome, Snapshot, TargetId},
+    sample::{
+        EvidenceWanted, GoroutineReading, KernelSample, ProcSample, ScrapeOutcome, Snapshot,
+        StackGrowth, TargetId,
+    },
     sources::{
         ebpf::{self, ProbeEvent, ProbeOptions, Probes, RawCounters},
+        goroutines::GoroutineProfiler,
         procfs::{ProcError, ProcfsSampler},
         scrape::Scraper,
         sockdiag,
@@ -129,6 +133,8 @@ pub struct Collector {
     full_pass_now: bool,
     /// The last full procfs sample: whose it was and when it was taken.
     last_full_proc: Option<(TargetId, ProcSample, Instant)>,
+    /// Go targets: reads goroutine profiles when the analysis asks ([`Collector::read_goroutines`]).
+    profiler: Option<GoroutineProfiler>,
 }
 
 impl Collector {
@@ -171,9 +177,51 @@ impl Collector {
             procfs_offset: [0; 13],
             full_pass_now: false,
             last_full_proc: None,
+            profiler: None,
         };
         collector.start_pump();
         collector
+    }
+
+    /// Reads the target's goroutine profiles (`--pprof-url`) when asked.
+    pub fn with_profiler(mut self, profiler: Option<GoroutineProfiler>) -> Self {
+        self.profiler = profiler;
+        self
+    }
+
+    /// The goroutine source: the profiles the analysis asked for after judging `snap` (its `go_goroutines`
+    /// bounds what a read may cost the target), and the baseline once the target is first scraped.
+    /// `None` when nothing was asked or read.
+    pub async fn read_goroutines(
+        &mut self,
+        wanted: &EvidenceWanted,
+        snap: &Snapshot,
+    ) -> Option<GoroutineReading> {
+        let (Some(profiler), Some(scraper)) = (self.profiler.as_mut(), self.scraper.as_ref())
+        else {
+            return None;
+        };
+        let ScrapeOutcome::Ok(app) = &snap.app else {
+            return None;
+        };
+        let goroutines = app.goroutines.map(|g| g.max(0.0) as u64);
+        profiler.ensure_baseline(scraper, goroutines).await;
+        let mut reading = GoroutineReading::default();
+        if wanted.stacks {
+            reading.growth = profiler.growth(scraper, goroutines).await.map(|r| match r {
+                Ok(top) => StackGrowth { top, note: None },
+                Err(note) => StackGrowth {
+                    top: Vec::new(),
+                    note: Some(note),
+                },
+            });
+        }
+        if let Some(min_minutes) = wanted.ages_min_minutes {
+            reading.ages = profiler
+                .blocked_beyond(scraper, min_minutes, goroutines)
+                .await;
+        }
+        (reading != GoroutineReading::default()).then_some(reading)
     }
 
     pub fn mode(&self) -> &KernelMode {
@@ -383,6 +431,7 @@ impl Collector {
                 target: self.current.clone(),
                 kernel,
                 proc,
+                goroutines: None,
                 app,
             },
             events,
@@ -437,6 +486,10 @@ impl Collector {
                 );
                 self.detach(&old);
                 self.attach(&new);
+                // A new process: its goroutines are compared with its own baseline.
+                if let Some(p) = &mut self.profiler {
+                    p.reset();
+                }
                 events.push(TargetEvent::Restarted {
                     old,
                     new: new.clone(),

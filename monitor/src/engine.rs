@@ -25,11 +25,11 @@ use crate::{
     sample::{ScrapeOutcome, Snapshot},
     sources::{
         ebpf::{ProbeOptions, Probes},
-        goroutines::{AgeReading, GoroutineProfiler},
+        goroutines::GoroutineProfiler,
         scrape::{ScrapeConfig, Scraper},
     },
     target::{TargetSelector, TargetTracker},
-    verdict::{Raised, Verdict, VerdictChange, VerdictKind},
+    verdict::{Raised, Verdict, VerdictChange},
 };
 
 /// What `watch`, `check` and `verify` start from: the resolved configuration and the kernel side,
@@ -124,33 +124,10 @@ pub struct Engine {
     pub last: Option<Snapshot>,
     /// `--record`: every snapshot appended to a file for `leakwatch replay`.
     pub recorder: Option<Recorder>,
-    /// Go targets: which goroutine stacks grew, attached to task-growth verdicts.
-    pub profiler: Option<GoroutineProfiler>,
-    /// The last stack growth found, for /status.
-    goroutine_growth: Vec<(String, i64)>,
-    /// Why the last look at stack growth read nothing (a profile skipped or failed), if it did.
-    growth_note: Option<String>,
-    /// Go targets: connection goroutines blocked past the idle horizon, found when an idle-connection
-    /// verdict was raised.
-    blocked_connections: Option<BlockedConnections>,
     /// The sampling period and its ticker, shared by every [`Engine::run_until`] of a run so that
     /// successive phases (verify's baseline, load and settle) keep one cadence.
     interval: Duration,
     ticker: Option<Interval>,
-}
-
-/// What the goroutine dump says about an idle-connection verdict: Go prints how long each goroutine has
-/// been blocked, so the dump is direct age evidence for connections held idle.
-#[derive(Clone, Debug, PartialEq)]
-struct BlockedConnections {
-    min_minutes: u64,
-    reading: AgeReading,
-}
-
-impl BlockedConnections {
-    fn confirmed(&self) -> bool {
-        self.reading.read && self.reading.total > 0
-    }
 }
 
 impl Engine {
@@ -184,10 +161,6 @@ impl Engine {
             raised: Vec::new(),
             last: None,
             recorder: None,
-            profiler: None,
-            goroutine_growth: Vec::new(),
-            growth_note: None,
-            blocked_connections: None,
             interval: Duration::from_secs(1),
             ticker: None,
         }
@@ -208,7 +181,8 @@ impl Engine {
             })?),
             None => None,
         };
-        let collector = Collector::with_kernel(collector_options(cfg), scraper, kernel);
+        let collector = Collector::with_kernel(collector_options(cfg), scraper, kernel)
+            .with_profiler(cfg.pprof_url.clone().map(GoroutineProfiler::new));
         // The `target` label of every series: the process name, so that dashboards read "rancher", not a
         // pattern or a pid that changes with every restart.
         let name = cfg.name.clone().unwrap_or_else(|| {
@@ -227,7 +201,6 @@ impl Engine {
             stale_after,
         );
         engine.size_history(cfg.interval);
-        engine.profiler = cfg.pprof_url.clone().map(GoroutineProfiler::new);
         if let Some(path) = &cfg.record {
             engine.recorder = Some(Recorder::create(path, RECORD_MAX_BYTES)?);
         }
@@ -275,8 +248,19 @@ impl Engine {
         )));
     }
 
+    /// One tick, as the data path reads: the sources give a snapshot, the analysis judges it (and the
+    /// goroutine profiles its verdicts ask for are read into the same snapshot), the outputs publish it.
     pub async fn step(&mut self) -> Vec<VerdictChange> {
-        let (snap, target_events) = self.collector.tick().await;
+        let (mut snap, target_events) = self.collector.tick().await;
+        self.account(&snap, &target_events);
+        let changes = self.analyse(&mut snap).await;
+        self.publish(snap, &changes);
+        changes
+    }
+
+    /// What the run rests on (ticks, samples, scrapes, restarts), and the log lines a change of those
+    /// deserves: said when it starts, not every tick.
+    fn account(&mut self, snap: &Snapshot, target_events: &[TargetEvent]) {
         self.stats.ticks += 1;
         if snap.proc.is_some() {
             self.stats.target_samples += 1;
@@ -290,7 +274,6 @@ impl Engine {
                 self.stats.scrapes_ok += 1;
             }
             ScrapeOutcome::Failed { reason, .. } => {
-                // Logged when it starts failing, not every tick: the metric counts every failure.
                 if !self.scrape_failing {
                     tracing::warn!(
                         "cannot read the tunnel's metrics: {reason}; ledger checks pause, kernel checks go on"
@@ -302,28 +285,34 @@ impl Engine {
             }
             ScrapeOutcome::NotConfigured => {}
         }
-        for e in &target_events {
+        for e in target_events {
             if let TargetEvent::Restarted { .. } = e {
                 self.stats.target_restarts += 1;
-                // A new process: its goroutines are compared with its own baseline, not the old one's.
-                self.goroutine_growth.clear();
-                self.growth_note = None;
-                self.blocked_connections = None;
-                if let Some(p) = &mut self.profiler {
-                    p.reset();
-                }
                 if let Ok(m) = self.shared.metrics.lock() {
                     m.target_restarted();
                 }
             }
         }
-        if let Some(r) = &mut self.recorder {
-            r.write(&snap);
+    }
+
+    /// The analysis of one snapshot: its verdict changes, with the goroutine evidence they asked for read
+    /// into the snapshot (which is recorded so, for `replay`).
+    async fn analyse(&mut self, snap: &mut Snapshot) -> Vec<VerdictChange> {
+        let mut changes = self.analyzer.observe(snap);
+        let wanted = self.analyzer.evidence_wanted(&changes);
+        snap.goroutines = self.collector.read_goroutines(&wanted, snap).await;
+        if let Some(reading) = &snap.goroutines {
+            self.analyzer.add_evidence(reading, &mut changes);
         }
-        let mut changes = self.analyzer.observe(&snap);
-        let blocked_before = self.blocked_connections.clone();
-        self.add_stack_evidence(&snap, &mut changes).await;
-        for c in &changes {
+        if let Some(r) = &mut self.recorder {
+            r.write(snap);
+        }
+        changes
+    }
+
+    /// The outputs: logs, the run's record of raised verdicts, history, metrics, /status, /healthz.
+    fn publish(&mut self, snap: Snapshot, changes: &[VerdictChange]) {
+        for c in changes {
             log_change(c, snap.unix - snap.t);
             if let VerdictChange::Raised(v) = c {
                 self.raised.push(Raised {
@@ -342,17 +331,18 @@ impl Engine {
                 self.analyzer.derived(),
                 self.analyzer.load_phase(),
                 self.analyzer.config().side,
-                &changes,
+                changes,
             );
-            // Dumps are read rarely (a baseline, then per verdict): the tasks chart shows each reading.
-            if let Some(b) = self
-                .blocked_connections
+            // Dumps are read rarely (per idle verdict): the tasks chart shows each reading.
+            if let Some(a) = snap
+                .goroutines
                 .as_ref()
-                .filter(|b| b.reading.read && Some(*b) != blocked_before.as_ref())
+                .and_then(|g| g.ages.as_ref())
+                .filter(|a| a.read)
             {
                 h.set_blocked_ages(&[(
-                    format!("{}+ min (connection goroutines)", b.min_minutes),
-                    b.reading.total as f64,
+                    format!("{}+ min (connection goroutines)", a.min_minutes),
+                    a.total as f64,
                 )]);
             }
         }
@@ -391,9 +381,9 @@ impl Engine {
                 notes: self.notes(&snap),
                 load_phase: self.analyzer.load_phase().to_string(),
                 oldest_sockets: self.oldest_sockets(),
-                goroutine_growth: self.goroutine_growth.clone(),
+                goroutine_growth: self.analyzer.stack_growth().to_vec(),
                 sockets_by_state: sockets_by_state(&snap),
-                crosscheck: derived.clone(),
+                crosscheck: derived,
                 analysis: self.analyzer.config().clone(),
             };
         }
@@ -401,97 +391,11 @@ impl Engine {
             *t = Instant::now();
         }
         self.last = Some(snap);
-        changes
     }
 
-    /// Verdicts active now. The stacks found when a task-growth verdict was raised stay part of it while
-    /// it is active (the analysis re-derives its verdicts every tick and knows nothing of profiles).
+    /// Verdicts active now, with their evidence.
     pub fn active(&self) -> Vec<Verdict> {
-        let mut active = self.analyzer.active();
-        for v in active
-            .iter_mut()
-            .filter(|v| v.kind == VerdictKind::TaskGrowth)
-        {
-            attach_stacks(v, &self.goroutine_growth, self.growth_note.as_deref());
-        }
-        if let Some(b) = &self.blocked_connections {
-            for v in active.iter_mut().filter(|v| is_ledger_idle_verdict(v)) {
-                attach_blocked(v, b);
-            }
-        }
-        active
-    }
-
-    /// On a task-growth verdict, asks the target which goroutine stacks grew (the seed's pprof step); on a
-    /// server's idle-connection verdict, how long its connection goroutines have been blocked. The
-    /// profiler bounds what each costs the target, against the goroutine count the target's own metrics
-    /// report (read for free with every scrape).
-    async fn add_stack_evidence(&mut self, snap: &Snapshot, changes: &mut [VerdictChange]) {
-        let min_minutes = (self.analyzer.config().idle_horizon_s() / 60.0).ceil() as u64;
-        // An idle verdict the dump could not confirm yet is looked at again (at the profiler's pace):
-        // ages only grow.
-        let recheck = self
-            .blocked_connections
-            .as_ref()
-            .is_some_and(|b| !b.confirmed())
-            && self.analyzer.active().iter().any(is_ledger_idle_verdict);
-        let (Some(profiler), Some(scraper)) = (self.profiler.as_mut(), self.collector.scraper())
-        else {
-            return;
-        };
-        let goroutines = match &snap.app {
-            ScrapeOutcome::Ok(app) => app.goroutines.map(|g| g.max(0.0) as u64),
-            _ => None,
-        };
-        if matches!(snap.app, ScrapeOutcome::Ok(_)) {
-            profiler.ensure_baseline(scraper, goroutines).await;
-        }
-        if recheck {
-            if let Some(reading) = profiler
-                .blocked_beyond(scraper, min_minutes, goroutines)
-                .await
-            {
-                self.blocked_connections = Some(BlockedConnections {
-                    min_minutes,
-                    reading,
-                });
-            }
-        }
-        for c in changes.iter_mut() {
-            let VerdictChange::Raised(v) = c else {
-                continue;
-            };
-            if is_ledger_idle_verdict(v) {
-                // Go rounds ages down to whole minutes: count only those certainly past the horizon.
-                if let Some(reading) = profiler
-                    .blocked_beyond(scraper, min_minutes, goroutines)
-                    .await
-                {
-                    let b = BlockedConnections {
-                        min_minutes,
-                        reading,
-                    };
-                    attach_blocked(v, &b);
-                    self.blocked_connections = Some(b);
-                }
-                continue;
-            }
-            if v.kind != VerdictKind::TaskGrowth {
-                continue;
-            }
-            match profiler.growth(scraper, goroutines).await {
-                None => continue,
-                Some(Ok(top)) => {
-                    attach_stacks(v, &top, None);
-                    self.goroutine_growth = top;
-                    self.growth_note = None;
-                }
-                Some(Err(note)) => {
-                    attach_stacks(v, &[], Some(&note));
-                    self.growth_note = Some(note);
-                }
-            }
-        }
+        self.analyzer.active()
     }
 
     /// The ten longest-held sockets of the target, for /status.
@@ -543,69 +447,6 @@ impl Engine {
             notes.push("target process not found".into());
         }
         notes
-    }
-}
-
-/// The server-side idle-connection verdict (from the ledger), as opposed to the agent's (from sockets).
-fn is_ledger_idle_verdict(v: &Verdict) -> bool {
-    v.kind == VerdictKind::IdleConnectionLeak && v.scope == crate::verdict::Scope::LedgerIdle
-}
-
-/// Puts the goroutine-age evidence into an idle-connection verdict: the connection goroutines Go reports
-/// blocked for longer than the horizon confirm it. A dump that shows none does not clear it: the
-/// connections left behind first may simply not be old enough yet, so it is looked at again while the
-/// verdict holds, and the verdict says what the last look found, or why there was no look (a dump skipped
-/// because it would stall the target, or refused, or cut short).
-fn attach_blocked(v: &mut Verdict, b: &BlockedConnections) {
-    if v.evidence.contains_key("pprof.dump_min_minutes") {
-        return;
-    }
-    v.evidence
-        .insert("pprof.dump_min_minutes".into(), b.min_minutes as f64);
-    let r = &b.reading;
-    if !r.read {
-        v.explanation += &format!(
-            "; not confirmed by the goroutine dump: {}",
-            r.note.as_deref().unwrap_or("no dump")
-        );
-        return;
-    }
-    v.evidence.insert(
-        "pprof.connection_goroutines_blocked_beyond_horizon".into(),
-        r.total as f64,
-    );
-    for (stack, n) in r.per_stack.iter().take(3) {
-        v.evidence
-            .insert(format!("pprof.blocked_beyond_horizon[{stack}]"), *n as f64);
-    }
-    v.explanation += &match r.per_stack.first() {
-        Some((stack, _)) => format!(
-            "; confirmed by the goroutine dump: {} connection goroutines blocked for {}+ minutes (most: {stack})",
-            r.total, b.min_minutes
-        ),
-        None => format!(
-            "; not yet confirmed by the goroutine dump: no connection goroutine blocked for {}+ minutes so far",
-            b.min_minutes
-        ),
-    };
-    if let Some(note) = &r.note {
-        v.explanation += &format!(" ({note})");
-    }
-}
-
-/// Puts the goroutine stacks that grew (most grown first) into a task-growth verdict, or why they could
-/// not be read.
-fn attach_stacks(v: &mut Verdict, top: &[(String, i64)], note: Option<&str>) {
-    for (stack, grown) in top {
-        v.evidence
-            .insert(format!("pprof.goroutines_grown[{stack}]"), *grown as f64);
-    }
-    if let Some((stack, grown)) = top.first() {
-        v.explanation += &format!("; most grown stack: {stack} (+{grown})");
-    } else if let Some(note) = note {
-        if !v.explanation.contains(note) {
-            v.explanation += &format!("; {note}");
-        }
     }
 }
 

@@ -241,6 +241,59 @@ impl ScrapeErrorClass {
     }
 }
 
+/// What the target's goroutine profiles said at one tick. Read only when the analysis asked for it (a
+/// task-growth verdict wants stacks, a server's idle verdict wants ages), and recorded with the snapshot,
+/// so that `replay` attaches the evidence `watch` attached.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GoroutineReading {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub growth: Option<StackGrowth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ages: Option<AgeReading>,
+}
+
+/// What the analysis wants read from the target's goroutine profiles after a tick. The profiler bounds
+/// how often and how much each read costs the target; asking is free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EvidenceWanted {
+    /// The stacks that grew since the baseline (a task-growth verdict was just raised).
+    pub stacks: bool,
+    /// Connection goroutines blocked for this many whole minutes or more (a server's idle verdict was
+    /// just raised, or is active and not yet confirmed: ages only grow, so a later look may confirm it).
+    pub ages_min_minutes: Option<u64>,
+}
+
+/// The goroutine stacks that grew since the baseline (aggregated profile), most grown first, or why
+/// they could not be read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StackGrowth {
+    pub top: Vec<(String, i64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// What a look at connection ages (the full dump) found, for a server's idle-connection verdict.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgeReading {
+    /// Goroutines blocked this many whole minutes or more were counted (Go rounds ages down).
+    pub min_minutes: u64,
+    /// Whether a dump was read (false: skipped or failed; `note` says why).
+    pub read: bool,
+    /// Connection goroutines blocked for `min_minutes` or more, total and per stack (most first).
+    pub total: u64,
+    pub per_stack: Vec<(String, u64)>,
+    /// Why the dump was skipped, failed or was cut short (its counts are then a lower bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl AgeReading {
+    /// A reading that confirms: a dump was read and it found connection goroutines past the horizon.
+    pub fn confirmed(&self) -> bool {
+        self.read && self.total > 0
+    }
+}
+
 /// Everything known at one instant.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -253,4 +306,7 @@ pub struct Snapshot {
     pub kernel: Option<KernelSample>,
     pub proc: Option<ProcSample>,
     pub app: ScrapeOutcome,
+    /// Goroutine profiles, on the ticks the analysis asked for them (see [`GoroutineReading`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goroutines: Option<GoroutineReading>,
 }

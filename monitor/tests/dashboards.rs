@@ -286,6 +286,7 @@ fn exporter_names() -> BTreeSet<String> {
             fd_limit: Some(1024),
             ..ProcSample::default()
         }),
+        goroutines: None,
         app: ScrapeOutcome::Ok(AppSample {
             remotedialer_present: true,
             goroutines: Some(1.0),

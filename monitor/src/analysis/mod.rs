@@ -6,6 +6,7 @@
 //! what holds right now; [`conditions`] debounces those findings into raised and cleared verdicts.
 mod conditions;
 mod config;
+pub mod evidence;
 pub mod help;
 pub mod quiescence;
 mod rules;
@@ -63,6 +64,7 @@ pub struct Analyzer {
     quiescence: Quiescence,
     target: Option<TargetId>,
     derived: Derived,
+    evidence: evidence::GoroutineEvidence,
 }
 
 impl Analyzer {
@@ -74,6 +76,7 @@ impl Analyzer {
             quiescence: Quiescence::default(),
             target: None,
             derived: Derived::default(),
+            evidence: evidence::GoroutineEvidence::default(),
         }
     }
 
@@ -108,6 +111,8 @@ impl Analyzer {
                     });
                     self.signals.clear();
                     self.quiescence.reset();
+                    // A new process: its goroutines are another baseline's.
+                    self.evidence = evidence::GoroutineEvidence::default();
                     self.target = Some(id.clone());
                 }
                 Some(_) => {}
@@ -230,9 +235,46 @@ impl Analyzer {
         out
     }
 
-    /// Verdicts active now.
+    /// Verdicts active now, with the goroutine evidence they have.
     pub fn active(&self) -> Vec<Verdict> {
-        self.conditions.active()
+        let mut active = self.conditions.active();
+        for v in &mut active {
+            self.evidence.attach(v);
+        }
+        active
+    }
+
+    /// What the goroutine profiles should be asked after a tick that made `changes`.
+    pub fn evidence_wanted(&self, changes: &[VerdictChange]) -> crate::sample::EvidenceWanted {
+        self.evidence.wanted(
+            changes,
+            &self.conditions.active(),
+            self.cfg.idle_horizon_s(),
+        )
+    }
+
+    /// Takes this tick's goroutine reading and puts it into the verdicts `changes` raised.
+    pub fn add_evidence(
+        &mut self,
+        reading: &crate::sample::GoroutineReading,
+        changes: &mut [VerdictChange],
+    ) {
+        self.evidence.take(reading, changes);
+    }
+
+    /// One recorded snapshot, judged as `watch` judged it: the analysis, then the goroutine reading the
+    /// snapshot carries (read because that tick's verdicts asked for it).
+    pub fn replay(&mut self, snap: &Snapshot) -> Vec<VerdictChange> {
+        let mut changes = self.observe(snap);
+        if let Some(r) = &snap.goroutines {
+            self.add_evidence(r, &mut changes);
+        }
+        changes
+    }
+
+    /// The goroutine stacks that grew most (the last reading), for /status.
+    pub fn stack_growth(&self) -> &[(String, i64)] {
+        self.evidence.growth()
     }
 
     pub fn derived(&self) -> &Derived {

@@ -48,7 +48,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     let mut all_raised = Vec::new();
     let mut raised = 0;
     for s in &snaps {
-        let changes = analyzer.observe(s);
+        let changes = analyzer.replay(s);
         if let Some(h) = &mut history {
             h.record(s, analyzer.derived(), analyzer.load_phase(), side, &changes);
         }

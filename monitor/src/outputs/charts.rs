@@ -807,6 +807,7 @@ mod tests {
                     ..ProcSample::default()
                 }),
                 // A scrape gap in the middle breaks the ledger lines.
+                goroutines: None,
                 app: if i == 5 {
                     ScrapeOutcome::Failed {
                         class: crate::sample::ScrapeErrorClass::Timeout,

@@ -473,6 +473,7 @@ mod tests {
             }),
             kernel: kernel.then_some(k),
             proc: Some(p),
+            goroutines: None,
             app: ScrapeOutcome::Ok(AppSample {
                 remotedialer_present: true,
                 ledger: vec![

@@ -524,6 +524,7 @@ mod tests {
                         rss_bytes: 20 << 20,
                         ..ProcSample::default()
                     }),
+                    goroutines: None,
                     app: ScrapeOutcome::Ok(AppSample {
                         remotedialer_present: true,
                         ledger: vec![LedgerRow {

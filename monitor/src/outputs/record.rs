@@ -120,6 +120,7 @@ mod tests {
             target: None,
             kernel: None,
             proc: None,
+            goroutines: None,
             app: ScrapeOutcome::NotConfigured,
         }
     }

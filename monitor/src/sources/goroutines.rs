@@ -35,6 +35,7 @@ use std::{
 use tracing::{info, warn};
 
 use super::scrape::{ScrapeError, Scraper};
+use crate::sample::AgeReading;
 
 /// Frames kept per stack: enough to tell `pipe.func2` under `pipe` under `clientDial` apart.
 const MAX_FRAMES: usize = 6;
@@ -372,26 +373,14 @@ fn human(d: Duration) -> String {
     }
 }
 
-/// What a look at connection ages found, for an idle-connection verdict.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AgeReading {
-    /// Whether a dump was read (false: skipped or failed; `note` says why).
-    pub read: bool,
-    /// Connection goroutines blocked for `min_minutes` or more, total and per stack (most first).
-    pub total: u64,
-    pub per_stack: Vec<(String, u64)>,
-    /// Why the dump was skipped, failed or was cut short (its counts are then a lower bound).
-    pub note: Option<String>,
-}
-
-impl AgeReading {
-    fn not_read(note: String) -> Self {
-        Self {
-            read: false,
-            total: 0,
-            per_stack: Vec::new(),
-            note: Some(note),
-        }
+/// A look at connection ages that read no dump, and why.
+fn not_read(min_minutes: u64, note: String) -> AgeReading {
+    AgeReading {
+        min_minutes,
+        read: false,
+        total: 0,
+        per_stack: Vec::new(),
+        note: Some(note),
     }
 }
 
@@ -551,38 +540,46 @@ impl GoroutineProfiler {
             Some(n) => n,
             None => match self.fetch_profile(scraper).await {
                 Ok(p) => p.goroutines,
-                Err(e) => return Some(AgeReading::not_read(e)),
+                Err(e) => return Some(not_read(min_minutes, e)),
             },
         };
         if n > self.limits.max_dump_goroutines {
             let (stall, how) = self.dump_stall(n);
-            return Some(AgeReading::not_read(format!(
-                "the goroutine dump was skipped: the target has {n} goroutines, and a full dump stops its world \
+            return Some(not_read(
+                min_minutes,
+                format!(
+                    "the goroutine dump was skipped: the target has {n} goroutines, and a full dump stops its world \
                  for all of them, about {} ({} per goroutine, {how}); dumps are read up to {} goroutines",
-                human(stall),
-                human_per_goroutine(stall.div_f64(n.max(1) as f64)),
-                self.limits.max_dump_goroutines
-            )));
+                    human(stall),
+                    human_per_goroutine(stall.div_f64(n.max(1) as f64)),
+                    self.limits.max_dump_goroutines
+                ),
+            ));
         }
         let dump = match self.read_dump(scraper).await {
             Ok(d) => d,
             Err(e) => {
-                return Some(AgeReading::not_read(format!(
-                    "the goroutine dump failed: {e}"
-                )));
+                return Some(not_read(
+                    min_minutes,
+                    format!("the goroutine dump failed: {e}"),
+                ));
             }
         };
         if dump.profile.goroutines == 0 {
-            return Some(AgeReading::not_read(match dump.cut {
-                Some(cut) => format!("the goroutine dump gave no goroutine: {cut}"),
-                None => "the target's goroutine dump holds no goroutine".into(),
-            }));
+            return Some(not_read(
+                min_minutes,
+                match dump.cut {
+                    Some(cut) => format!("the goroutine dump gave no goroutine: {cut}"),
+                    None => "the target's goroutine dump holds no goroutine".into(),
+                },
+            ));
         }
         if dump.cut.is_none() && dump.profile.goroutines >= 1000 {
             self.dump_cost = Some(dump.elapsed / dump.profile.goroutines as u32);
         }
         let (total, per_stack) = blocked_connections(&dump.profile, min_minutes);
         Some(AgeReading {
+            min_minutes,
             read: true,
             total,
             per_stack,
