@@ -133,7 +133,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let hub = Arc::new(MetricsHub::new(cfg.remotedialer_metrics)?.with_extra_series(cfg.extra_series));
+    let hub =
+        Arc::new(MetricsHub::new(cfg.remotedialer_metrics)?.with_extra_series(cfg.extra_series));
     let sessions = Arc::new(SessionManager::new(hub.clone()));
     let peers = Peers::new(
         cfg.peer_id,

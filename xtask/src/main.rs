@@ -36,7 +36,11 @@ enum Command {
     Demo,
     /// Benchmarks: eBPF cost per event, leakwatch CPU/RSS under churn, tunnel overhead, sampling cost,
     /// detection scorecard. Prints one table and writes target/leakwatch-results/bench.json.
-    Bench,
+    Bench {
+        /// Only the scale rows (issue 17: a big /metrics, thousands of clientkeys), a few minutes.
+        #[arg(long)]
+        scale_only: bool,
+    },
     /// Run every fuzz target for a bounded time (needs a nightly toolchain; installs cargo-fuzz).
     Fuzz {
         /// Seconds per target.
@@ -68,9 +72,9 @@ fn main() -> Result<()> {
             build_release()?;
             demo::run()
         }
-        Command::Bench => {
+        Command::Bench { scale_only } => {
             build_release()?;
-            bench::run()
+            bench::run(scale_only)
         }
         Command::Fuzz { seconds } => fuzz::run(seconds, true),
         Command::Lint => lint::run(),

@@ -14,14 +14,11 @@ use std::collections::HashMap;
 use thiserror::Error;
 
 use super::scrape::MetricNames;
-use crate::sample::{AppSample, LedgerRow, SessionRow};
+use crate::sample::{AppSample, LedgerRow, OTHER_CLIENTKEY, SessionRow};
 
 /// The longest line kept between two chunks. No exporter writes a line of a megabyte; holding a longer
 /// one would let memory follow the body, which is what streaming is for.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
-
-/// The clientkey of the row that ledger rows beyond the cap are summed into.
-pub const OTHER_CLIENTKEY: &str = "_other";
 
 #[derive(Clone, Debug, Error, PartialEq)]
 #[error("line {line}: {what}")]
@@ -111,10 +108,6 @@ fn is_name_start(b: u8) -> bool {
     b.is_ascii_alphabetic() || b == b'_' || b == b':'
 }
 
-fn is_name_char(b: u8) -> bool {
-    is_name_start(b) || b.is_ascii_digit()
-}
-
 fn is_label_start(b: u8) -> bool {
     b.is_ascii_alphabetic() || b == b'_'
 }
@@ -123,10 +116,23 @@ fn is_blank(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }
 
+/// Whether `b` may be in a metric name, as a table: the one test made on every byte of every metric name
+/// of the body.
+static NAME_CHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+        b += 1;
+    }
+    t
+};
+
 /// Length of the metric name at the start of `line`.
 fn name_len(line: &[u8]) -> usize {
     line.iter()
-        .position(|b| !is_name_char(*b))
+        .position(|b| !NAME_CHAR[usize::from(*b)])
         .unwrap_or(line.len())
 }
 

@@ -68,7 +68,7 @@ impl Default for ScrapeConfig {
             ca_file: None,
             names: MetricNames::default(),
             max_body_bytes: 16 << 20,
-            max_ledger_rows: 1000,
+            max_ledger_rows: 25_000,
         }
     }
 }
