@@ -137,7 +137,7 @@ fn benches(c: &mut Criterion) {
             snap.unix = t;
             if let ScrapeOutcome::Ok(app) = &mut snap.app {
                 for (i, r) in app.ledger.iter_mut().enumerate() {
-                    if (i + t as usize) % 10 == 0 {
+                    if (i + t as usize).is_multiple_of(10) {
                         r.added += 1.0;
                         r.removed += 1.0;
                     }

@@ -134,7 +134,7 @@ fn tick_cost(clientkeys: usize) -> serde_json::Value {
         if let ScrapeOutcome::Ok(app) = &mut snap.app {
             // A tenth of the rows take a connection and give one back every tick.
             for (i, r) in app.ledger.iter_mut().enumerate() {
-                if (i + tick as usize) % 10 == 0 {
+                if (i + tick as usize).is_multiple_of(10) {
                     r.added += 1.0;
                     r.removed += 1.0;
                 }
