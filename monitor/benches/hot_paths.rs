@@ -37,6 +37,23 @@ fn exposition(rows: usize) -> String {
     s
 }
 
+/// A ledger of `clientkeys` x `rows_per_key` rows, sorted as the scraper sorts it.
+fn ledger(clientkeys: usize, rows_per_key: usize, t: f64) -> Vec<LedgerRow> {
+    let mut rows = Vec::with_capacity(clientkeys * rows_per_key);
+    for k in 0..clientkeys {
+        for r in 0..rows_per_key {
+            rows.push(LedgerRow {
+                clientkey: format!("c-{k:05}"),
+                proto: "tcp".into(),
+                addr: format!("10.{}.{}.{r}:6443", k / 250, k % 250),
+                added: 100.0 * t,
+                removed: 100.0 * t - 1.0,
+            });
+        }
+    }
+    rows
+}
+
 fn snapshot(t: f64) -> Snapshot {
     Snapshot {
         t,
@@ -58,15 +75,7 @@ fn snapshot(t: f64) -> Snapshot {
         }),
         goroutines: None,
         app: ScrapeOutcome::Ok(AppSample {
-            ledger: (0..50)
-                .map(|i| LedgerRow {
-                    clientkey: format!("c-{i}"),
-                    proto: "tcp".into(),
-                    addr: "10.0.0.1:6443".into(),
-                    added: 100.0 * t,
-                    removed: 100.0 * t - 1.0,
-                })
-                .collect(),
+            ledger: ledger(50, 1, t),
             remotedialer_present: true,
             goroutines: Some(500.0 + (t % 7.0)),
             heap_inuse_bytes: Some(1e8),
@@ -82,6 +91,17 @@ fn benches(c: &mut Criterion) {
         c.bench_function(&format!("parse_app_sample/{rows}_ledger_rows"), |b| {
             b.iter(|| parse_app_sample(black_box(&body), &names, 2000).expect("valid exposition"))
         });
+    }
+    for (series, clientkeys) in [(1_000, 10), (50_000, 1_000), (200_000, 5_000)] {
+        let body = testsupport::big_exposition(series, clientkeys, 1);
+        c.bench_function(
+            &format!("parse_app_sample/{series}_series_{clientkeys}_clientkeys"),
+            |b| {
+                b.iter(|| {
+                    parse_app_sample(black_box(&body), &names, 25_000).expect("valid exposition")
+                })
+            },
+        );
     }
     let line = "  12: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 123456 1 0000000000000000 20 4 30 10 -1";
     c.bench_function("parse_tcp_line", |b| {
@@ -99,6 +119,32 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             t += 1.0;
             an.observe(black_box(&snapshot(t)))
+        })
+    });
+    // 5,000 clientkeys with 4 addresses each: the per-tick analysis of a big Rancher HA install. The
+    // snapshot is changed in place (time, and a tenth of the rows taking a connection), so the figure is
+    // the analysis, not the building of 20,000 rows.
+    c.bench_function("analyzer_tick/5000_clientkeys_20000_rows", |b| {
+        let mut an = Analyzer::new(AnalysisConfig::default());
+        let mut snap = snapshot(0.0);
+        let ScrapeOutcome::Ok(app) = &mut snap.app else {
+            unreachable!()
+        };
+        app.ledger = ledger(5_000, 4, 1.0);
+        let mut t = 0.0;
+        b.iter(|| {
+            t += 1.0;
+            snap.t = t;
+            snap.unix = t;
+            if let ScrapeOutcome::Ok(app) = &mut snap.app {
+                for (i, r) in app.ledger.iter_mut().enumerate() {
+                    if (i + t as usize).is_multiple_of(10) {
+                        r.added += 1.0;
+                        r.removed += 1.0;
+                    }
+                }
+            }
+            an.observe(black_box(&snap))
         })
     });
 }

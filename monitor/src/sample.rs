@@ -162,6 +162,11 @@ impl ProcSample {
     }
 }
 
+/// The clientkey of the ledger row that the scraper sums the rows beyond its cap into. The rows in it change
+/// as the ledger grows (which rows fit under the cap follows the exposition's order), so it counts in the
+/// totals but is never judged as one row.
+pub const OTHER_CLIENTKEY: &str = "_other";
+
 /// One row of remotedialer's connection ledger: cumulative add/remove counters for one label set.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LedgerRow {

@@ -697,3 +697,77 @@ fn status_and_the_page_stay_off_the_pod_network_unless_opted_in() {
     );
     drop(lw);
 }
+
+/// Offers every connection 200 MB of valid exposition, made up as it is written (never held), and
+/// records the most one connection took before the client went away.
+fn endless_metrics_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::{Arc, atomic::AtomicU64, atomic::Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    let most = Arc::new(AtomicU64::new(0));
+    let m = most.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n# TYPE go_goroutines gauge\ngo_goroutines 5\n");
+                let (mut sent, mut i, mut block) = (0u64, 0u64, String::new());
+                while sent < 200 << 20 {
+                    block.clear();
+                    while block.len() < 64 << 10 {
+                        block +=
+                            &format!("unrelated_series{{shard=\"{}\",i=\"{i}\"}} {i}\n", i % 97);
+                        i += 1;
+                    }
+                    if s.write_all(block.as_bytes()).is_err() {
+                        break;
+                    }
+                    sent += block.len() as u64;
+                }
+                m.fetch_max(sent, Ordering::Relaxed);
+            });
+        }
+    });
+    (addr, most)
+}
+
+#[test]
+fn a_200_mb_metrics_endpoint_is_cut_at_the_bound_and_the_watch_goes_on() {
+    let (addr, most) = endless_metrics_server();
+    let mut target = Command::new("sleep").arg("60").spawn().expect("sleep");
+    let out = leakwatch()
+        .args(["check", "--pid", &target.id().to_string()])
+        .args(["--duration", "6s", "--json", "--interval", "500ms"])
+        .args(["--metrics-url", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("run leakwatch check");
+    let _ = target.kill();
+    let _ = target.wait();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    // Never a leak, and never a clean bill of health: the ledger it was told to judge was never read.
+    assert_eq!(out.status.code(), Some(3), "inconclusive: {stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("json report");
+    let run = &report["run"];
+    // Every scrape got the clear answer, and the ticks went on between them.
+    assert_eq!(run["scrapes_ok"], 0, "{report}");
+    assert!(run["scrapes_failed"].as_u64() >= Some(3), "{report}");
+    assert!(run["ticks"].as_u64() >= Some(4), "{report}");
+    assert!(
+        stderr.contains("too_large: body over 16777216 bytes (reading stopped there)"),
+        "{stderr}"
+    );
+    // Bounded: reading stopped at the 16 MiB bound (plus what the sockets' buffers hold), nowhere near
+    // the 200 MB on offer, and the body was never held.
+    let wrote = most.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(wrote < 32 << 20, "a connection took {wrote} bytes");
+    let rss = report["leakwatch_peak_rss_mib"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    assert!(rss < 64.0, "peak RSS {rss} MiB");
+}

@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     pub metrics_listen: Option<String>,
     pub remotedialer_metrics: bool,
+    /// Agents run by this process, `<id>-0` ... `<id>-<count-1>` when more than one.
+    pub count: u64,
 }
 
 /// Which targets the agent dials for the server: loopback by default (this is a test tool), plus
@@ -141,13 +143,41 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         allow: cfg.allow.clone(),
         allow_any: cfg.allow_any,
     });
+    if cfg.count <= 1 {
+        let id = cfg.id.clone();
+        return session_loop(&cfg, &id, &hub, &leak, &handler).await;
+    }
+    // Many agents, one websocket each, as many clusters' agents would hold to one Rancher.
+    let cfg = Arc::new(cfg);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..cfg.count {
+        let (cfg, hub, leak, handler) = (cfg.clone(), hub.clone(), leak.clone(), handler.clone());
+        set.spawn(async move {
+            let id = format!("{}-{i}", cfg.id);
+            session_loop(&cfg, &id, &hub, &leak, &handler).await
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// One agent: a session, and a new one with a backoff whenever it ends.
+async fn session_loop(
+    cfg: &AgentConfig,
+    id: &str,
+    hub: &Arc<MetricsHub>,
+    leak: &Arc<LeakPolicy>,
+    handler: &Arc<dyn ConnectHandler>,
+) -> anyhow::Result<()> {
     let mut backoff = cfg.backoff_min;
     loop {
-        match connect_once(&cfg, &hub, &leak, &handler).await {
+        match connect_once(cfg, id, hub, leak, handler).await {
             Ok(()) => backoff = cfg.backoff_min,
             Err(e) => {
-                tracing::warn!("agent {}: {e:#}", cfg.id);
-                say!("agent {} connect failed: {e:#}", cfg.id);
+                tracing::warn!("agent {id}: {e:#}");
+                say!("agent {id} connect failed: {e:#}");
             }
         }
         tokio::time::sleep(backoff).await;
@@ -185,11 +215,12 @@ pub async fn dial_session(
 /// One session; Ok once a session was up (whatever ended it), so the backoff restarts small.
 async fn connect_once(
     cfg: &AgentConfig,
+    id: &str,
     hub: &Arc<MetricsHub>,
     leak: &Arc<LeakPolicy>,
     handler: &Arc<dyn ConnectHandler>,
 ) -> anyhow::Result<()> {
-    let ws = dial_session(&cfg.server, &cfg.id, &cfg.token, "server").await?;
+    let ws = dial_session(&cfg.server, id, &cfg.token, "server").await?;
     // remotedialer's client session always uses the client key "client".
     let (session, stream) = Session::start(
         ws,
@@ -199,7 +230,7 @@ async fn connect_once(
         Some(handler.clone()),
     );
     hub.live_sessions.set(1);
-    say!("agent {} connected to {}", cfg.id, cfg.server);
+    say!("agent {id} connected to {}", cfg.server);
     let keepalive = tasks::spawn(
         "agent.keepalive",
         keepalive(session.clone(), cfg.sync_interval),
@@ -207,7 +238,7 @@ async fn connect_once(
     let end = session.serve(stream).await;
     keepalive.abort();
     hub.live_sessions.set(0);
-    say!("agent {} disconnected: {end}", cfg.id);
+    say!("agent {id} disconnected: {end}");
     Ok(())
 }
 

@@ -31,6 +31,9 @@ pub struct LoadConfig {
     pub duration_limit: Duration,
     /// Reuse caller connections (HTTP keep-alive) instead of one connection per request.
     pub keep_alive: bool,
+    /// Spread the requests over this many clientkeys: request `i` goes to `/proxy/<id>-<i mod K>/...`
+    /// instead of `/proxy/<id>/...` (the agents of `reftunnel agent --count K`). 0 or 1: the URL as is.
+    pub clientkeys: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,19 +160,44 @@ struct KeepConn {
 
 struct Shared {
     target: Target,
+    /// With `clientkeys`: the path before and after the clientkey, and how many there are.
+    spread: Option<(String, String, u64)>,
     timeout: Duration,
     idle: Option<Idle>,
     connections: AtomicU64,
 }
 
-async fn one(shared: Arc<Shared>) -> Outcome {
+impl Shared {
+    /// The target of request `i`.
+    fn target_for(&self, i: u64) -> std::borrow::Cow<'_, Target> {
+        match &self.spread {
+            None => std::borrow::Cow::Borrowed(&self.target),
+            Some((head, tail, k)) => std::borrow::Cow::Owned(Target {
+                path: format!("{head}-{}{tail}", i % k),
+                ..self.target.clone()
+            }),
+        }
+    }
+}
+
+/// `/proxy/<id>/<rest>` as (`/proxy/<id>`, `/<rest>`), for spreading requests over clientkeys.
+fn split_proxy_path(path: &str) -> anyhow::Result<(String, String)> {
+    let rest = path
+        .strip_prefix("/proxy/")
+        .context("--clientkeys needs a /proxy/<id>/ URL")?;
+    let (id, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    Ok((format!("/proxy/{id}"), tail.to_owned()))
+}
+
+async fn one(shared: Arc<Shared>, i: u64) -> Outcome {
     let start = Instant::now();
+    let target = shared.target_for(i);
     let work = async {
         match &shared.idle {
-            Some(idle) => request_keep_alive(&shared, idle).await,
+            Some(idle) => request_keep_alive(&shared, &target, idle).await,
             None => {
                 shared.connections.fetch_add(1, Ordering::Relaxed);
-                request(&shared.target).await
+                request(&target).await
             }
         }
     };
@@ -200,9 +228,9 @@ struct ExchangeError {
     nothing_back: bool,
 }
 
-async fn request_keep_alive(s: &Shared, idle: &Idle) -> Result<u64, String> {
+async fn request_keep_alive(s: &Shared, target: &Target, idle: &Idle) -> Result<u64, String> {
     if let Some(mut c) = idle.take() {
-        match exchange(&s.target, &mut c).await {
+        match exchange(target, &mut c).await {
             Ok((n, reusable)) => {
                 if reusable {
                     idle.put(c);
@@ -214,13 +242,13 @@ async fn request_keep_alive(s: &Shared, idle: &Idle) -> Result<u64, String> {
             Err(e) => return Err(e.msg),
         }
     }
-    let sock = connect(&s.target).await?;
+    let sock = connect(target).await?;
     s.connections.fetch_add(1, Ordering::Relaxed);
     let mut c = KeepConn {
         sock,
         buf: BytesMut::new(),
     };
-    let (n, reusable) = exchange(&s.target, &mut c).await.map_err(|e| e.msg)?;
+    let (n, reusable) = exchange(target, &mut c).await.map_err(|e| e.msg)?;
     if reusable {
         idle.put(c);
     }
@@ -357,8 +385,16 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
     if cfg.rate < 0.0 || !cfg.rate.is_finite() {
         bail!("--rate must be a non-negative number");
     }
+    let target = parse_target(&cfg.url).await?;
+    let spread = if cfg.clientkeys > 1 {
+        let (head, tail) = split_proxy_path(&target.path)?;
+        Some((head, tail, cfg.clientkeys))
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
-        target: parse_target(&cfg.url).await?,
+        target,
+        spread,
         timeout: cfg.timeout,
         idle: cfg.keep_alive.then(Idle::default),
         connections: AtomicU64::new(0),
@@ -384,7 +420,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
         };
         let sh = shared.clone();
         set.spawn(async move {
-            let o = one(sh).await;
+            let o = one(sh, i).await;
             drop(permit);
             o
         });

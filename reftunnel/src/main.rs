@@ -85,6 +85,10 @@ enum Cmd {
         /// sleeps 5s).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         peer_reconnect_delay: Duration,
+        /// Export this many unrelated series beside the tunnel's (histogram buckets in families of
+        /// 500, about 70 bytes a line), as a big Rancher's /metrics has: for measuring scrapers.
+        #[arg(long, default_value_t = 0)]
+        extra_series: usize,
     },
     /// Tunnel agent: connects to the server, dials targets for it, reconnects on loss.
     Agent {
@@ -123,6 +127,10 @@ enum Cmd {
         /// Count session_server_* metrics on the agent too (clientkey "client", as in Go).
         #[arg(long, env = "CATTLE_PROMETHEUS_METRICS", value_parser = parse_boolish, default_value = "false", num_args = 0..=1, default_missing_value = "true")]
         remotedialer_metrics: bool,
+        /// Run this many agents in one process, as `<id>-0` ... `<id>-<N-1>`, each with its own
+        /// websocket (the clusters of a big Rancher, cheaply); 1 keeps the id as it is.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        count: u64,
     },
     /// Load driver: GETs over fresh connections (one request = one socket), or over reused
     /// keep-alive connections with --keep-alive; loopback only.
@@ -155,6 +163,10 @@ enum Cmd {
         /// one persistent connection.
         #[arg(long)]
         keep_alive: bool,
+        /// Spread the requests over K clientkeys: request i goes to /proxy/<id>-<i mod K>/ (the
+        /// agents of `agent --count K`), so that the ledger gets a row per clientkey.
+        #[arg(long, default_value_t = 0)]
+        clientkeys: u64,
     },
     /// Background noise: holds --count keep-alive connections to a server open, sending a
     /// request on each every --period, until SIGTERM/SIGINT; loopback only. Prints
@@ -238,6 +250,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             peer_token,
             peers,
             peer_reconnect_delay,
+            extra_series,
         } => {
             if let Some(l @ (ServerLeak::StuckPipe | ServerLeak::HoldAbandoned)) = leak {
                 if proxy_transport.pooled() {
@@ -260,6 +273,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 peer_token,
                 peers,
                 peer_reconnect_delay,
+                extra_series,
             })
             .await?
         }
@@ -276,8 +290,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             backoff_max,
             metrics_listen,
             remotedialer_metrics,
+            count,
         } => {
             agent::run(agent::AgentConfig {
+                count,
                 server,
                 token,
                 id,
@@ -303,8 +319,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             max_error_ratio,
             json,
             keep_alive,
+            clientkeys,
         } => {
             let summary = load::run(load::LoadConfig {
+                clientkeys,
                 url,
                 requests,
                 rate,

@@ -198,6 +198,33 @@ pub struct MetricsHub {
     /// Live tunneled connections in session maps (server) — set by the owner before rendering.
     pub live_connections: IntGauge,
     pub live_sessions: IntGauge,
+    /// Unrelated series appended to every page, written once (see [`Self::with_extra_series`]).
+    extra: String,
+}
+
+/// Series per extra family: a big Rancher's /metrics of 50,000 series has about a hundred families.
+const EXTRA_FAMILY_SERIES: usize = 500;
+
+/// `n` series that are none of the tunnel's business, as a big exporter has beside it: histogram
+/// buckets of made-up families `reftunnel_extra_<f>_seconds`, about 70 bytes a line.
+fn extra_series(n: usize) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(n * 72);
+    for f in 0..n.div_ceil(EXTRA_FAMILY_SERIES) {
+        let _ = write!(
+            s,
+            "# HELP reftunnel_extra_{f}_seconds Unrelated series for measuring scrapers (--extra-series).\n# TYPE reftunnel_extra_{f}_seconds histogram\n"
+        );
+        for i in 0..EXTRA_FAMILY_SERIES.min(n - f * EXTRA_FAMILY_SERIES) {
+            let _ = writeln!(
+                s,
+                "reftunnel_extra_{f}_seconds_bucket{{resource=\"r{}\",verb=\"GET\",le=\"{i}\"}} {}",
+                i % 37,
+                i * 3
+            );
+        }
+    }
+    s
 }
 
 impl MetricsHub {
@@ -288,7 +315,15 @@ impl MetricsHub {
             rt,
             live_connections,
             live_sessions,
+            extra: String::new(),
         })
+    }
+
+    /// Appends `n` unrelated series to every page (`server --extra-series`); the tunnel's own series
+    /// are unchanged.
+    pub fn with_extra_series(mut self, n: usize) -> Self {
+        self.extra = extra_series(n);
+        self
     }
 
     /// Refreshes the sampled gauges and renders the Prometheus text format.
@@ -316,6 +351,7 @@ impl MetricsHub {
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail short of a collector bug; an empty page is the fallback.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf.extend_from_slice(self.extra.as_bytes());
         String::from_utf8(buf).unwrap_or_default()
     }
 }

@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub peers: Vec<PeerSpec>,
     /// Delay before redialing a peer after a failure or a lost session (remotedialer: 5 s).
     pub peer_reconnect_delay: std::time::Duration,
+    /// Unrelated series exported beside the tunnel's (see [`MetricsHub::with_extra_series`]).
+    pub extra_series: usize,
 }
 
 struct State {
@@ -131,7 +133,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let hub = Arc::new(MetricsHub::new(cfg.remotedialer_metrics)?);
+    let hub =
+        Arc::new(MetricsHub::new(cfg.remotedialer_metrics)?.with_extra_series(cfg.extra_series));
     let sessions = Arc::new(SessionManager::new(hub.clone()));
     let peers = Peers::new(
         cfg.peer_id,

@@ -5,12 +5,14 @@
 //! Everything returns [`Result`] so that xtask can report a failure instead of panicking; tests
 //! `.expect` it.
 
+mod exposition;
 mod http;
 mod proc;
 mod tunnel;
 
 use std::path::{Path, PathBuf};
 
+pub use exposition::big_exposition;
 pub use http::{Response, http_get, http_post, http_request};
 pub use proc::{Launch, Proc};
 pub use tunnel::{CLIENT, Tunnel, TunnelSpec, agent_args, load_args, proxy_url_on, server_args};

@@ -14,7 +14,7 @@ use testsupport::{Proc, http_get, load_args, release_bin};
 
 use crate::{
     bench_dumps, report,
-    tunnel::{Tunnel, start_tunnel},
+    tunnel::{TOKEN, Tunnel, start_tunnel, start_tunnel_with},
     util::{self, wait_http, workspace_root},
 };
 
@@ -386,7 +386,130 @@ fn tunnel_overhead(rounds: usize, seconds: u64) -> Result<Value> {
     }))
 }
 
-pub fn run(goroutines_only: bool) -> Result<()> {
+/// Issue 17, in-process (the `scale_cost` example): one scrape + parse of a big /metrics over a real HTTP
+/// fetch from a local server, and one analysis tick at 1,000 and 5,000 clientkeys.
+fn scale_in_process() -> Result<Value> {
+    let o = Command::new(example("scale_cost"))
+        .output()
+        .context("running the scale_cost example")?;
+    if !o.status.success() {
+        bail!("scale_cost failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+/// Lines of a family in an exposition.
+fn count_lines(metrics: &str, prefix: &str) -> usize {
+    metrics.lines().filter(|l| l.starts_with(prefix)).count()
+}
+
+/// Issue 17, end to end: a release `leakwatch check` (1 s interval, `seconds` long) watching a reference
+/// tunnel server that exports `extra` unrelated series beside a ledger of `clientkeys` clientkeys (as many
+/// agents, one websocket each), with 10 req/s spread over them; leakwatch's own CPU and peak RSS from its
+/// report.
+fn big_tunnel_cost(extra: usize, clientkeys: u64, seconds: u64) -> Result<Value> {
+    let t = start_tunnel_with(None, &["--extra-series", &extra.to_string()])?;
+    let _agents = Proc::launch(
+        Command::new(release_bin("reftunnel"))
+            .args([
+                "agent",
+                "--server",
+                &format!("ws://{}/connect", t.server_addr),
+            ])
+            .args([
+                "--token",
+                TOKEN,
+                "--id",
+                "c",
+                "--count",
+                &clientkeys.to_string(),
+            ])
+            .stderr(Stdio::null()),
+    )
+    .name("agents")
+    .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let sessions = "session_server_total_add_websocket_session{";
+    while count_lines(&http_get(&t.metrics_url()).unwrap_or_default(), sessions)
+        < clientkeys as usize + 1
+    {
+        if Instant::now() > deadline {
+            bail!("{clientkeys} agents did not connect within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let spread = |requests: u64, rate: f64| -> Result<Proc> {
+        Ok(Proc::launch(
+            Command::new(release_bin("reftunnel"))
+                .args(load_args(
+                    &format!("http://{}/proxy/c/", t.server_addr),
+                    requests,
+                    rate,
+                    16,
+                ))
+                .args(["--clientkeys", &clientkeys.to_string()])
+                .args(["--max-error-ratio", "1", "--json"]),
+        )
+        .name("load")
+        .spawn()?)
+    };
+    // One request per clientkey first, so that every one has its ledger row when the watch begins.
+    let (status, out) = spread(clientkeys, 0.0)?.collect(Duration::from_secs(120))?;
+    if !status.success() {
+        bail!("load driver failed: {out}");
+    }
+    let metrics = http_get(&t.metrics_url()).unwrap_or_default();
+    let body_bytes = metrics.len();
+    let rows = count_lines(&metrics, "session_server_total_add_connections{");
+    let _steady = spread(10 * (seconds + 30), 10.0)?;
+    let (status, report) = Proc::launch(
+        Command::new(release_bin("leakwatch"))
+            .args(["check", "--pid", &t.server.pid().to_string()])
+            .args(["--metrics-url", &t.metrics_url(), "--side", "server"])
+            .args([
+                "--duration",
+                &format!("{seconds}s"),
+                "--interval",
+                "1s",
+                "--json",
+            ])
+            .stderr(Stdio::null()),
+    )
+    .name("leakwatch check")
+    .spawn()?
+    .collect(Duration::from_secs(seconds + 120))?;
+    let v: Value = serde_json::from_str(report.trim())
+        .with_context(|| format!("leakwatch check JSON (exit {status}): {report}"))?;
+    Ok(json!({
+        "extra_series": extra,
+        "clientkeys": clientkeys,
+        "ledger_rows": rows,
+        "metrics_bytes": body_bytes,
+        "metrics_lines": metrics.lines().count(),
+        "seconds": seconds,
+        "cpu_percent_of_one_core": v["leakwatch_cpu_percent"],
+        "peak_rss_mib": v["leakwatch_peak_rss_mib"],
+        "mode": v["mode"],
+        "ticks": v["run"]["ticks"],
+        "scrapes_ok": v["run"]["scrapes_ok"],
+        "scrapes_failed": v["run"]["scrapes_failed"],
+        "verdicts": v["verdicts"].as_array().map(Vec::len),
+    }))
+}
+
+fn scale(out: &mut Value) -> Result<()> {
+    eprintln!(
+        "bench: scrape + parse of 1k/50k/200k-series /metrics with 10/1,000/5,000 clientkeys, and the analysis tick at 5,000 clientkeys"
+    );
+    out["scale"] = scale_in_process()?;
+    eprintln!(
+        "bench: leakwatch watching a tunnel with a 50,000-series /metrics and 1,000 clientkeys for 60 s"
+    );
+    out["scale"]["watch"] = big_tunnel_cost(50_000, 1_000, 60)?;
+    Ok(())
+}
+
+pub fn run(goroutines_only: bool, scale_only: bool) -> Result<()> {
     util::cargo(&["build", "--release", "-p", "monitor", "--examples"])?;
     let dir = workspace_root().join("target/leakwatch-results");
     std::fs::create_dir_all(&dir)?;
@@ -402,6 +525,19 @@ pub fn run(goroutines_only: bool) -> Result<()> {
         return Ok(());
     }
     let mut out = json!({});
+    if scale_only {
+        scale(&mut out)?;
+        let dir = workspace_root().join("target/leakwatch-results");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("bench-scale.json"),
+            serde_json::to_string_pretty(&out)?,
+        )?;
+        println!("\n| measurement | value | target (issue 17) |");
+        println!("|---|---|---|");
+        print_scale(&out);
+        return Ok(());
+    }
     eprintln!(
         "bench: eBPF cost per event under a 20k-connection loopback storm, and per syscall of an unwatched process"
     );
@@ -437,6 +573,7 @@ pub fn run(goroutines_only: bool) -> Result<()> {
         "bench: what reading goroutine profiles costs a Go target (its stall) at 1k, 10k and 100k goroutines"
     );
     out["goroutine_profiles"] = bench_dumps::run()?;
+    scale(&mut out)?;
     out["scenarios"] = Value::Array(report::scenario_rows(
         &workspace_root().join("target/leakwatch-results"),
     ));
@@ -452,6 +589,62 @@ fn goal(met: bool) -> &'static str {
 
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// The rows of issue 17 (a big /metrics, thousands of clientkeys), the targets beside them.
+fn print_scale(out: &Value) {
+    let sc = &out["scale"];
+    for r in sc["scrapes"].as_array().into_iter().flatten() {
+        let ms = f(&r["scrape_ms_median"]);
+        let target = if r["series"] == 50_000 && r["clientkeys"] == 1_000 {
+            format!("<= 10 ms: {}", goal(ms <= 10.0))
+        } else {
+            "-".into()
+        };
+        println!(
+            "| one scrape + parse over HTTP, {} series + {} clientkeys ({:.1} MB, {} lines, {} ledger rows, {}) | {ms:.2} ms | {target} |",
+            r["series"],
+            r["clientkeys"],
+            f(&r["body_bytes"]) / 1e6,
+            r["body_lines"],
+            r["ledger_rows"],
+            r["outcome"].as_str().unwrap_or("?"),
+        );
+    }
+    for r in sc["ticks"].as_array().into_iter().flatten() {
+        let ms = f(&r["tick_ms_median"]);
+        let target = if r["clientkeys"] == 5_000 {
+            format!("<= 5 ms: {}", goal(ms <= 5.0))
+        } else {
+            "-".into()
+        };
+        println!(
+            "| per-tick analysis, {} clientkeys ({} ledger rows) | {ms:.2} ms | {target} |",
+            r["clientkeys"], r["rows"]
+        );
+    }
+    let w = &sc["watch"];
+    let (cpu, rss) = (f(&w["cpu_percent_of_one_core"]), f(&w["peak_rss_mib"]));
+    let what = format!(
+        "{}-series /metrics ({:.1} MB), {} clientkeys ({} ledger rows), 1 s interval, {} s, {}; {} scrapes ok, {} failed, {} verdicts",
+        w["extra_series"],
+        f(&w["metrics_bytes"]) / 1e6,
+        w["clientkeys"],
+        w["ledger_rows"],
+        w["seconds"],
+        w["mode"].as_str().unwrap_or("?"),
+        w["scrapes_ok"],
+        w["scrapes_failed"],
+        w["verdicts"],
+    );
+    println!(
+        "| leakwatch CPU, {what} | {cpu:.2}% of a core | <= 2%: {} |",
+        goal(cpu <= 2.0)
+    );
+    println!(
+        "| leakwatch peak RSS, same run | {rss:.1} MiB | <= 64 MiB: {} |",
+        goal(rss <= 64.0)
+    );
 }
 
 fn print_table(out: &Value) {
@@ -556,4 +749,5 @@ fn print_table(out: &Value) {
         );
     }
     bench_dumps::print_rows(&out["goroutine_profiles"]);
+    print_scale(out);
 }

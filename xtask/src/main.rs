@@ -37,12 +37,15 @@ enum Command {
     /// healthy tunnel staying green and the fix's verification recipe passing.
     Demo,
     /// Benchmarks: eBPF cost per event, leakwatch CPU/RSS under churn, tunnel overhead, sampling cost,
-    /// detection scorecard, the stall goroutine profiles cause a Go target. Prints one table and writes
-    /// target/leakwatch-results/bench.json.
+    /// detection scorecard, the stall goroutine profiles cause a Go target, the scale rows. Prints one
+    /// table and writes target/leakwatch-results/bench.json.
     Bench {
         /// Only the goroutine-profile part (a Go target's stall at 1k/10k/100k goroutines).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "scale_only")]
         goroutines_only: bool,
+        /// Only the scale rows (a big /metrics, thousands of clientkeys), a few minutes.
+        #[arg(long)]
+        scale_only: bool,
     },
     /// Run every fuzz target for a bounded time (needs a nightly toolchain; installs cargo-fuzz).
     Fuzz {
@@ -83,9 +86,12 @@ fn main() -> Result<()> {
             build_release()?;
             demo::run()
         }
-        Command::Bench { goroutines_only } => {
+        Command::Bench {
+            goroutines_only,
+            scale_only,
+        } => {
             build_release()?;
-            bench::run(goroutines_only)
+            bench::run(goroutines_only, scale_only)
         }
         Command::Fuzz { seconds } => fuzz::run(seconds, true),
         Command::Lint => lint::run(),

@@ -6,7 +6,7 @@ use anyhow::Result;
 pub use testsupport::Tunnel;
 use testsupport::{TunnelSpec, release_bin};
 
-const TOKEN: &str = "demo-token";
+pub const TOKEN: &str = "demo-token";
 
 pub fn start_tunnel(leak: Option<&str>) -> Result<Tunnel> {
     start_tunnel_with(leak, &[])

@@ -20,7 +20,7 @@ pub use config::{AnalysisConfig, End, Side, SideInEffect};
 
 use self::{conditions::Conditions, quiescence::Quiescence, signals::Signals};
 use crate::{
-    sample::{Snapshot, TargetId},
+    sample::{OTHER_CLIENTKEY, Snapshot, TargetId},
     verdict::{Scope, Source, Verdict, VerdictChange, VerdictKind},
 };
 
@@ -31,6 +31,9 @@ pub struct Derived {
     /// with `--side auto`, whichever the kernel shows more of, marked `(auto)`. `None` before the first
     /// kernel sample.
     pub side: Option<SideInEffect>,
+    /// Live connections of the [`CLIENTKEYS_EXPORTED`] clientkeys holding the most, the rest summed into
+    /// [`OTHER_CLIENTKEY`]: what is exported per clientkey stays bounded on an install of thousands of
+    /// clusters.
     pub app_live_by_clientkey: BTreeMap<String, f64>,
     /// App-live connections minus the kernel connections that could back them (callers on a server,
     /// targets on an agent): idle pooled connections and leaks alike, an at-a-glance gauge.
@@ -41,6 +44,32 @@ pub struct Derived {
     /// (the unanswered rule's number); `None` where sock_diag is not measured.
     pub unanswered_requests: Option<f64>,
     pub fd_exhaustion_seconds: Option<f64>,
+}
+
+/// How many clientkeys get their own live-connection figure in [`Derived`] (and so their own series of
+/// `leakwatch_app_live_connections`); docs/metrics.md says the same.
+pub const CLIENTKEYS_EXPORTED: usize = 100;
+
+/// The `n` clientkeys with the most live connections (ties by name), the others summed into
+/// [`OTHER_CLIENTKEY`] with the rows the scraper already summed there.
+fn top_clientkeys(by_key: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64> {
+    let mut keys: Vec<(&String, f64)> = by_key
+        .iter()
+        .filter(|(k, _)| k.as_str() != OTHER_CLIENTKEY)
+        .map(|(k, v)| (k, *v))
+        .collect();
+    let other = by_key.get(OTHER_CLIENTKEY).copied();
+    if keys.len() <= n {
+        return by_key.clone();
+    }
+    let most_first =
+        |a: &(&String, f64), b: &(&String, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(b.0));
+    keys.select_nth_unstable_by(n, most_first);
+    let rest: f64 = keys[n..].iter().map(|(_, v)| v).sum();
+    let mut out: BTreeMap<String, f64> =
+        keys[..n].iter().map(|(k, v)| ((*k).clone(), *v)).collect();
+    out.insert(OTHER_CLIENTKEY.to_string(), other.unwrap_or(0.0) + rest);
+    out
 }
 
 /// Tells the debouncer whether a growth verdict's level is still up (see [`conditions::HoldCheck`]).
@@ -146,7 +175,10 @@ impl Analyzer {
         ));
         self.derived = Derived {
             side: self.signals.side_in_effect,
-            app_live_by_clientkey: self.signals.app_live_by_key.clone(),
+            app_live_by_clientkey: top_clientkeys(
+                &self.signals.app_live_by_key,
+                CLIENTKEYS_EXPORTED,
+            ),
             unbacked_connections: self.signals.unbacked.last_fresh(t, self.stale_after()),
             idle_beyond_horizon: self
                 .signals

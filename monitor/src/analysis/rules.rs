@@ -75,16 +75,16 @@ fn ev(pairs: &[(&str, Option<f64>)]) -> BTreeMap<String, f64> {
 /// subject is never empty while the ledger holds connections.
 fn leak_subject(s: &Signals, t: f64, window: f64) -> String {
     let mut grown: Vec<(f64, &String)> = s
-        .app_live_by_row
+        .rows
         .iter()
-        .filter_map(|(k, series)| Signals::growth(series, t, window).map(|g| (g, k)))
+        .filter_map(|r| Signals::growth(&r.live, t, window).map(|g| (g, &r.key)))
         .filter(|(g, _)| *g > 0.0)
         .collect();
     let label = if grown.is_empty() {
         grown = s
-            .app_live_by_row
+            .rows
             .iter()
-            .filter_map(|(k, series)| series.last().map(|v| (v, k)))
+            .filter_map(|r| r.live.last().map(|v| (v, &r.key)))
             .filter(|(v, _)| *v > 0.0)
             .collect();
         "live"

@@ -73,13 +73,10 @@ impl Series {
         trend::median(&mut v)
     }
 
-    /// The value in force at `at`: the last point taken at or before it.
+    /// The value in force at `at`: the last point taken at or before it (points are in time order).
     pub fn value_at(&self, at: f64) -> Option<f64> {
-        self.points
-            .iter()
-            .take_while(|(t, _)| *t <= at)
-            .last()
-            .map(|p| p.1)
+        let i = self.points.partition_point(|(t, _)| *t <= at);
+        i.checked_sub(1).map(|i| self.points[i].1)
     }
 
     pub fn min_since(&self, since: f64) -> Option<f64> {
@@ -96,5 +93,59 @@ impl Series {
             .filter(|(t, _)| *t >= since)
             .map(|p| p.1)
             .reduce(f64::max)
+    }
+}
+
+/// A step function of time kept over a horizon: a point only where the value changes, and the point in
+/// force at the horizon's edge. What [`Series::value_at`] reads of a counter that mostly stands still,
+/// for a fraction of the memory (one per ledger row, thousands of rows).
+#[derive(Clone, Debug, Default)]
+pub struct Steps {
+    points: VecDeque<(f64, f64)>,
+}
+
+impl Steps {
+    pub fn push(&mut self, t: f64, v: f64, horizon: f64) {
+        if !v.is_finite() || self.points.back().is_some_and(|(_, last)| *last == v) {
+            return;
+        }
+        self.points.push_back((t, v));
+        // The oldest point stays while the next one is still inside the horizon: it is the value in
+        // force at the edge.
+        while self.points.get(1).is_some_and(|(t1, _)| t - t1 > horizon)
+            || self.points.len() > MAX_POINTS
+        {
+            self.points.pop_front();
+        }
+    }
+
+    /// The value in force at `at`: the last change at or before it.
+    pub fn value_at(&self, at: f64) -> Option<f64> {
+        let i = self.points.partition_point(|(t, _)| *t <= at);
+        i.checked_sub(1).map(|i| self.points[i].1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_read_as_the_series_of_every_tick_would() {
+        let (mut every, mut steps) = (Series::default(), Steps::default());
+        let value = |t: u32| f64::from(t / 7 + t / 30);
+        for t in 0..400u32 {
+            let (t, v) = (f64::from(t), value(t));
+            every.push(t, v, 165.0);
+            steps.push(t, v, 165.0);
+            for back in [0.0, 1.0, 50.0, 105.0, 164.0] {
+                assert_eq!(
+                    steps.value_at(t - back),
+                    every.value_at(t - back),
+                    "t={t} back={back}"
+                );
+            }
+        }
+        assert!(steps.points.len() < 40, "{} points", steps.points.len());
     }
 }

@@ -1,12 +1,15 @@
 //! The per-incarnation series the rules read, derived from snapshots. Everything here is reset when the
 //! target restarts.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use monitor_ebpf::tcp_state::{CLOSE_WAIT, ESTABLISHED};
 
-use super::{AnalysisConfig, End, Side, SideInEffect, series::Series};
+use super::{
+    AnalysisConfig, End, Side, SideInEffect,
+    series::{Series, Steps},
+};
 use crate::{
-    sample::{LedgerRow, ScrapeOutcome, Snapshot},
+    sample::{LedgerRow, OTHER_CLIENTKEY, ScrapeOutcome, Snapshot},
     verdict::Source,
 };
 
@@ -19,7 +22,7 @@ pub struct RowHistory {
     raw_added: f64,
     raw_removed: f64,
     /// Cumulative reset-safe `added` over time.
-    added_over_time: Series,
+    added_over_time: Steps,
     seen: bool,
     /// When this row was first seen in this incarnation.
     first_seen: f64,
@@ -98,24 +101,33 @@ pub const PEER_CLIENTKEY: &str = "client";
 /// judges it; here both rows would only look like connections with no caller. So the peer rows are left
 /// out and their counts taken off the matching ordinary rows. Returns the rows and the connections
 /// peers hold through this server now.
-pub fn local_rows(ledger: &[LedgerRow]) -> (Vec<LedgerRow>, f64) {
+pub fn local_rows(ledger: &[LedgerRow]) -> (std::borrow::Cow<'_, [LedgerRow]>, f64) {
     let is_peer = |r: &LedgerRow| r.clientkey == PEER_CLIENTKEY && r.proto.contains("::");
+    if !ledger.iter().any(is_peer) {
+        // No peer server dials through this one (no HA): the ledger as it is, not a copy of it.
+        return (std::borrow::Cow::Borrowed(ledger), 0.0);
+    }
     let mut rows: Vec<LedgerRow> = ledger.iter().filter(|r| !is_peer(r)).cloned().collect();
+    // Found by their labels, not by a scan per peer row: an HA install has thousands of each.
+    let index: HashMap<(&str, &str, &str), usize> = ledger
+        .iter()
+        .filter(|r| !is_peer(r))
+        .enumerate()
+        .map(|(i, r)| ((r.clientkey.as_str(), r.proto.as_str(), r.addr.as_str()), i))
+        .collect();
     let mut peer_live = 0.0;
     for p in ledger.iter().filter(|r| is_peer(r)) {
         peer_live += (p.added - p.removed).max(0.0);
         let Some((key, proto)) = p.proto.split_once("::") else {
             continue;
         };
-        if let Some(local) = rows
-            .iter_mut()
-            .find(|r| r.clientkey == key && r.proto == proto && r.addr == p.addr)
-        {
+        if let Some(&i) = index.get(&(key, proto, p.addr.as_str())) {
+            let local = &mut rows[i];
             local.added = (local.added - p.added).max(0.0);
             local.removed = (local.removed - p.removed).max(0.0);
         }
     }
-    (rows, peer_live)
+    (std::borrow::Cow::Owned(rows), peer_live)
 }
 
 /// Where the task count comes from: one source per incarnation's series, the app's own count when it
@@ -150,11 +162,44 @@ impl std::fmt::Display for TasksSource {
     }
 }
 
-fn row_key(row: &LedgerRow) -> String {
-    format!(
-        "clientkey={} proto={} addr={}",
-        row.clientkey, row.proto, row.addr
-    )
+/// The order of ledger rows (the scraper's): the rows' state is kept in it.
+fn row_order(r: &LedgerRow) -> (&str, &str, &str) {
+    (&r.clientkey, &r.proto, &r.addr)
+}
+
+/// What the analysis keeps of one ledger row from tick to tick.
+#[derive(Debug)]
+pub struct RowState {
+    /// The row's clientkey, proto and addr in one allocation (one memory read per row and tick where
+    /// three strings would be three), split by the two lengths.
+    labels: String,
+    lens: (usize, usize),
+    /// `clientkey=.. proto=.. addr=..`, as verdicts name the row.
+    pub key: String,
+    pub history: RowHistory,
+    /// Live connections (add - remove), for naming the subject of a leak.
+    pub live: Series,
+}
+
+impl RowState {
+    fn new(row: &LedgerRow, live: Series) -> Self {
+        Self {
+            labels: [row.clientkey.as_str(), &row.proto, &row.addr].concat(),
+            lens: (row.clientkey.len(), row.proto.len()),
+            key: format!(
+                "clientkey={} proto={} addr={}",
+                row.clientkey, row.proto, row.addr
+            ),
+            history: RowHistory::default(),
+            live,
+        }
+    }
+
+    fn order(&self) -> (&str, &str, &str) {
+        let (ck, rest) = self.labels.split_at(self.lens.0);
+        let (proto, addr) = rest.split_at(self.lens.1);
+        (ck, proto, addr)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -162,8 +207,6 @@ pub struct Signals {
     /// Connections the app believes live (remotedialer add - remove), summed over clientkeys.
     pub app_live: Series,
     pub app_live_by_key: BTreeMap<String, f64>,
-    /// Per (clientkey, addr): live connections, for naming the subject of a leak.
-    pub app_live_by_row: BTreeMap<String, Series>,
     /// Kernel connections that back tunneled ones (callers on a server, targets on an agent).
     pub kernel_conn: Series,
     /// App-live connections with no kernel socket behind them.
@@ -181,8 +224,9 @@ pub struct Signals {
     /// Cumulative connections opened (reset-safe), for load detection.
     pub opened: Series,
     opened_total: f64,
-    /// Ledger rows by `clientkey=.. proto=.. addr=..`, for the idle-horizon check.
-    pub rows: BTreeMap<String, RowHistory>,
+    /// The ledger's rows (but `_other`) in the ledger's order, with rows gone from it for less than
+    /// two idle horizons: for the idle-horizon check and for naming who holds the connections.
+    pub rows: Vec<RowState>,
     /// Tunneled connections opened more than the idle horizon ago and still open, over all rows, and
     /// the lowest that total has been in this incarnation.
     pub old_open: Series,
@@ -251,30 +295,56 @@ impl Signals {
         let mut app_live = None;
         if let Some(a) = app.filter(|a| a.remotedialer_present) {
             self.remotedialer_present = true;
-            let mut by_key: BTreeMap<String, f64> = BTreeMap::new();
             let mut total = 0.0;
             let mut raw_added = 0.0;
             let mut old_open_total = 0.0;
             let mut old_open_known = false;
             let (ledger, peer_live) = local_rows(&a.ledger);
             self.peer_live.push(t, peer_live, horizon);
-            for row in &ledger {
-                let live = (row.added - row.removed).max(0.0);
-                *by_key.entry(row.clientkey.clone()).or_default() += live;
-                total += live;
-                let key = row_key(row);
-                let series = self.app_live_by_row.entry(key.clone()).or_insert_with(|| {
-                    // A row that appears during the watch had no connections before: it gets the zeros
-                    // the ledger's total had, or its growth would be measured from its first, already
-                    // grown, value.
-                    let mut zeros = Series::default();
-                    for (at, _) in self.app_live.since(f64::NEG_INFINITY) {
-                        zeros.push(at, 0.0, horizon);
+            // Live connections per clientkey, the map of the last tick reused (thousands of clientkeys
+            // a tick allocate nothing once known); the ledger is sorted by clientkey, so one look-up
+            // per clientkey, not per row.
+            let mut by_key = std::mem::take(&mut self.app_live_by_key);
+            by_key.values_mut().for_each(|v| *v = -1.0);
+            let flush = |by_key: &mut BTreeMap<String, f64>, run: Option<(&str, f64)>| {
+                let Some((k, n)) = run else { return };
+                match by_key.get_mut(k) {
+                    Some(v) if *v < 0.0 => *v = n,
+                    Some(v) => *v += n,
+                    None => {
+                        by_key.insert(k.to_string(), n);
                     }
-                    zeros
-                });
-                series.push(t, live, horizon);
-                let history = self.rows.entry(key).or_default();
+                }
+            };
+            let mut run: Option<(&str, f64)> = None;
+            for row in ledger.iter() {
+                let live = (row.added - row.removed).max(0.0);
+                total += live;
+                match &mut run {
+                    Some((k, n)) if *k == row.clientkey => *n += live,
+                    _ => flush(&mut by_key, run.replace((&row.clientkey, live))),
+                }
+            }
+            flush(&mut by_key, run);
+            by_key.retain(|_, v| *v >= 0.0);
+            // The rows summed past the scraper's cap change as the ledger grows: a row pushed into
+            // `_other` brings all its old connections at once. Counted in the totals above, never
+            // judged as a row (its "new" connections would read as opened now).
+            let mut ledger: Vec<&LedgerRow> = ledger
+                .iter()
+                .filter(|r| r.clientkey != OTHER_CLIENTKEY)
+                .collect();
+            if !ledger.is_sorted_by(|a, b| row_order(a) <= row_order(b)) {
+                ledger.sort_by(|a, b| row_order(a).cmp(&row_order(b)));
+            }
+            // The rows' state is kept in the ledger's order and joined with it in one pass: no
+            // look-up per row (20,000 hash probes a tick cost more than everything else), and, while
+            // the ledger has the same rows as at the last tick, no move either.
+            let mut observe = |state: &mut RowState, row: &LedgerRow| {
+                state
+                    .live
+                    .push(t, (row.added - row.removed).max(0.0), horizon);
+                let history = &mut state.history;
                 let increase = history.observe(t, row, idle_horizon + ROW_HISTORY_SLACK_S);
                 // Rows already there when the watch began bring their history, not new connections.
                 if history.first_seen < t || history.first_seen > watching_since {
@@ -287,10 +357,47 @@ impl Signals {
                     old_open_total += old;
                     old_open_known = true;
                 }
+            };
+            let same_rows = self.rows.len() == ledger.len()
+                && self
+                    .rows
+                    .iter()
+                    .zip(&ledger)
+                    .all(|(o, r)| o.order() == row_order(r));
+            if same_rows {
+                for (state, row) in self.rows.iter_mut().zip(&ledger) {
+                    observe(state, row);
+                }
+            } else {
+                let mut old = std::mem::take(&mut self.rows).into_iter().peekable();
+                let mut rows = Vec::with_capacity(ledger.len());
+                let forget = |r: &RowState| t - r.history.last_seen > 2.0 * idle_horizon;
+                for row in ledger {
+                    while let Some(gone) = old.next_if(|o| o.order() < row_order(row)) {
+                        // Rows gone from the ledger for two horizons are forgotten (bounded memory).
+                        if !forget(&gone) {
+                            rows.push(gone);
+                        }
+                    }
+                    let mut state = match old.next_if(|o| o.order() == row_order(row)) {
+                        Some(s) => s,
+                        None => {
+                            // A row that appears during the watch had no connections before: it gets
+                            // the zeros the ledger's total had, or its growth would be measured from
+                            // its first, already grown, value.
+                            let mut zeros = Series::default();
+                            for (at, _) in self.app_live.since(f64::NEG_INFINITY) {
+                                zeros.push(at, 0.0, horizon);
+                            }
+                            RowState::new(row, zeros)
+                        }
+                    };
+                    observe(&mut state, row);
+                    rows.push(state);
+                }
+                rows.extend(old.filter(|o| !forget(o)));
+                self.rows = rows;
             }
-            // Rows gone from the ledger for two horizons are forgotten (bounded memory).
-            self.rows
-                .retain(|_, r| t - r.last_seen <= 2.0 * idle_horizon);
             if old_open_known {
                 self.old_open.push(t, old_open_total, long);
                 self.old_open_floor = Some(
@@ -445,7 +552,13 @@ impl Signals {
         let mut rows: Vec<(&str, f64)> = self
             .rows
             .iter()
-            .filter_map(|(k, r)| Some((k.as_str(), r.old_open? - r.old_open_floor.unwrap_or(0.0))))
+            .filter_map(|r| {
+                let h = &r.history;
+                Some((
+                    r.key.as_str(),
+                    h.old_open? - h.old_open_floor.unwrap_or(0.0),
+                ))
+            })
             .filter(|(_, n)| *n >= 1.0)
             .collect();
         rows.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));

@@ -921,12 +921,13 @@ fn connections_peers_dial_through_this_server_are_theirs_to_judge() {
         removed,
     };
     // 30 of downstream-1's 50 connections were dialed by a peer (12 still open), 20 by local callers.
-    let (rows, peer_live) = local_rows(&[
+    let ledger = [
         row("client", "downstream-1::tcp", 30.0, 18.0),
         row("downstream-1", "tcp", 50.0, 33.0),
-    ]);
+    ];
+    let (rows, peer_live) = local_rows(&ledger);
     assert_eq!(peer_live, 12.0);
-    assert_eq!(rows, vec![row("downstream-1", "tcp", 20.0, 15.0)]);
+    assert_eq!(*rows, [row("downstream-1", "tcp", 20.0, 15.0)]);
 
     // Long-lived callers on the peer: server A holds their connections for minutes with no caller of
     // its own, and says nothing.
@@ -1380,4 +1381,74 @@ fn replay_judges_what_watch_judged_goroutine_evidence_included() {
             && v.explanation
                 .contains("most grown stack: remotedialer.pipe.func2")
     }));
+}
+
+#[test]
+fn rows_over_the_ledger_cap_summed_into_other_are_not_judged_as_one_row() {
+    // Ten clientkeys hold five long-lived connections each, from before the watch, with their callers
+    // (kernel) there all along. A minute in, the ledger passes the scraper's cap and five of them are
+    // summed into clientkey _other: their old connections arrive there at once, as if just opened.
+    let row = |clientkey: String, added: f64| LedgerRow {
+        clientkey,
+        proto: "tcp".into(),
+        addr: "10.0.0.1:6443".into(),
+        added,
+        removed: 0.0,
+    };
+    let (mut an, mut tun) = (analyzer(), Tunnel::new());
+    tun.accepted = 52;
+    tun.established = 52;
+    tun.goroutines = 12.0 + 3.0 * 50.0;
+    let mut changes = Vec::new();
+    for i in 0..400u32 {
+        tun.t += 1.0;
+        let mut snap = tun.snapshot();
+        if let ScrapeOutcome::Ok(app) = &mut snap.app {
+            let named = if i < 60 { 10 } else { 5 };
+            app.ledger = (0..named).map(|k| row(format!("c-{k}"), 5.0)).collect();
+            if named < 10 {
+                app.ledger
+                    .push(row(crate::sample::OTHER_CLIENTKEY.into(), 5.0 * 5.0));
+                app.ledger_rows_dropped = 5;
+            }
+        }
+        changes.extend(an.observe(&snap));
+    }
+    assert_eq!(raised(&changes), vec![], "{changes:?}");
+    // The total still counts every connection, _other's included.
+    assert_eq!(an.derived().app_live_by_clientkey["_other"], 25.0);
+    assert_eq!(an.signals().app_live.last(), Some(50.0));
+}
+
+#[test]
+fn only_the_clientkeys_holding_most_get_their_own_figure() {
+    let by_key: BTreeMap<String, f64> = (0..250)
+        .map(|k| (format!("c-{k:03}"), f64::from(k % 50)))
+        .chain([(crate::sample::OTHER_CLIENTKEY.to_string(), 7.0)])
+        .collect();
+    let top = top_clientkeys(&by_key, CLIENTKEYS_EXPORTED);
+    assert_eq!(
+        top.len(),
+        CLIENTKEYS_EXPORTED + 1,
+        "the top ones and _other"
+    );
+    assert_eq!(
+        top.values().sum::<f64>(),
+        by_key.values().sum::<f64>(),
+        "nothing lost in the sum"
+    );
+    // Five clientkeys hold 49 each, five 48, ..., the last five of the hundred hold 30.
+    assert_eq!(top["c-049"], 49.0);
+    assert!(
+        top.contains_key("c-230") && !top.contains_key("c-029"),
+        "{top:?}"
+    );
+    // Ties at the edge are broken by name.
+    let top = top_clientkeys(&by_key, 98);
+    assert!(
+        top.contains_key("c-130") && !top.contains_key("c-180"),
+        "{top:?}"
+    );
+    let few: BTreeMap<String, f64> = [("a".to_string(), 1.0)].into();
+    assert_eq!(top_clientkeys(&few, CLIENTKEYS_EXPORTED), few);
 }

@@ -2,16 +2,15 @@
 //! series leakwatch cross-checks. A failed or garbled scrape is an outcome with a reason, never a sample of
 //! zeros: a tunnel whose metrics endpoint breaks must not look like one whose connections all closed.
 use std::{
-    collections::HashMap,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use openmetrics_parser::{PrometheusValue, prometheus::parse_prometheus};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::sample::{AppSample, LedgerRow, ScrapeErrorClass, ScrapeOutcome, SessionRow};
+use super::exposition;
+use crate::sample::{AppSample, ScrapeErrorClass, ScrapeOutcome};
 
 /// Names of the series to read; the defaults are remotedialer's and the Go runtime's.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -69,7 +68,7 @@ impl Default for ScrapeConfig {
             ca_file: None,
             names: MetricNames::default(),
             max_body_bytes: 16 << 20,
-            max_ledger_rows: 1000,
+            max_ledger_rows: 25_000,
         }
     }
 }
@@ -100,7 +99,7 @@ pub enum ScrapeError {
     Timeout(Duration),
     #[error("status: HTTP {0}")]
     Status(u16),
-    #[error("too_large: body over {0} bytes")]
+    #[error("too_large: body over {0} bytes (reading stopped there)")]
     TooLarge(usize),
     #[error("parse: {0}")]
     Parse(String),
@@ -150,11 +149,7 @@ impl Scraper {
     }
 
     pub async fn scrape(&self) -> ScrapeOutcome {
-        match self
-            .fetch()
-            .await
-            .and_then(|body| parse_app_sample(&body, &self.cfg.names, self.cfg.max_ledger_rows))
-        {
+        match self.read_sample().await {
             Ok(sample) => ScrapeOutcome::Ok(sample),
             Err(e) => ScrapeOutcome::Failed {
                 class: e.class(),
@@ -163,8 +158,13 @@ impl Scraper {
         }
     }
 
-    async fn fetch(&self) -> Result<String, ScrapeError> {
-        self.fetch_url(&self.cfg.url).await
+    /// The target's metrics, read as they arrive: memory stays one chunk and one line whatever the
+    /// body's size, and a garbled line of a family leakwatch reads ends the read at once.
+    async fn read_sample(&self) -> Result<AppSample, ScrapeError> {
+        let mut reader = exposition::Reader::new(&self.cfg.names, self.cfg.max_ledger_rows);
+        self.stream(&self.cfg.url, |chunk| Ok(reader.feed(chunk)?))
+            .await?;
+        Ok(reader.finish()?)
     }
 
     /// A GET of another path of the same target (same credentials and timeout) that answered 2xx; the
@@ -195,31 +195,49 @@ impl Scraper {
         }
     }
 
-    /// A bounded GET of another path of the same target (same credentials, timeout and size cap).
+    /// A bounded GET of another path of the same target (same credentials, timeout and size cap), held
+    /// whole in memory.
     pub async fn fetch_url(&self, url: &str) -> Result<String, ScrapeError> {
+        let mut body = Vec::new();
+        self.stream(url, |chunk| {
+            body.extend_from_slice(chunk);
+            Ok(())
+        })
+        .await?;
+        String::from_utf8(body).map_err(|_| ScrapeError::Parse("body is not UTF-8".into()))
+    }
+
+    /// A GET whose body goes to `on_chunk` piece by piece, bounded in time (`timeout`, for the whole
+    /// answer) and size (`max_body_bytes`): past either the read stops, the connection is dropped and
+    /// the answer is `Timeout` or `TooLarge`.
+    async fn stream(
+        &self,
+        url: &str,
+        mut on_chunk: impl FnMut(&[u8]) -> Result<(), ScrapeError>,
+    ) -> Result<(), ScrapeError> {
         let started = Instant::now();
         let mut resp = self.get(url).await?;
-        let classify = |e: reqwest::Error| self.classify(e);
         if resp
             .content_length()
             .is_some_and(|n| n as usize > self.cfg.max_body_bytes)
         {
             return Err(ScrapeError::TooLarge(self.cfg.max_body_bytes));
         }
-        let mut body = Vec::new();
+        let mut read = 0usize;
         loop {
             let left = self.cfg.timeout.saturating_sub(started.elapsed());
             let chunk = tokio::time::timeout(left, resp.chunk())
                 .await
                 .map_err(|_| ScrapeError::Timeout(self.cfg.timeout))?
-                .map_err(classify)?;
+                .map_err(|e| self.classify(e))?;
             let Some(chunk) = chunk else { break };
-            if body.len() + chunk.len() > self.cfg.max_body_bytes {
+            read += chunk.len();
+            if read > self.cfg.max_body_bytes {
                 return Err(ScrapeError::TooLarge(self.cfg.max_body_bytes));
             }
-            body.extend_from_slice(&chunk);
+            on_chunk(&chunk)?;
         }
-        String::from_utf8(body).map_err(|_| ScrapeError::Parse("body is not UTF-8".into()))
+        Ok(())
     }
 }
 
@@ -235,109 +253,21 @@ fn without_url(e: reqwest::Error) -> String {
     msg
 }
 
-fn number(v: &PrometheusValue) -> Option<f64> {
-    match v {
-        PrometheusValue::Unknown(n) | PrometheusValue::Gauge(n) => Some(n.as_f64()),
-        PrometheusValue::Counter(c) => Some(c.value.as_f64()),
-        _ => None,
-    }
-}
-
-/// Parses a text exposition into the numbers leakwatch needs. Strict: a body that is not valid exposition
-/// format is an error, as it is for Prometheus itself.
+/// Parses a whole text exposition into the numbers leakwatch needs (a scrape does the same chunk by chunk,
+/// see [`exposition`]). Strict on the families it reads: a body that is not exposition format, or a
+/// garbled line of a family leakwatch reads, is an error, never a sample of zeros.
 pub fn parse_app_sample(
     body: &str,
     names: &MetricNames,
     max_ledger_rows: usize,
 ) -> Result<AppSample, ScrapeError> {
-    // The parser is a pest grammar with a few internal unwraps; never let a hostile body panic the sidecar.
-    let parsed = std::panic::catch_unwind(|| parse_prometheus(body))
-        .map_err(|_| ScrapeError::Parse("the exposition parser gave up on this body".into()))?
-        .map_err(|e| ScrapeError::Parse(format!("{e:?}").chars().take(200).collect()))?;
-    let mut sample = AppSample {
-        remotedialer_present: parsed
-            .families
-            .keys()
-            .any(|k| k.starts_with(&names.remotedialer_prefix)),
-        ..AppSample::default()
-    };
-    let gauge = |name: &str| -> Option<f64> {
-        let fam = parsed.families.get(name)?;
-        let v: f64 = fam.iter_samples().filter_map(|s| number(&s.value)).sum();
-        v.is_finite().then_some(v)
-    };
-    sample.goroutines = gauge(&names.goroutines);
-    sample.heap_inuse_bytes = gauge(&names.heap_inuse);
-    sample.threads = gauge(&names.threads);
-    sample.open_fds = gauge(&names.open_fds);
-    sample.max_fds = gauge(&names.max_fds);
+    exposition::parse(body.as_bytes(), names, max_ledger_rows).map_err(ScrapeError::from)
+}
 
-    let label = |s: &openmetrics_parser::Sample<PrometheusValue>, l: &str| -> String {
-        s.get_labelset()
-            .ok()
-            .and_then(|ls| ls.get_label_value(l).map(str::to_string))
-            .unwrap_or_default()
-    };
-    let mut ledger: HashMap<(String, String, String), LedgerRow> = HashMap::new();
-    for (fam_name, is_add) in [
-        (&names.add_connections, true),
-        (&names.remove_connections, false),
-    ] {
-        let Some(fam) = parsed.families.get(fam_name.as_str()) else {
-            continue;
-        };
-        for s in fam.iter_samples() {
-            let Some(v) = number(&s.value).filter(|v| v.is_finite()) else {
-                continue;
-            };
-            let mut key = (label(s, "clientkey"), label(s, "proto"), label(s, "addr"));
-            if !ledger.contains_key(&key) && ledger.len() >= max_ledger_rows {
-                key = ("_other".into(), String::new(), String::new());
-                sample.ledger_rows_dropped += 1;
-            }
-            let row = ledger.entry(key.clone()).or_insert_with(|| LedgerRow {
-                clientkey: key.0.clone(),
-                proto: key.1.clone(),
-                addr: key.2.clone(),
-                ..LedgerRow::default()
-            });
-            if is_add {
-                row.added += v
-            } else {
-                row.removed += v
-            }
-        }
+impl From<exposition::ParseError> for ScrapeError {
+    fn from(e: exposition::ParseError) -> Self {
+        Self::Parse(e.to_string().chars().take(200).collect())
     }
-    let mut rows: Vec<LedgerRow> = ledger.into_values().collect();
-    rows.sort_by(|a, b| (&a.clientkey, &a.proto, &a.addr).cmp(&(&b.clientkey, &b.proto, &b.addr)));
-    sample.ledger = rows;
-
-    let mut sessions: HashMap<(String, String), SessionRow> = HashMap::new();
-    for (fam_name, is_add) in [(&names.add_session, true), (&names.remove_session, false)] {
-        let Some(fam) = parsed.families.get(fam_name.as_str()) else {
-            continue;
-        };
-        for s in fam.iter_samples().take(max_ledger_rows) {
-            let Some(v) = number(&s.value).filter(|v| v.is_finite()) else {
-                continue;
-            };
-            let key = (label(s, "clientkey"), label(s, "peer"));
-            let row = sessions.entry(key.clone()).or_insert_with(|| SessionRow {
-                clientkey: key.0.clone(),
-                peer: key.1.clone(),
-                ..SessionRow::default()
-            });
-            if is_add {
-                row.added += v
-            } else {
-                row.removed += v
-            }
-        }
-    }
-    let mut rows: Vec<SessionRow> = sessions.into_values().collect();
-    rows.sort_by(|a, b| (&a.clientkey, &a.peer).cmp(&(&b.clientkey, &b.peer)));
-    sample.sessions = rows;
-    Ok(sample)
 }
 
 #[cfg(test)]
@@ -565,6 +495,129 @@ process_max_fds +Inf
             ),
             "{out:?}"
         );
+    }
+
+    /// Serves `total` bytes of valid exposition (made up as it is written, never held) to every
+    /// connection, with no Content-Length; returns the URL and, per connection, how many bytes the
+    /// server managed to write before the client went away.
+    async fn serve_endless(
+        total: u64,
+        pause: Duration,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<u64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/metrics", l.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n# TYPE go_goroutines gauge\ngo_goroutines 5\n")
+                        .await;
+                    let mut sent = 0u64;
+                    let mut block = String::new();
+                    let mut i = 0u64;
+                    while sent < total {
+                        block.clear();
+                        while block.len() < 64 << 10 {
+                            block += &format!(
+                                "unrelated_series{{shard=\"{}\",i=\"{i}\"}} {i}\n",
+                                i % 97
+                            );
+                            i += 1;
+                        }
+                        if s.write_all(block.as_bytes()).await.is_err() {
+                            break;
+                        }
+                        sent += block.len() as u64;
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                    let _ = tx.send(sent);
+                });
+            }
+        });
+        (url, rx)
+    }
+
+    #[tokio::test]
+    async fn a_200_mb_body_gets_a_bounded_answer_in_bounded_time() {
+        let (url, mut sent) = serve_endless(200 << 20, Duration::ZERO).await;
+        let cfg = ScrapeConfig {
+            url,
+            ..ScrapeConfig::default()
+        };
+        let bound = cfg.max_body_bytes;
+        let scraper = Scraper::new(cfg).unwrap();
+        for _ in 0..2 {
+            let started = Instant::now();
+            let out = scraper.scrape().await;
+            let took = started.elapsed();
+            assert_eq!(
+                out,
+                ScrapeOutcome::Failed {
+                    class: ScrapeErrorClass::TooLarge,
+                    reason: format!("too_large: body over {bound} bytes (reading stopped there)"),
+                }
+            );
+            assert!(took < Duration::from_secs(5), "answered in {took:?}");
+            // Reading stopped at the bound: the server could write no more than that and what the
+            // sockets' buffers hold, nowhere near the 200 MB it had to send.
+            let wrote = sent.recv().await.unwrap();
+            assert!(
+                wrote < bound as u64 + (16 << 20),
+                "the server wrote {wrote} bytes before the client went away"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_never_ends_is_cut_at_the_timeout() {
+        let (url, _sent) = serve_endless(u64::MAX, Duration::from_millis(20)).await;
+        let scraper = Scraper::new(ScrapeConfig {
+            url,
+            timeout: Duration::from_millis(700),
+            ..ScrapeConfig::default()
+        })
+        .unwrap();
+        let started = Instant::now();
+        let out = scraper.scrape().await;
+        assert!(
+            matches!(
+                &out,
+                ScrapeOutcome::Failed {
+                    class: ScrapeErrorClass::Timeout,
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_read_in_small_chunks_is_read_whole() {
+        // Many small TCP segments: every chunk boundary the network makes is one the reader must cross.
+        let (url, _sent) = serve_endless(2 << 20, Duration::from_millis(1)).await;
+        let scraper = Scraper::new(ScrapeConfig {
+            url,
+            ..ScrapeConfig::default()
+        })
+        .unwrap();
+        let out = scraper.scrape().await;
+        let ScrapeOutcome::Ok(s) = out else {
+            panic!("expected a sample, got {out:?}")
+        };
+        assert_eq!(s.goroutines, Some(5.0));
+        assert!(!s.remotedialer_present);
     }
 
     #[tokio::test]
