@@ -610,12 +610,14 @@ if mount -t virtiofs -o ro host $R; then
   mkdir -p $R/dev/pts $R/dev/shm
   mount -t devpts devpts $R/dev/pts
   mount -t tmpfs tmpfs $R/dev/shm
-  mount -t tmpfs tmpfs $R/tmp
+  # The guest's writable scratch is under /run, not a tmpfs over /tmp: a workspace checked out under
+  # /tmp (a CI clone) would vanish beneath it, test binaries and script included.
   mount -t tmpfs tmpfs $R/run
+  mkdir -p $R/run/leakwatch-tmp
   mount -t tracefs tracefs $R/sys/kernel/tracing
   mount -t bpf bpf $R/sys/fs/bpf
   ip link set lo up
-  chroot $R /usr/bin/env RESULTS=/dev/ttyS1 LEAKWATCH_TEST_TIME_SCALE={GUEST_TIME_SCALE} /bin/sh '{}'
+  chroot $R /usr/bin/env RESULTS=/dev/ttyS1 TMPDIR=/run/leakwatch-tmp LEAKWATCH_TEST_TIME_SCALE={GUEST_TIME_SCALE} /bin/sh '{}'
 else
   echo "init: cannot mount the host's root filesystem over virtio-fs"
 fi
