@@ -144,6 +144,9 @@ pub struct ProcSample {
     pub tcp_by_state: [u64; 13],
     pub threads: u64,
     pub rss_bytes: u64,
+    /// Seconds since the target started; `None` where unknown (recordings made before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_s: Option<f64>,
     /// Idle ages of the ESTABLISHED sockets the target dialed (not accepted), per remote address, from
     /// the kernel's tcp_info (sock_diag), taken with the full procfs pass; empty when unavailable.
     #[serde(default)]

@@ -79,8 +79,14 @@ pub struct AnalysisConfig {
     pub idle_timeout_s: f64,
     /// Slack on top of `idle_timeout_s` for timers, scrape intervals and clock skew, seconds.
     pub idle_margin_s: f64,
-    /// Old idle connections tolerated beyond the floor before the idle rule speaks.
+    /// Old connections one row (ledger clientkey/proto/addr on a server, target on an agent) may add
+    /// beyond its fill before the idle rule speaks. Judged per row: a process-wide sum lets unrelated
+    /// sockets hide a leak on one cluster and adds bounded pools of many rows up to a "leak".
     pub idle_tolerance: f64,
+    /// How long after a row's old connections first rise they may still be filling, seconds: what a
+    /// burst opened together ages past the horizon together, so a pool or a set of watches steps up
+    /// within this and then stops; a leak goes on climbing after it.
+    pub idle_fill_s: f64,
     /// How long the idle-connection excess must last before it is a verdict, seconds.
     pub idle_min_s: f64,
     /// A request the target dialed and never got one byte of answer to, for this long, is stalled, seconds.
@@ -111,6 +117,15 @@ pub struct AnalysisConfig {
     /// Tasks (goroutines, tokio tasks or threads): growth over the window and slope (per s).
     pub task_min_growth: f64,
     pub task_min_slope: f64,
+    /// ... or this fraction of the task level, where that is more: a process of thousands of goroutines
+    /// (controllers, informers) moves by more than `task_min_growth` on its own.
+    pub task_rel_growth: f64,
+    /// The longest a target's start-up may take, seconds. While younger than this and before its task
+    /// level first settles (grows by less than half of `task_min_growth` over a window), growth of its
+    /// tasks and fds that connections do not account for is the start-up (controllers, caches, agents
+    /// joining), not a leak, and the recipe takes no baseline. A leak that begins later, or a level that
+    /// never settles, is judged as usual.
+    pub startup_s: f64,
     /// Tasks allowed per extra live connection before task growth is unexplained by load.
     pub tasks_per_connection: f64,
     /// Heap growth over the window that, with task growth or a bookkeeping leak, is worth a verdict.
@@ -125,6 +140,9 @@ pub struct AnalysisConfig {
     pub settle_tasks_tolerance: f64,
     pub settle_fds_tolerance: f64,
     pub settle_heap_tolerance_ratio: f64,
+    /// ... and tasks and fds may stay up by this fraction of their baseline, where that is more than
+    /// the absolute tolerances: a process of thousands of goroutines moves by more than a handful.
+    pub settle_rel_tolerance: f64,
     /// Fd exhaustion forecast thresholds, seconds until the limit.
     pub fd_forecast_warning_s: f64,
     pub fd_forecast_critical_s: f64,
@@ -163,7 +181,8 @@ impl Default for AnalysisConfig {
             unbacked_min_s: 8.0,
             idle_timeout_s: 90.0,
             idle_margin_s: 15.0,
-            idle_tolerance: 10.0,
+            idle_tolerance: 5.0,
+            idle_fill_s: 10.0,
             idle_min_s: 10.0,
             unanswered_after_s: 30.0,
             unanswered_tolerance: 10.0,
@@ -178,6 +197,8 @@ impl Default for AnalysisConfig {
             fd_min_slope: 0.5,
             task_min_growth: 20.0,
             task_min_slope: 0.5,
+            task_rel_growth: 0.01,
+            startup_s: 180.0,
             tasks_per_connection: 4.0,
             heap_min_growth_bytes: 4.0 * 1048576.0,
             heap_min_growth_ratio: 0.2,
@@ -187,6 +208,7 @@ impl Default for AnalysisConfig {
             settle_tasks_tolerance: 5.0,
             settle_fds_tolerance: 5.0,
             settle_heap_tolerance_ratio: 0.25,
+            settle_rel_tolerance: 0.05,
             fd_forecast_warning_s: 3600.0,
             fd_forecast_critical_s: 600.0,
             clear_after_ticks: 3,

@@ -4,6 +4,7 @@
 //! Per tick: [`signals`] turns the snapshot into per-incarnation series (app ledger, kernel sockets, fds,
 //! tasks, heap); each function in [`rules`] (and the [`quiescence`] state machine) looks at them and says
 //! what holds right now; [`conditions`] debounces those findings into raised and cleared verdicts.
+pub mod climb;
 mod conditions;
 mod config;
 pub mod evidence;
@@ -38,7 +39,8 @@ pub struct Derived {
     /// App-live connections minus the kernel connections that could back them (callers on a server,
     /// targets on an agent): idle pooled connections and leaks alike, an at-a-glance gauge.
     pub unbacked_connections: Option<f64>,
-    /// Tunneled connections idle past the idle horizon that no caller explains (the idle rule's number).
+    /// Tunneled connections idle past the idle horizon beyond what their rows' bounded sets hold, summed
+    /// over rows (the idle rule's number; it judges each row on its own).
     pub idle_beyond_horizon: Option<f64>,
     /// Requests the target dialed that have waited past `unanswered_after_s` for a first byte of answer
     /// (the unanswered rule's number); `None` where sock_diag is not measured.
@@ -180,10 +182,7 @@ impl Analyzer {
                 CLIENTKEYS_EXPORTED,
             ),
             unbacked_connections: self.signals.unbacked.last_fresh(t, self.stale_after()),
-            idle_beyond_horizon: self
-                .signals
-                .idle_excess(t, self.cfg.idle_horizon_s())
-                .map(|x| x.excess),
+            idle_beyond_horizon: self.signals.idle_beyond_fill(),
             unanswered_requests: rules::unanswered_level(&self.signals, &self.cfg, t),
             fd_exhaustion_seconds: rules::fd_forecast(&self.signals, &self.cfg, t),
         };
@@ -321,3 +320,6 @@ impl Analyzer {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fleet_tests;

@@ -1,6 +1,10 @@
 //! The fix's verification recipe, run continuously: remember the levels before a burst of load, notice when
-//! the load ends, and after a settle time check that the ledger, tasks, fds, CLOSE_WAIT sockets and heap came
-//! back to where they were. A level that stays up after the load is gone is held by nothing legitimate.
+//! the load ends, and after a settle time check that tasks, fds, CLOSE_WAIT sockets and heap came back to
+//! where they were. A level that stays up after the load is gone is held by nothing legitimate, except
+//! connections still open: a watch, an exec session or `logs -f` is load that has not ended, and a
+//! pooled connection is the idle rule's to judge, row by row. So each connection open beyond the
+//! baseline's allows its tasks and its socket, and tolerances grow with the process: a Rancher with
+//! thousands of goroutines moves by more than a handful on its own.
 use std::collections::BTreeMap;
 
 use super::{AnalysisConfig, conditions::Finding, signals::Signals};
@@ -10,6 +14,8 @@ use crate::verdict::{Scope, Severity, Verdict, VerdictKind};
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Levels {
     pub app_live: Option<f64>,
+    /// Kernel connections that back tunneled ones (callers on a server, targets on an agent).
+    pub kernel_conn: Option<f64>,
     pub tasks: Option<f64>,
     pub fds: Option<f64>,
     pub close_wait: Option<f64>,
@@ -21,6 +27,7 @@ impl Levels {
     fn each(s: &Signals, read: impl Fn(&super::series::Series) -> Option<f64>) -> Self {
         Self {
             app_live: read(&s.app_live),
+            kernel_conn: read(&s.kernel_conn),
             tasks: read(&s.tasks),
             fds: read(&s.fds),
             close_wait: read(&s.close_wait),
@@ -99,32 +106,63 @@ pub fn heap_tolerance(baseline: f64, cfg: &AnalysisConfig) -> f64 {
     (baseline * cfg.settle_heap_tolerance_ratio).max(cfg.heap_min_growth_bytes / 2.0)
 }
 
-/// Every level compared with its baseline, with the tolerances of `cfg`.
-pub fn compare(base: &Levels, now: &Levels, cfg: &AnalysisConfig) -> [Comparison; 5] {
+/// Connections open now beyond the baseline's: the ledger's (pooled or in use) or the kernel's (callers
+/// on a server, targets on an agent), whichever grew more. Each holds its tasks and, in the kernel, its
+/// socket.
+pub fn connections_open_beyond(base: &Levels, now: &Levels) -> f64 {
+    let growth = |b: Option<f64>, n: Option<f64>| match (b, n) {
+        (Some(b), Some(n)) => (n - b).max(0.0),
+        _ => 0.0,
+    };
+    growth(base.app_live, now.app_live).max(growth(base.kernel_conn, now.kernel_conn))
+}
+
+/// Every level compared with its baseline, with the tolerances of `cfg`. With `open_beyond` (the
+/// continuous check), each connection still open beyond the baseline's allows its tasks and sockets,
+/// tolerances are relative to the process's size too, and the ledger is not compared (the idle rule
+/// judges each row's old connections); without (`verify`, which drove the load itself), levels must
+/// come back as they were.
+pub fn compare(
+    base: &Levels,
+    now: &Levels,
+    cfg: &AnalysisConfig,
+    open_beyond: Option<f64>,
+) -> [Comparison; 5] {
     let c = |name, baseline, now, tolerance| Comparison {
         name,
         baseline,
         now,
         tolerance,
     };
+    let relative = |abs: f64, level: Option<f64>| match open_beyond {
+        Some(_) => level.map_or(abs, |l| abs.max(cfg.settle_rel_tolerance * l)),
+        None => abs,
+    };
+    let open = open_beyond.unwrap_or(0.0);
+    let kernel_open = match (base.kernel_conn, now.kernel_conn, open_beyond) {
+        (Some(b), Some(n), Some(_)) => (n - b).max(0.0),
+        _ => 0.0,
+    };
     [
         c(
             "app.live_connections",
             base.app_live,
             now.app_live,
-            Some(cfg.settle_tasks_tolerance),
+            open_beyond.is_none().then_some(cfg.settle_tasks_tolerance),
         ),
         c(
             "tasks",
             base.tasks,
             now.tasks,
-            Some(cfg.settle_tasks_tolerance),
+            Some(
+                relative(cfg.settle_tasks_tolerance, base.tasks) + cfg.tasks_per_connection * open,
+            ),
         ),
         c(
             "procfs.open_fds",
             base.fds,
             now.fds,
-            Some(cfg.settle_fds_tolerance),
+            Some(relative(cfg.settle_fds_tolerance, base.fds) + kernel_open),
         ),
         c(
             "kernel.close_wait_sockets",
@@ -145,7 +183,7 @@ pub fn compare(base: &Levels, now: &Levels, cfg: &AnalysisConfig) -> [Comparison
 type Excess = (&'static str, f64, f64, f64);
 
 fn excesses(base: &Levels, now: &Levels, cfg: &AnalysisConfig) -> Vec<Excess> {
-    compare(base, now, cfg)
+    compare(base, now, cfg, Some(connections_open_beyond(base, now)))
         .into_iter()
         .filter(|c| c.exceeded() == Some(true))
         .filter_map(|c| Some((c.name, c.baseline?, c.now?, c.tolerance?)))
@@ -178,10 +216,14 @@ impl Quiescence {
         let quiet_for = self.last_busy.map(|b| t - b).unwrap_or(f64::INFINITY);
         match self.phase.clone() {
             Phase::Idle => {
+                if s.starting {
+                    // Levels still rising with the start-up are no "before" to return to.
+                    self.baseline = None;
+                }
                 if busy {
                     // The baseline is what was measured while idle, before the rate crossed the threshold.
                     self.phase = Phase::Loaded { began: t };
-                } else if s.tasks.span(t) >= cfg.quiet_s {
+                } else if s.tasks.span(t) >= cfg.quiet_s && !s.starting {
                     self.baseline = Some(Levels::measure(s, t, cfg.quiet_s));
                 }
                 None

@@ -149,54 +149,86 @@ pub fn bookkeeping(s: &Signals, cfg: &AnalysisConfig, t: f64, stale_after: f64) 
     .with_baseline(app - live_growth))
 }
 
-/// Tunneled connections that outlived every plausible idle timeout with no caller behind them: the
-/// Rancher v2.10.3 leak (a keep-alive transport per request, never closed). Healthy pooling (v2.10.5)
-/// holds idle connections too, but never past the idle horizon, and never more than the callers it
-/// served at once.
+/// How many rows a per-row verdict names in its subject (all of them are in its evidence).
+const ROWS_NAMED: usize = 3;
+
+/// The subject of a per-row verdict: the first rows by name, and how many more. Counts go to the
+/// evidence, so the subject changes only when the set of rows does.
+fn rows_subject(names: &[String]) -> String {
+    let more = names.len().saturating_sub(ROWS_NAMED);
+    let mut subject: Vec<String> = names.iter().take(ROWS_NAMED).cloned().collect();
+    if more > 0 {
+        subject.push(format!("+{more} more"));
+    }
+    subject.join("; ")
+}
+
+/// Tunneled connections that outlived every plausible idle timeout, piling up on a ledger row with the
+/// row's own requests: the Rancher v2.10.3 leak (a keep-alive transport per request, never closed).
+/// Judged per clientkey/proto/addr: a healthy pool (v2.10.5), one idle connection per addr of a shared
+/// transport, and watches all hold old connections too, but as a set that stops growing once it has
+/// aged past the horizon (see [`super::climb`]); a leak climbs on. No process-wide count of callers or
+/// sockets enters: on a Rancher server most of them belong to other clusters.
 pub fn idle_connections(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
     let horizon = cfg.idle_horizon_s();
-    let x = s.idle_excess(t, horizon)?;
-    let tolerance = cfg.idle_tolerance;
-    if x.excess <= tolerance {
-        return None;
-    }
-    let growth = Signals::growth(&s.old_open, t, cfg.window_s);
-    let severity =
-        if x.excess > cfg.critical_factor * tolerance || growth.is_some_and(|g| g > tolerance) {
-            Severity::Critical
-        } else {
-            Severity::Warning
-        };
-    let rows = s.idle_rows(3);
-    let subject = rows
+    s.old_open.last_fresh(t, cfg.unbacked_min_s.max(5.0))?;
+    let rows = s.climbing_rows(cfg.idle_tolerance);
+    let worst = rows.iter().max_by(|a, b| {
+        a.history
+            .climb
+            .beyond_fill()
+            .total_cmp(&b.history.climb.beyond_fill())
+    })?;
+    let total: f64 = rows.iter().map(|r| r.history.climb.beyond_fill()).sum();
+    let severity = if rows
         .iter()
-        .map(|(k, n)| format!("{k} ({n:.0} idle)"))
-        .collect::<Vec<_>>()
-        .join("; ");
+        .any(|r| r.history.climb.beyond_fill() > cfg.critical_factor * cfg.idle_tolerance)
+    {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
     let mut evidence = ev(&[
-        ("crosscheck.idle_beyond_horizon", Some(x.excess)),
-        ("app.connections_older_than_horizon", Some(x.old_open)),
-        ("app.connections_older_than_horizon_floor", s.old_open_floor),
-        ("kernel.callers_explaining", Some(x.callers_explained)),
+        ("crosscheck.idle_beyond_horizon", Some(total)),
+        ("app.connections_older_than_horizon", s.old_open.last()),
         ("app.live_connections", s.app_live.last()),
-        ("app.old_connection_growth_in_window", growth),
+        ("app.rows_climbing", Some(rows.len() as f64)),
         ("config.idle_horizon_s", Some(horizon)),
+        ("config.idle_fill_s", Some(cfg.idle_fill_s)),
     ]);
-    for (k, n) in &rows {
-        evidence.insert(format!("app.idle_beyond_horizon[{k}]"), *n);
+    for r in &rows {
+        let c = &r.history.climb;
+        evidence.insert(
+            format!("app.idle_beyond_horizon[{}]", r.key),
+            c.beyond_fill(),
+        );
+        if let Some(old) = c.level() {
+            evidence.insert(
+                format!("app.connections_older_than_horizon[{}]", r.key),
+                old,
+            );
+        }
+        if let Some(since) = c.since() {
+            evidence.insert(format!("app.climbing_for_s[{}]", r.key), t - since);
+        }
     }
-    let whom = rows
-        .first()
-        .map(|(k, _)| format!(" to {k}"))
-        .unwrap_or_default();
+    let c = &worst.history.climb;
+    let others = match rows.len() {
+        1 => String::new(),
+        n => format!(" ({} rows climb so, {total:.0} connections in all)", n),
+    };
     Some(finding(
         VerdictKind::IdleConnectionLeak,
         severity,
-        subject,
+        rows_subject(&rows.iter().map(|r| r.key.clone()).collect::<Vec<_>>()),
         evidence,
         format!(
-            "{:.0} tunneled connections{whom} have been idle with no caller for more than {horizon:.0}s, longer than any plausible idle timeout ({:.0}s + {:.0}s margin): a transport that never closes its idle connections (the Rancher v2.10.3 leak)",
-            x.excess, cfg.idle_timeout_s, cfg.idle_margin_s
+            "{} tunneled connections to {} have been idle with no caller for more than {horizon:.0}s (opened that long ago, still open), and they keep piling up with the row's requests: {:.0} more than the row held {:.0}s after they began to age past the horizon{others}. A pool or a set of watches stops there; a transport that leaves every request's connection open (the Rancher v2.10.3 leak: no idle timeout, where {:.0}s is the longest a healthy one keeps an idle connection) climbs on",
+            c.level().unwrap_or(0.0),
+            worst.key,
+            c.beyond_fill(),
+            cfg.idle_fill_s,
+            cfg.idle_timeout_s
         ),
         cfg.idle_min_s,
         Scope::LedgerIdle,
@@ -232,19 +264,43 @@ fn per_target(
 }
 
 /// The agent side of the same leak, from the kernel's own clock: ESTABLISHED sockets the target dialed
-/// that carried no data for longer than the idle horizon, piling up per target. A healthy pool closes an
-/// idle connection within its idle timeout, or reuses it, which resets its idle age.
+/// that carried no data for longer than the idle horizon, piling up per target beyond the set that aged
+/// past it together (see [`super::climb`]). A healthy pool closes an idle connection within its idle
+/// timeout or reuses it (which resets its idle age); a pool without one keeps a bounded set. The
+/// remotes folded into `_other` are never judged as one target.
 pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
-    let rows = s.dialed_idle_excess();
-    let total: u64 = rows.iter().map(|(_, n)| n).sum();
-    if (total as f64) <= cfg.idle_tolerance {
+    let mut rows = s.dialed_climbing(cfg.idle_tolerance);
+    if rows.is_empty() {
         return None;
     }
     let horizon = s.dialed_idle_horizon_s;
-    let mut evidence = BTreeMap::new();
-    let subject = per_target(&mut evidence, &rows, "idle", "idle_beyond_horizon", |g| {
-        g.oldest_idle_ms
+    let mut by_name: Vec<String> = rows
+        .iter()
+        .map(|(g, _)| format!("target={}", g.remote))
+        .collect();
+    by_name.sort();
+    let subject = rows_subject(&by_name);
+    rows.sort_by(|a, b| {
+        b.1.total_cmp(&a.1)
+            .then_with(|| a.0.remote.cmp(&b.0.remote))
     });
+    let total: f64 = rows.iter().map(|(_, n)| n).sum();
+    let mut evidence = BTreeMap::new();
+    for (g, climb) in &rows {
+        evidence.insert(format!("kernel.idle_beyond_horizon[{}]", g.remote), *climb);
+        evidence.insert(
+            format!("kernel.idle_over_horizon[{}]", g.remote),
+            g.idle_over_horizon as f64,
+        );
+        evidence.insert(
+            format!("kernel.established[{}]", g.remote),
+            g.established as f64,
+        );
+        evidence.insert(
+            format!("kernel.oldest_idle_s[{}]", g.remote),
+            f64::from(g.oldest_idle_ms) / 1000.0,
+        );
+    }
     for (g, _) in rows.iter().take(TARGETS_NAMED) {
         for (label, count) in crate::sample::IDLE_BUCKET_LABELS.iter().zip(g.buckets) {
             evidence.insert(
@@ -253,15 +309,19 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
             );
         }
     }
+    evidence.insert("kernel.idle_beyond_horizon".into(), total);
     evidence.insert("config.idle_horizon_s".into(), horizon);
-    let (top, n) = rows.first()?;
+    let (top, climb) = rows.first()?;
     let ages: Vec<String> = crate::sample::IDLE_BUCKET_LABELS
         .iter()
         .zip(top.buckets)
         .filter(|(_, c)| *c > 0)
         .map(|(l, c)| format!("{c} {}", l.replace('_', " ")))
         .collect();
-    let severity = if total as f64 > cfg.critical_factor * cfg.idle_tolerance {
+    let severity = if rows
+        .iter()
+        .any(|(_, n)| *n > cfg.critical_factor * cfg.idle_tolerance)
+    {
         Severity::Critical
     } else {
         Severity::Warning
@@ -272,7 +332,8 @@ pub fn idle_sockets(s: &Signals, cfg: &AnalysisConfig) -> Option<Finding> {
         subject,
         evidence,
         format!(
-            "{n} ESTABLISHED sockets to {} have been idle with no data either way for more than {horizon:.0}s (oldest {:.0}s; idle ages: {}), longer than any plausible idle timeout: the tunnel holds connections nobody uses (the agent side of the Rancher v2.10.3 leak)",
+            "{} ESTABLISHED sockets to {} have been idle with no data either way for more than {horizon:.0}s (oldest {:.0}s; idle ages: {}), and they keep piling up: {climb:.0} more than the set that aged past the horizon together. A pool without an idle timeout stops there; the tunnel holds a connection for every request nobody uses (the agent side of the Rancher v2.10.3 leak)",
+            top.idle_over_horizon,
             top.remote,
             f64::from(top.oldest_idle_ms) / 1000.0,
             ages.join(", ")
@@ -401,7 +462,10 @@ pub fn fd_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding> {
     let est_growth = Signals::growth(&s.established, t, cfg.window_s)
         .unwrap_or(0.0)
         .max(0.0);
-    if slope < cfg.fd_min_slope || growth - est_growth < cfg.fd_min_growth {
+    if slope < cfg.fd_min_slope
+        || growth - est_growth < cfg.fd_min_growth
+        || s.start_up_explains(cfg)
+    {
         return None;
     }
     Some(finding(
@@ -445,10 +509,11 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
     let ledger_growth = ledger_raw_growth - close_wait_growth;
     let live_growth = established_growth.max(ledger_growth).max(0.0);
     let unexplained = growth - cfg.tasks_per_connection * live_growth;
-    if slope < cfg.task_min_slope || unexplained < cfg.task_min_growth {
+    let min_growth = s.task_min_growth(cfg);
+    if slope < cfg.task_min_slope || unexplained < min_growth || s.start_up_explains(cfg) {
         return None;
     }
-    let severity = if unexplained > cfg.task_critical_factor * cfg.task_min_growth {
+    let severity = if unexplained > cfg.task_critical_factor * min_growth {
         Severity::Critical
     } else {
         Severity::Warning
@@ -471,6 +536,10 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
                     Some(live_growth),
                 ),
                 ("kernel.close_wait_sockets", s.close_wait.last()),
+                (
+                    "kernel.close_wait_growth_in_window",
+                    Some(close_wait_growth),
+                ),
                 ("app.live_connections", s.app_live.last()),
             ]),
             task_growth_text(
@@ -478,7 +547,13 @@ pub fn task_growth(s: &Signals, cfg: &AnalysisConfig, t: f64) -> Option<Finding>
                 (growth, slope, cfg.window_s),
                 live_growth,
                 ledger_raw_growth,
-                close_wait_growth,
+                // Callers that hung up are the cause only where their connections could hold at
+                // least half of the growth; a few CLOSE_WAITs beside thousands of new tasks are not.
+                if cfg.tasks_per_connection * close_wait_growth >= unexplained / 2.0 {
+                    close_wait_growth
+                } else {
+                    0.0
+                },
             ),
             0.0,
             Scope::Tasks,

@@ -6,10 +6,11 @@ use monitor_ebpf::tcp_state::{CLOSE_WAIT, ESTABLISHED};
 
 use super::{
     AnalysisConfig, End, Side, SideInEffect,
+    climb::Climb,
     series::{Series, Steps},
 };
 use crate::{
-    sample::{LedgerRow, OTHER_CLIENTKEY, ScrapeOutcome, Snapshot},
+    sample::{LedgerRow, OTHER_CLIENTKEY, OTHER_REMOTE, ScrapeOutcome, Snapshot},
     verdict::Source,
 };
 
@@ -27,10 +28,10 @@ pub struct RowHistory {
     /// When this row was first seen in this incarnation.
     first_seen: f64,
     last_seen: f64,
-    /// Connections of this row opened more than the idle horizon ago and still open (a lower bound),
-    /// and the lowest that count has been: what was already there (a pool, a pre-existing leak).
+    /// Connections of this row opened more than the idle horizon ago and still open (a lower bound).
     pub old_open: Option<f64>,
-    pub old_open_floor: Option<f64>,
+    /// How that count has moved: a bounded set's step or a leak's climb.
+    pub climb: Climb,
 }
 
 fn reset_safe_increase(last_raw: f64, raw: f64) -> f64 {
@@ -81,15 +82,6 @@ impl RowHistory {
 /// How much longer than one idle horizon a row's history of `added` is kept: the look-back lands on a
 /// sample even when ticks are late or a scrape or two failed.
 const ROW_HISTORY_SLACK_S: f64 = 60.0;
-
-/// The idle-horizon cross-check at one instant; see [`Signals::idle_excess`].
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct IdleExcess {
-    pub old_open: f64,
-    pub above_floor: f64,
-    pub callers_explained: f64,
-    pub excess: f64,
-}
 
 /// The client key under which a remotedialer server counts the connections a peer server dials through
 /// it (Rancher HA: a request that reached another replica for an agent whose websocket this one holds).
@@ -227,13 +219,9 @@ pub struct Signals {
     /// The ledger's rows (but `_other`) in the ledger's order, with rows gone from it for less than
     /// two idle horizons: for the idle-horizon check and for naming who holds the connections.
     pub rows: Vec<RowState>,
-    /// Tunneled connections opened more than the idle horizon ago and still open, over all rows, and
-    /// the lowest that total has been in this incarnation.
+    /// Tunneled connections opened more than the idle horizon ago and still open, over all rows (for
+    /// the evidence: the rule judges each row on its own).
     pub old_open: Series,
-    pub old_open_floor: Option<f64>,
-    /// The lowest count of kernel connections (callers/targets) in this incarnation: sockets that were
-    /// there before any load (agents' websockets, long-lived clients) explain nothing about new ones.
-    pub kernel_conn_floor: Option<f64>,
     /// When the first snapshot of this incarnation was taken.
     watching_since: Option<f64>,
     /// Connections peer servers hold through this one (their callers are on the peers).
@@ -241,10 +229,10 @@ pub struct Signals {
     /// The side whose sockets backed tunneled connections at the last kernel sample.
     pub side_in_effect: Option<SideInEffect>,
     /// Idle ages of the sockets the target dialed, per remote (kernel tcp_info, refreshed with each full
-    /// procfs pass), and per remote the fewest sockets idle past the horizon seen in this incarnation.
+    /// procfs pass), and per remote how its count of sockets idle past the horizon has moved.
     pub dialed_idle: Vec<crate::sample::RemoteIdle>,
     pub dialed_idle_horizon_s: f64,
-    pub dialed_idle_floor: BTreeMap<String, u64>,
+    pub dialed_climb: BTreeMap<String, Climb>,
     /// Requests the target dialed that have waited longer than `unanswered_after_s` for the first byte
     /// of an answer, over every remote (refreshed with each full procfs pass).
     pub unanswered: Series,
@@ -252,6 +240,13 @@ pub struct Signals {
     /// (the agent's websocket, scrapes). Subtracted before comparing.
     kernel_offset: Option<f64>,
     pub remotedialer_present: bool,
+    /// The target is starting (see `AnalysisConfig::startup_s`): younger than the longest start-up, and
+    /// its task level has not settled yet.
+    pub starting: bool,
+    /// Its task level settled once in this incarnation (or it was past start-up when first seen).
+    settled: bool,
+    /// The tasks and connections opened when first seen: what the start-up grew from.
+    start_levels: Option<(f64, f64)>,
     /// When each source last delivered a reading in this incarnation (see [`Signals::silent_for`]).
     last_heard: BTreeMap<Source, f64>,
 }
@@ -299,6 +294,7 @@ impl Signals {
             let mut raw_added = 0.0;
             let mut old_open_total = 0.0;
             let mut old_open_known = false;
+            let (fill_s, slack) = (cfg.idle_fill_s, cfg.idle_tolerance);
             let (ledger, peer_live) = local_rows(&a.ledger);
             self.peer_live.push(t, peer_live, horizon);
             // Live connections per clientkey, the map of the last tick reused (thousands of clientkeys
@@ -352,8 +348,7 @@ impl Signals {
                 }
                 history.old_open = history.old_open_at(t, idle_horizon, watching_since);
                 if let Some(old) = history.old_open {
-                    history.old_open_floor =
-                        Some(history.old_open_floor.map_or(old, |f: f64| f.min(old)));
+                    history.climb.observe(t, old, fill_s, slack);
                     old_open_total += old;
                     old_open_known = true;
                 }
@@ -400,10 +395,6 @@ impl Signals {
             }
             if old_open_known {
                 self.old_open.push(t, old_open_total, long);
-                self.old_open_floor = Some(
-                    self.old_open_floor
-                        .map_or(old_open_total, |f| f.min(old_open_total)),
-                );
             }
             self.opened_total += raw_added;
             self.app_live_by_key = by_key;
@@ -426,7 +417,6 @@ impl Signals {
                 auto: side == Side::Auto,
             });
             self.kernel_conn.push(t, conn, long);
-            self.kernel_conn_floor = Some(self.kernel_conn_floor.map_or(conn, |f| f.min(conn)));
             self.established
                 .push(t, k.in_state(ESTABLISHED) as f64, horizon);
             self.close_wait
@@ -454,13 +444,30 @@ impl Signals {
             self.opened.push(t, self.opened_total, horizon);
         }
         if let Some(p) = s.proc.as_ref().filter(|p| p.dialed_idle_horizon_s > 0.0) {
-            for g in &p.dialed_idle {
-                let floor = self
-                    .dialed_idle_floor
+            // `_other` sums the remotes past the grouping cap, a different set as remotes come and go:
+            // it is never judged as one target.
+            let judged = p.dialed_idle.iter().filter(|g| g.remote != OTHER_REMOTE);
+            let mut seen = std::collections::BTreeSet::new();
+            for g in judged {
+                seen.insert(g.remote.as_str());
+                self.dialed_climb
                     .entry(g.remote.clone())
-                    .or_insert(g.idle_over_horizon);
-                *floor = (*floor).min(g.idle_over_horizon);
+                    .or_default()
+                    .observe(
+                        t,
+                        g.idle_over_horizon as f64,
+                        cfg.idle_fill_s,
+                        cfg.idle_tolerance,
+                    );
             }
+            // A remote gone from the reading holds no socket idle: its set drained.
+            for (remote, climb) in self.dialed_climb.iter_mut() {
+                if !seen.contains(remote.as_str()) {
+                    climb.observe(t, 0.0, cfg.idle_fill_s, cfg.idle_tolerance);
+                }
+            }
+            self.dialed_climb
+                .retain(|_, c| c.level() != Some(0.0) || c.since().is_some());
             self.dialed_idle.clone_from(&p.dialed_idle);
             self.dialed_idle_horizon_s = p.dialed_idle_horizon_s;
             let after_ms = cfg.unanswered_after_ms();
@@ -494,45 +501,79 @@ impl Signals {
         if let Some(h) = app.and_then(|a| a.heap_inuse_bytes) {
             self.heap.push(t, h, horizon);
         }
+        self.update_start_up(s, cfg, t);
     }
 
-    /// Connections opened more than the idle horizon ago, still open, and explained neither by what was
-    /// already there when the watch began nor by callers/targets the kernel saw meanwhile: the pool of
-    /// a healthy transport is at most as large as the most callers it served at once, and drains within
-    /// the idle timeout; what is left beyond that was left behind. `None` until the watch reaches one
-    /// idle horizon back.
-    pub fn idle_excess(&self, t: f64, idle_horizon: f64) -> Option<IdleExcess> {
-        let old_open = self.old_open.last_fresh(t, 5.0)?;
-        let above_floor = old_open - self.old_open_floor.unwrap_or(0.0);
-        let callers_explained = match (
-            self.kernel_conn.max_since(t - idle_horizon),
-            self.kernel_conn_floor,
-        ) {
-            (Some(max), Some(floor)) => (max - floor).max(0.0),
-            _ => 0.0,
+    /// Whether the target is still starting. An age nobody knows is no start-up: judged as always.
+    fn update_start_up(&mut self, s: &Snapshot, cfg: &AnalysisConfig, t: f64) {
+        if self.settled {
+            self.starting = false;
+            return;
+        }
+        let young = s
+            .proc
+            .as_ref()
+            .and_then(|p| p.age_s)
+            .is_some_and(|age| age < cfg.startup_s);
+        let flat = self.tasks.span(t) >= cfg.min_span_s
+            && Self::growth(&self.tasks, t, cfg.window_s)
+                .is_some_and(|g| g.abs() <= self.task_min_growth(cfg) / 2.0);
+        self.settled = !young || flat;
+        self.starting = !self.settled;
+        if let (None, Some(tasks)) = (self.start_levels, self.tasks.last()) {
+            self.start_levels = Some((tasks, self.opened_total));
+        }
+    }
+
+    /// The task growth worth a verdict at the current level (see `AnalysisConfig::task_rel_growth`).
+    pub fn task_min_growth(&self, cfg: &AnalysisConfig) -> f64 {
+        let level = self.tasks.last().unwrap_or(0.0);
+        cfg.task_min_growth.max(cfg.task_rel_growth * level)
+    }
+
+    /// While the target starts, its growth is the start-up unless the connections it opened since it
+    /// was first seen account for at least half of the tasks it gained: a leak of the connections'
+    /// tasks shows with the first requests, while controllers and caches starting open none. Judged
+    /// over the whole start-up, not the window, so that the tail of a ramp leaving the window does not
+    /// read as growth a little traffic explains.
+    pub fn start_up_explains(&self, cfg: &AnalysisConfig) -> bool {
+        let (Some((tasks0, opened0)), Some(tasks)) = (self.start_levels, self.tasks.last()) else {
+            return false;
         };
-        Some(IdleExcess {
-            old_open,
-            above_floor,
-            callers_explained,
-            excess: (above_floor - callers_explained).max(0.0),
-        })
+        self.starting
+            && cfg.tasks_per_connection * (self.opened_total - opened0) < (tasks - tasks0) / 2.0
     }
 
-    /// Dialed sockets idle past the horizon, per remote, beyond the fewest seen there in this
-    /// incarnation (what was already idle when the watch began explains nothing new), most first.
-    pub fn dialed_idle_excess(&self) -> Vec<(&crate::sample::RemoteIdle, u64)> {
-        let mut rows: Vec<_> = self
-            .dialed_idle
+    /// The ledger rows whose old connections climbed more than `tolerance` beyond their fill (see
+    /// [`Climb`]), by name: who the idle rule names, in an order that does not change from tick to tick.
+    pub fn climbing_rows(&self, tolerance: f64) -> Vec<&RowState> {
+        self.rows
             .iter()
-            .map(|g| {
-                let floor = self.dialed_idle_floor.get(&g.remote).copied().unwrap_or(0);
-                (g, g.idle_over_horizon.saturating_sub(floor))
+            .filter(|r| r.history.climb.beyond_fill() > tolerance)
+            .collect()
+    }
+
+    /// Old tunneled connections beyond their rows' fills, over every row: the idle rule's number.
+    pub fn idle_beyond_fill(&self) -> Option<f64> {
+        self.old_open.last()?;
+        Some(
+            self.rows
+                .iter()
+                .map(|r| r.history.climb.beyond_fill())
+                .sum(),
+        )
+    }
+
+    /// Dialed sockets idle past the horizon beyond their target's fill (see [`Climb`]), per remote, by
+    /// remote; `_other` is never among them.
+    pub fn dialed_climbing(&self, tolerance: f64) -> Vec<(&crate::sample::RemoteIdle, f64)> {
+        self.dialed_idle
+            .iter()
+            .filter_map(|g| {
+                let climb = self.dialed_climb.get(&g.remote)?.beyond_fill();
+                (climb > tolerance).then_some((g, climb))
             })
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.remote.cmp(&b.0.remote)));
-        rows
+            .collect()
     }
 
     /// Remotes with stalled requests (see [`Self::unanswered`]), most first.
@@ -544,25 +585,6 @@ impl Signals {
             .filter(|(_, n)| *n > 0)
             .collect();
         rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.remote.cmp(&b.0.remote)));
-        rows
-    }
-
-    /// The rows holding the most old connections above their own floor, most first.
-    pub fn idle_rows(&self, n: usize) -> Vec<(&str, f64)> {
-        let mut rows: Vec<(&str, f64)> = self
-            .rows
-            .iter()
-            .filter_map(|r| {
-                let h = &r.history;
-                Some((
-                    r.key.as_str(),
-                    h.old_open? - h.old_open_floor.unwrap_or(0.0),
-                ))
-            })
-            .filter(|(_, n)| *n >= 1.0)
-            .collect();
-        rows.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        rows.truncate(n);
         rows
     }
 

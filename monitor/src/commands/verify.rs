@@ -101,7 +101,7 @@ fn criteria(base: &Point, now: &Point, cfg: &AnalysisConfig) -> Vec<Criterion> {
             limit: None,
         },
     };
-    let levels = quiescence::compare(&base.levels, &now.levels, cfg)
+    let levels = quiescence::compare(&base.levels, &now.levels, cfg, None)
         .into_iter()
         .filter_map(|c| {
             Some(Criterion {
@@ -455,6 +455,7 @@ mod tests {
         let base = Point {
             levels: Levels {
                 app_live: Some(0.0),
+                kernel_conn: Some(2.0),
                 tasks: Some(10.0),
                 fds: Some(20.0),
                 close_wait: Some(0.0),

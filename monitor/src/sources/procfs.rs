@@ -218,6 +218,14 @@ impl ProcfsSampler {
         })
     }
 
+    /// Seconds since the process started (`/proc/uptime` minus its start time); `None` if unreadable.
+    fn age_s(&self, start_ticks: u64) -> Option<f64> {
+        let uptime = read_bounded(&self.root.join("uptime"), MAX_SMALL_FILE).ok()?;
+        let up: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+        let hz = procfs::ticks_per_second();
+        (hz > 0).then(|| (up - start_ticks as f64 / hz as f64).max(0.0))
+    }
+
     /// Identity of the process (pid + start time), `Gone` if it does not exist.
     pub fn target_id(&self, pid: u32) -> Result<TargetId, ProcError> {
         let (_, _, start) = self.stat(pid)?;
@@ -307,10 +315,11 @@ impl ProcfsSampler {
     /// namespace, TIME_WAIT included: on a busy node that is tens of thousands of lines the kernel formats
     /// on every read, so with eBPF counting the sockets the join runs only now and then.
     pub fn sample_light(&self, pid: u32, last: &ProcSample) -> Result<ProcSample, ProcError> {
-        let (threads, rss_pages, _) = self.stat(pid)?;
+        let (threads, rss_pages, start) = self.stat(pid)?;
         Ok(ProcSample {
             open_fds: self.fd_count(pid)?,
             threads,
+            age_s: self.age_s(start),
             rss_bytes: rss_pages * self.page_size,
             ..last.clone()
         })
@@ -326,7 +335,7 @@ impl ProcfsSampler {
         &self,
         pid: u32,
     ) -> Result<(ProcSample, HashSet<u64>, HashSet<u16>), ProcError> {
-        let (threads, rss_pages, _) = self.stat(pid)?;
+        let (threads, rss_pages, start) = self.stat(pid)?;
         let (open_fds, inodes) = self.fds(pid)?;
         let mut tcp_by_state = [0u64; 13];
         let mut listening = HashSet::new();
@@ -346,6 +355,7 @@ impl ProcfsSampler {
             tcp_by_state,
             threads,
             rss_bytes: rss_pages * self.page_size,
+            age_s: self.age_s(start),
             ..ProcSample::default()
         };
         Ok((sample, inodes, listening))
