@@ -193,7 +193,11 @@ fn fifty_fixed_and_one_bug(callers: u64) -> Fleet {
 }
 
 fn fix_bursts(k: usize, i: u32) -> u64 {
-    if (i + 7 * k as u32) % 47 == 0 { 10 } else { 0 }
+    if (i + 7 * k as u32).is_multiple_of(47) {
+        10
+    } else {
+        0
+    }
 }
 
 #[test]
@@ -267,7 +271,7 @@ fn a_shared_pool_without_idle_timeout_over_twenty_addrs_is_a_bounded_set() {
     };
     let raised = fleet.replay(&mut an, 720, |a, i| match i {
         5 => 2,
-        i if i > 5 && (i + a as u32) % 97 == 0 => 1,
+        i if i > 5 && (i + a as u32).is_multiple_of(97) => 1,
         _ => 0,
     });
     assert!(raised.is_empty(), "{raised:#?}");
