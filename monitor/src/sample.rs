@@ -77,12 +77,16 @@ impl KernelSample {
 }
 
 /// Upper bounds (exclusive) of the idle-age buckets, in ms; the last bucket holds everything older. 90 s is
-/// Go's default `IdleConnTimeout`: a pooled connection of a healthy Go client never gets past the third.
-pub const IDLE_BUCKET_BOUNDS_MS: [u32; 5] = [10_000, 30_000, 90_000, 300_000, 1_800_000];
+/// Go's default `IdleConnTimeout`: a pooled connection of a healthy Go client never gets past the 90 s
+/// bucket. 60 s is the unanswered rule's default patience: a threshold between two bounds rounds up to the
+/// next, so without it a 60 s patience would wait until 90 s.
+pub const IDLE_BUCKET_BOUNDS_MS: [u32; 6] = [10_000, 30_000, 60_000, 90_000, 300_000, 1_800_000];
 pub const IDLE_BUCKETS: usize = IDLE_BUCKET_BOUNDS_MS.len() + 1;
-/// Names of the buckets, for labels and reports, in the order of [`RemoteIdle::buckets`].
-pub const IDLE_BUCKET_LABELS: [&str; IDLE_BUCKETS] =
-    ["lt_10s", "lt_30s", "lt_90s", "lt_5m", "lt_30m", "ge_30m"];
+/// Names of the buckets, for labels and reports, in the order of [`RemoteIdle::buckets`]: `lt_<bound>`,
+/// then `ge_<last bound>` (a test holds them to the bounds).
+pub const IDLE_BUCKET_LABELS: [&str; IDLE_BUCKETS] = [
+    "lt_10s", "lt_30s", "lt_60s", "lt_90s", "lt_5m", "lt_30m", "ge_30m",
+];
 
 /// The name of the row that `sources::sockdiag::idle_by_remote` folds the groups beyond its cap into.
 pub const OTHER_REMOTE: &str = "_other";
@@ -101,15 +105,47 @@ pub struct RemoteIdle {
     /// The largest idle age among the ESTABLISHED sockets (0 when there are none).
     pub oldest_idle_ms: u32,
     /// ESTABLISHED sockets per idle-age bucket ([`IDLE_BUCKET_BOUNDS_MS`]).
+    #[serde(deserialize_with = "idle_counts")]
     pub buckets: [u64; IDLE_BUCKETS],
     /// ESTABLISHED sockets that sent data and have not received one byte back since they were
     /// established, per bucket of time since they last sent: requests the target never began to answer.
     /// An idle pooled connection got its answer, and a watch got its headers: neither is counted.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "idle_counts")]
     pub unanswered: [u64; IDLE_BUCKETS],
     /// The longest of those waits (0 when there are none).
     #[serde(default)]
     pub oldest_unanswered_ms: u32,
+}
+
+/// The bounds before the 60 s one was added. Recordings made then still replay (`leakwatch replay`).
+const IDLE_BUCKET_BOUNDS_MS_BEFORE_60S: [u32; 5] = [10_000, 30_000, 90_000, 300_000, 1_800_000];
+
+/// Bucket counts in the current layout, or in the one before the 60 s bound. Each old count goes to the new
+/// bucket holding its old lower bound: an old 30-90 s count is only known to be at least 30 s old, so it
+/// lands in 30-60 s and never passes a 60 s threshold it might not have reached.
+fn idle_counts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u64; IDLE_BUCKETS], D::Error> {
+    let counts = Vec::<u64>::deserialize(d)?;
+    if let Ok(now) = <[u64; IDLE_BUCKETS]>::try_from(counts.as_slice()) {
+        return Ok(now);
+    }
+    if counts.len() != IDLE_BUCKET_BOUNDS_MS_BEFORE_60S.len() + 1 {
+        return Err(serde::de::Error::invalid_length(
+            counts.len(),
+            &"one count per idle-age bucket",
+        ));
+    }
+    let mut out = [0; IDLE_BUCKETS];
+    for (i, n) in counts.into_iter().enumerate() {
+        let floor = i
+            .checked_sub(1)
+            .map_or(0, |j| IDLE_BUCKET_BOUNDS_MS_BEFORE_60S[j]);
+        let to = IDLE_BUCKET_BOUNDS_MS
+            .iter()
+            .position(|&bound| floor < bound)
+            .unwrap_or(IDLE_BUCKET_BOUNDS_MS.len());
+        out[to] += n;
+    }
+    Ok(out)
 }
 
 /// The lower bound (inclusive) of idle-age bucket `i`, ms.
@@ -317,4 +353,42 @@ pub struct Snapshot {
     /// Goroutine profiles, on the ticks the analysis asked for them (see [`GoroutineReading`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub goroutines: Option<GoroutineReading>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_labels_name_their_bounds() {
+        let name = |ms: u32| match ms {
+            ms if ms % 60_000 == 0 && ms > 60_000 => format!("{}m", ms / 60_000),
+            ms => format!("{}s", ms / 1000),
+        };
+        let mut want: Vec<String> = IDLE_BUCKET_BOUNDS_MS
+            .iter()
+            .map(|&b| format!("lt_{}", name(b)))
+            .collect();
+        want.push(format!(
+            "ge_{}",
+            name(*IDLE_BUCKET_BOUNDS_MS.last().unwrap())
+        ));
+        assert_eq!(IDLE_BUCKET_LABELS.to_vec(), want);
+    }
+
+    #[test]
+    fn a_row_recorded_before_the_60s_bound_replays_without_overstating_a_wait() {
+        let old = r#"{"remote":"10.0.0.5:80","established":9,"close_wait":0,"idle_over_horizon":0,
+            "oldest_idle_ms":80000,"buckets":[1,2,3,0,0,0],"unanswered":[0,0,4,1,0,2],"oldest_unanswered_ms":0}"#;
+        let g: RemoteIdle = serde_json::from_str(old).unwrap();
+        assert_eq!(g.buckets, [1, 2, 3, 0, 0, 0, 0]);
+        assert_eq!(g.unanswered, [0, 0, 4, 0, 1, 0, 2]);
+        // The four that waited 30-90 s may not have reached 60 s.
+        assert_eq!(g.unanswered_for(60_000), 3);
+        assert_eq!(g.unanswered_for(30_000), 7);
+        let now: RemoteIdle = serde_json::from_str(&serde_json::to_string(&g).unwrap()).unwrap();
+        assert_eq!(now, g);
+        let torn = old.replace("[1,2,3,0,0,0]", "[1,2,3]");
+        assert!(serde_json::from_str::<RemoteIdle>(&torn).is_err());
+    }
 }

@@ -915,6 +915,15 @@ fn docs_dashboard_and_runbooks_state_the_analysis_defaults() {
             "the panel says {says:?}: {description}"
         );
     }
+    let legend = format!("unanswered requests (dialed, > {} s)", c.unanswered_after_s);
+    assert!(
+        panel["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .any(|t| t["legendFormat"] == legend.as_str()),
+        "the idle panel's legend says {legend:?}"
+    );
     let metrics_md = read(&root().join("docs/metrics.md"));
     for says in [
         format!("(`--idle-timeout` + {} s)", c.idle_margin_s),
@@ -940,4 +949,10 @@ fn docs_dashboard_and_runbooks_state_the_analysis_defaults() {
         )),
         "README states the idle horizon's parts"
     );
+    for says in [
+        format!("received not one byte for over {} s", c.unanswered_after_s),
+        format!("(`socket_leak`, after {} s)", c.unanswered_after_s),
+    ] {
+        assert!(readme.contains(&says), "README says {says:?}");
+    }
 }

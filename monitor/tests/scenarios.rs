@@ -1319,20 +1319,32 @@ fn a_kernel_only_leak_that_starts_after_leakwatch_is_flagged() {
 /// Issue 12, item 7: the agent side of abandoned callers. The server holds each tunneled connection whose
 /// caller left (hold-abandoned) while the target hangs, so the agent's sockets to the target stay
 /// ESTABLISHED with a request sent and nothing back: no CLOSE_WAIT, no ledger, only tasks and sockets that
-/// no traffic explains. The agent must say so long before the idle horizon (105 s), and stop once the
-/// target lets go.
+/// no traffic explains. The agent must say so once its patience with a slow target is up, before the idle
+/// horizon (105 s), and stop once the target lets go.
 #[test]
 fn an_agent_whose_target_hangs_flags_the_unanswered_requests_and_clears_when_it_lets_go() {
     let Some(_guard) = ready() else { return };
     let mut tunnel = Tunnel::start(Leak::mode("hold-abandoned", 1), Leak::none());
     let (_watch, addr) = leakwatch_watch(tunnel.agent.pid(), None, "agent");
+    const RATE: f64 = 4.0;
+    let c = leakwatch::analysis::AnalysisConfig::default();
+    // The patience and the rule's duration, the time for the pile to pass the tolerance, and slack for
+    // the full passes (every 5 s while requests wait) on a busy machine. Still short of the idle horizon
+    // plus the idle rule's duration, so the fast rule must have spoken first.
+    let within =
+        c.unanswered_after_s + c.unanswered_min_s + (c.unanswered_tolerance + 1.0) / RATE + 30.0;
+    assert!(within < c.idle_horizon_s() + c.idle_min_s);
     let load_start = Instant::now();
-    let _load = Proc::spawn(&mut abandoning_callers(&tunnel, 120, 4.0)).expect("spawn");
-    let (v, doc) = wait_verdict(&addr, "socket_leak", Duration::from_secs(100));
+    let _load = Proc::spawn(&mut abandoning_callers(&tunnel, 120, RATE)).expect("spawn");
+    let (v, doc) = wait_verdict(&addr, "socket_leak", Duration::from_secs_f64(within));
     let after = load_start.elapsed().as_secs_f64();
     eprintln!(
         "SCENARIO agent, hanging target, abandoned callers: socket_leak {after:.1}s after the load began: {}",
         v["explanation"]
+    );
+    assert!(
+        after >= c.unanswered_after_s,
+        "flagged before a slow target's patience was up: {v:#}"
     );
     assert!(
         v["subject"]

@@ -90,9 +90,10 @@ pub struct AnalysisConfig {
     /// How long the idle-connection excess must last before it is a verdict, seconds.
     pub idle_min_s: f64,
     /// A request the target dialed and never got one byte of answer to, for this long, is stalled, seconds.
-    /// Every HTTP server sends its response headers at once, watches and long polls included; only a hung
-    /// target, or a connection whose caller left while the tunnel kept it, waits this long in silence.
-    /// Rounded up to the next idle-age bucket bound (10 s, 30 s, 90 s, ...).
+    /// Watches and long polls get their response headers at once, but a big LIST or a slow aggregated API
+    /// may take 45 s to send its first byte: a target that answers is slow, not leaking, so the default
+    /// leaves it a minute. Only a hung target, or a connection whose caller left while the tunnel kept it,
+    /// waits that long in silence. Rounded up to the next idle-age bucket bound (10 s, 30 s, 60 s, 90 s, ...).
     pub unanswered_after_s: f64,
     /// Stalled requests tolerated before the unanswered rule speaks.
     pub unanswered_tolerance: f64,
@@ -184,7 +185,7 @@ impl Default for AnalysisConfig {
             idle_tolerance: 5.0,
             idle_fill_s: 10.0,
             idle_min_s: 10.0,
-            unanswered_after_s: 30.0,
+            unanswered_after_s: 60.0,
             unanswered_tolerance: 10.0,
             unanswered_min_s: 10.0,
             close_wait_tolerance: 3.0,

@@ -612,13 +612,15 @@ mod tests {
             (10_000, 1),
             (29_999, 1),
             (30_000, 2),
-            (89_999, 2),
-            (90_000, 3),
-            (299_999, 3),
-            (300_000, 4),
-            (1_799_999, 4),
-            (1_800_000, 5),
-            (u32::MAX, 5),
+            (59_999, 2),
+            (60_000, 3),
+            (89_999, 3),
+            (90_000, 4),
+            (299_999, 4),
+            (300_000, 5),
+            (1_799_999, 5),
+            (1_800_000, 6),
+            (u32::MAX, 6),
         ];
         for (ms, bucket) in cases {
             assert_eq!(idle_bucket(ms), bucket, "{ms} ms");
@@ -650,7 +652,7 @@ mod tests {
                 close_wait: 0,
                 idle_over_horizon: 2,
                 oldest_idle_ms: 2_000_000,
-                buckets: [1, 0, 0, 1, 0, 1],
+                buckets: [1, 0, 0, 0, 1, 0, 1],
                 ..RemoteIdle::default()
             }
         );
@@ -662,7 +664,7 @@ mod tests {
                 close_wait: 1,
                 idle_over_horizon: 1,
                 oldest_idle_ms: 95_000,
-                buckets: [0, 0, 0, 1, 0, 0],
+                buckets: [0, 0, 0, 0, 1, 0, 0],
                 ..RemoteIdle::default()
             }
         );
@@ -715,11 +717,13 @@ mod tests {
         ];
         let rows = idle_by_remote(&socks, 90_000, 10);
         assert_eq!(rows[0].established, 4);
-        assert_eq!(rows[0].unanswered, [1, 0, 1, 0, 1, 0]);
+        assert_eq!(rows[0].unanswered, [1, 0, 1, 0, 0, 1, 0]);
         assert_eq!(rows[0].oldest_unanswered_ms, 400_000);
         assert_eq!(rows[0].unanswered_for(30_000), 2);
         // A threshold between two bounds rounds up to the next bound.
         assert_eq!(rows[0].unanswered_for(45_000), 1);
+        // The slow answer at 45 s is not yet past a minute.
+        assert_eq!(rows[0].unanswered_for(60_000), 1);
         assert_eq!(rows[0].unanswered_for(0), 3);
     }
 
@@ -772,7 +776,7 @@ mod tests {
             (6, 6, 1)
         );
         assert_eq!(other.oldest_idle_ms, 100_002);
-        assert_eq!(other.buckets, [0, 0, 0, 6, 0, 0]);
+        assert_eq!(other.buckets, [0, 0, 0, 0, 6, 0, 0]);
         let total: u64 = rows.iter().map(|r| r.established).sum();
         assert_eq!(total, 15);
 
