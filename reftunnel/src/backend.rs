@@ -7,8 +7,10 @@
 //! closes them, so an agent's sockets to the backend pile up ESTABLISHED only if the backend,
 //! like Go's, keeps them.
 //!
-//! Paths: `/` (short text), `/bytes/<n>` (n bytes, at most 1 GiB), `/slow/<ms>` (answers after
-//! the delay, at most 10 min), `/healthz`.
+//! Paths: `/` (short text), `/bytes/<n>` (n bytes, at most 1 GiB), `/slow/<ms>` (sends nothing,
+//! not even the head, until the delay ends, at most 10 min), `/watch/<secs>` (a Kubernetes watch:
+//! the head at once, chunked, then one event line every `secs` seconds until the caller leaves),
+//! `/healthz`.
 
 use std::time::Duration;
 
@@ -21,15 +23,39 @@ use crate::{http, say, tasks};
 
 pub const MAX_BYTES: u64 = 1 << 30;
 pub const MAX_SLOW_MS: u64 = 600_000;
+pub const MAX_WATCH_PERIOD_S: u64 = 3600;
 /// Request bodies are read and discarded; more than this ends the connection.
 const MAX_REQUEST_BODY: u64 = 1 << 20;
 const GREETING: &[u8] = b"hello from reftunnel backend\n";
 
-pub async fn run(listen: &str) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    say!("backend listening on {}", listener.local_addr()?);
+/// Serves on `count` listeners: `listen` itself, or with `count` above 1, `count` ports of its
+/// host picked by the kernel (the port must be 0), each printed as `backend listening on <ADDR>`.
+pub async fn run(listen: &str, count: u64) -> anyhow::Result<()> {
+    if count == 0 {
+        anyhow::bail!("--count must be at least 1");
+    }
+    if count > 1 && !listen.ends_with(":0") {
+        anyhow::bail!(
+            "--count {count} needs port 0 in --listen (got {listen}): the ports are picked by the kernel"
+        );
+    }
+    let mut listeners = Vec::new();
+    for _ in 0..count {
+        let l = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        say!("backend listening on {}", l.local_addr()?);
+        listeners.push(l);
+    }
+    let mut all = tokio::task::JoinSet::new();
+    for l in listeners {
+        all.spawn(accept_loop(l));
+    }
+    while all.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((sock, _)) => {
@@ -112,6 +138,13 @@ async fn serve_one(
             }
             _ => (400, b"bad delay\n"),
         }
+    } else if let Some(secs) = path.strip_prefix("/watch/") {
+        match secs.parse::<u64>() {
+            Ok(s) if (1..=MAX_WATCH_PERIOD_S).contains(&s) => {
+                return watch(sock, Duration::from_secs(s), keep, head_only).await;
+            }
+            _ => (400, b"bad watch period\n"),
+        }
     } else if path == "/" || path == "/healthz" {
         (200, GREETING)
     } else {
@@ -132,6 +165,38 @@ async fn serve_one(
         http::respond_maybe_keep(sock, keep, status, "text/plain", body).await?;
     }
     Ok(true)
+}
+
+/// A Kubernetes watch as the apiserver answers one: the head at once (chunked, no length), then an
+/// event every `period` until writing fails because the caller went away. Ends the connection
+/// only then, so `Ok(false)`.
+async fn watch(
+    sock: &mut TcpStream,
+    period: Duration,
+    keep: bool,
+    head_only: bool,
+) -> std::io::Result<bool> {
+    let mut head = String::from(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
+    );
+    if !keep {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    sock.write_all(head.as_bytes()).await?;
+    sock.flush().await?;
+    if head_only {
+        return Ok(true);
+    }
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    for n in 1u64.. {
+        tick.tick().await;
+        let line = format!("{{\"type\":\"BOOKMARK\",\"n\":{n}}}\n");
+        let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+        sock.write_all(chunk.as_bytes()).await?;
+        sock.flush().await?;
+    }
+    Ok(false)
 }
 
 /// Reads and drops `n` body bytes, first from what was read past the head.

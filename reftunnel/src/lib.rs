@@ -6,6 +6,7 @@ pub mod out;
 
 pub mod agent;
 pub mod backend;
+pub mod controllers;
 pub mod frame;
 pub mod http;
 pub mod idle_clients;
@@ -20,3 +21,4 @@ pub mod session;
 pub mod session_manager;
 pub mod tasks;
 pub mod transport;
+pub mod watches;

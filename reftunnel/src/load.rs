@@ -34,6 +34,62 @@ pub struct LoadConfig {
     /// Spread the requests over this many clientkeys: request `i` goes to `/proxy/<id>-<i mod K>/...`
     /// instead of `/proxy/<id>/...` (the agents of `reftunnel agent --count K`). 0 or 1: the URL as is.
     pub clientkeys: u64,
+    /// Spread the requests over these backends too (`/proxy/<id>/@<addr>/...`, see [`Spread`]).
+    pub addrs: Vec<String>,
+}
+
+/// How request `i` of a run is spread over clientkeys and backend addrs: clientkey `i mod K`, addr
+/// `(i div K) mod A`, so that every (clientkey, addr) pair gets a request within K x A requests and
+/// the server's ledger a row for each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spread {
+    /// `/proxy/<id>`
+    head: String,
+    /// The path after the clientid, from its `/`.
+    tail: String,
+    clientkeys: u64,
+    addrs: Vec<String>,
+}
+
+impl Spread {
+    /// `None` when nothing is spread (the URL's path is used as is).
+    pub fn new(path: &str, clientkeys: u64, addrs: &[String]) -> anyhow::Result<Option<Self>> {
+        if clientkeys <= 1 && addrs.is_empty() {
+            return Ok(None);
+        }
+        for a in addrs {
+            if !a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            {
+                bail!("bad --addrs entry {a:?}: expected host:port");
+            }
+        }
+        let (head, tail) = split_proxy_path(path)?;
+        if tail.starts_with("/@") && !addrs.is_empty() {
+            bail!("the URL already names a backend (/@...): drop it or --addrs");
+        }
+        Ok(Some(Self {
+            head,
+            tail,
+            clientkeys: clientkeys.max(1),
+            addrs: addrs.to_vec(),
+        }))
+    }
+
+    pub fn path(&self, i: u64) -> String {
+        let mut p = self.head.clone();
+        if self.clientkeys > 1 {
+            p.push_str(&format!("-{}", i % self.clientkeys));
+        }
+        if !self.addrs.is_empty() {
+            let a = (i / self.clientkeys) % self.addrs.len() as u64;
+            p.push_str("/@");
+            p.push_str(&self.addrs[a as usize]);
+        }
+        p.push_str(&self.tail);
+        p
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,8 +216,7 @@ struct KeepConn {
 
 struct Shared {
     target: Target,
-    /// With `clientkeys`: the path before and after the clientkey, and how many there are.
-    spread: Option<(String, String, u64)>,
+    spread: Option<Spread>,
     timeout: Duration,
     idle: Option<Idle>,
     connections: AtomicU64,
@@ -172,8 +227,8 @@ impl Shared {
     fn target_for(&self, i: u64) -> std::borrow::Cow<'_, Target> {
         match &self.spread {
             None => std::borrow::Cow::Borrowed(&self.target),
-            Some((head, tail, k)) => std::borrow::Cow::Owned(Target {
-                path: format!("{head}-{}{tail}", i % k),
+            Some(s) => std::borrow::Cow::Owned(Target {
+                path: s.path(i),
                 ..self.target.clone()
             }),
         }
@@ -184,7 +239,7 @@ impl Shared {
 fn split_proxy_path(path: &str) -> anyhow::Result<(String, String)> {
     let rest = path
         .strip_prefix("/proxy/")
-        .context("--clientkeys needs a /proxy/<id>/ URL")?;
+        .context("--clientkeys and --addrs need a /proxy/<id>/ URL")?;
     let (id, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     Ok((format!("/proxy/{id}"), tail.to_owned()))
 }
@@ -386,12 +441,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
         bail!("--rate must be a non-negative number");
     }
     let target = parse_target(&cfg.url).await?;
-    let spread = if cfg.clientkeys > 1 {
-        let (head, tail) = split_proxy_path(&target.path)?;
-        Some((head, tail, cfg.clientkeys))
-    } else {
-        None
-    };
+    let spread = Spread::new(&target.path, cfg.clientkeys, &cfg.addrs)?;
     let shared = Arc::new(Shared {
         target,
         spread,
@@ -487,6 +537,25 @@ mod tests {
         assert!(parse_target("http://user@127.0.0.1/").await.is_err());
         let t = parse_target("http://[::1]:9/").await.expect("v6 ok");
         assert!(t.addr.ip().is_loopback());
+    }
+
+    #[test]
+    fn requests_cover_every_clientkey_and_addr() {
+        let addrs: Vec<String> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            .map(String::from)
+            .to_vec();
+        let s = Spread::new("/proxy/c/x?y=1", 2, &addrs).unwrap().unwrap();
+        assert_eq!(s.path(0), "/proxy/c-0/@127.0.0.1:1/x?y=1");
+        assert_eq!(s.path(1), "/proxy/c-1/@127.0.0.1:1/x?y=1");
+        assert_eq!(s.path(2), "/proxy/c-0/@127.0.0.1:2/x?y=1");
+        let pairs: std::collections::BTreeSet<String> = (0..6).map(|i| s.path(i)).collect();
+        assert_eq!(pairs.len(), 6, "{pairs:?}");
+        let only_addrs = Spread::new("/proxy/c/", 0, &addrs).unwrap().unwrap();
+        assert_eq!(only_addrs.path(4), "/proxy/c/@127.0.0.1:2/");
+        assert_eq!(Spread::new("/proxy/c/", 1, &[]).unwrap(), None);
+        assert!(Spread::new("/x", 2, &[]).is_err());
+        assert!(Spread::new("/proxy/c/", 0, &["nope".into()]).is_err());
+        assert!(Spread::new("/proxy/c/@127.0.0.1:1/", 0, &addrs).is_err());
     }
 
     #[test]

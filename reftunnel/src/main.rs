@@ -3,9 +3,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use reftunnel::controllers::{ControllersConfig, Rate};
 use reftunnel::leak::{AgentLeak, LeakMode, ServerLeak};
-use reftunnel::transport::ProxyTransport;
-use reftunnel::{agent, backend, idle_clients, load, server};
+use reftunnel::transport::{ProxyTransport, TransportOverride};
+use reftunnel::{agent, backend, idle_clients, load, server, watches};
 
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
@@ -29,15 +30,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Small HTTP backend: `/` (short text), `/bytes/<n>`, `/slow/<ms>`, `/healthz`; HTTP/1.1
-    /// keep-alive with no idle timeout (as a Go http.Server), `Connection: close` honoured.
+    /// Small HTTP backend: `/` (short text), `/bytes/<n>`, `/slow/<ms>` (sends nothing at all,
+    /// not even the head, until the delay ends), `/watch/<secs>` (a Kubernetes watch: status 200
+    /// and the head at once, chunked, then one JSON event line every <secs> seconds, open until
+    /// the caller leaves), `/healthz`; HTTP/1.1 keep-alive with no idle timeout (as a Go
+    /// http.Server), `Connection: close` honoured.
     Backend {
         /// Address to listen on (port 0 picks one; the chosen address is printed).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Listen on this many ports of --listen's host (its port must be 0), printing
+        /// `backend listening on <ADDR>` for each: the several targets (addrs) of one cluster,
+        /// which requests pick with `/proxy/<clientid>/@<host:port>/...`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        count: u64,
     },
     /// Tunnel server: agents connect on `/connect`; `GET /proxy/<clientid>/<path>` goes through
-    /// that agent to `--backend`; `/metrics` and `/debug/tasks` on the same listener.
+    /// that agent to `--backend`, and `GET /proxy/<clientid>/@<host:port>/<path>` to that
+    /// host:port instead (the agent decides whether it may dial it: loopback unless --allow);
+    /// `/metrics` and `/debug/tasks` on the same listener.
     Server {
         /// Address to listen on (port 0 picks one; the chosen address is printed).
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -58,12 +69,19 @@ enum Cmd {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         leak_every: u64,
         /// How `/proxy/` reaches the backend: `pipe` (a byte pipe per caller socket), `shared[=90s]`
-        /// (one keep-alive pool per clientkey, idle connections closed after the duration),
+        /// (one keep-alive pool per clientkey and backend addr, idle connections closed after the
+        /// duration; `shared=never` or `shared=0s`: never closed, as Go's `&http.Transport{}`),
         /// `per-request` (a new pool per request, never closed, no idle timeout: the Rancher
         /// v2.10.3 leak) or `per-request-idle[=90s]` (a new pool per request whose idle
         /// connections close after the duration: the v2.10.5 fix).
         #[arg(long, default_value = "pipe", value_parser = parse_transport)]
         proxy_transport: ProxyTransport,
+        /// Serve one clientkey with another transport than --proxy-transport, as
+        /// `<clientkey>=<transport>` (exact clientkey, same transport values), e.g.
+        /// `--proxy-transport per-request-idle=90s --proxy-transport-for c-bug=per-request`: one
+        /// server with the fix for every cluster but one. Repeatable, one per clientkey.
+        #[arg(long, alias = "transport-for", value_parser = parse_override)]
+        proxy_transport_for: Vec<TransportOverride>,
         /// Keep callers' connections open between requests (HTTP keep-alive). Default: on with
         /// the pooled transports, off with `pipe` (one request per caller socket, as before).
         #[arg(long, value_parser = parse_boolish, num_args = 0..=1, default_missing_value = "true")]
@@ -89,6 +107,24 @@ enum Cmd {
         /// 500, about 70 bytes a line), as a big Rancher's /metrics has: for measuring scrapers.
         #[arg(long, default_value_t = 0)]
         extra_series: usize,
+        /// Start this many long-lived tasks after start-up, as Rancher's controllers: each parks
+        /// forever (waking on a 5-minute resync), counts in go_goroutines and shows in
+        /// /debug/tasks as `server.controller` with a workqueue stack (not a connection's).
+        /// Prints `startup tasks: <N> started` when the last one is up.
+        #[arg(long, default_value_t = 0)]
+        startup_tasks: u64,
+        /// Spread --startup-tasks evenly over this long from start (0s: all at once).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        startup_over: Duration,
+        /// A goroutine leak that begins this long after start: from then on, --task-leak-rate
+        /// tasks that never end (`server.leaked_worker`, a stack of its own, not a connection's),
+        /// forever. Prints `task leak started: ...` when it begins. Needs --task-leak-rate.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "task_leak_rate")]
+        task_leak_after: Option<Duration>,
+        /// How fast the leak of --task-leak-after grows: `<n>/s`, `<n>/m`, `<n>/h` or `<n>` per
+        /// second, e.g. `2/s`.
+        #[arg(long, value_parser = parse_rate, requires = "task_leak_after")]
+        task_leak_rate: Option<Rate>,
     },
     /// Tunnel agent: connects to the server, dials targets for it, reconnects on loss.
     Agent {
@@ -167,6 +203,40 @@ enum Cmd {
         /// agents of `agent --count K`), so that the ledger gets a row per clientkey.
         #[arg(long, default_value_t = 0)]
         clientkeys: u64,
+        /// Spread the requests over these backend addrs (comma-separated host:port, as `backend
+        /// --count` prints them): request i goes to /proxy/<id>/@<addr (i div K) mod A>/..., with
+        /// K = --clientkeys, so that every (clientkey, addr) pair gets requests and the ledger a
+        /// row each.
+        #[arg(long, value_delimiter = ',')]
+        addrs: Vec<String>,
+    },
+    /// Holds --count watches (long GETs answered chunked without end, such as the backend's
+    /// `/watch/<secs>`) through the tunnel for --hold, reading their lines, as kubectl and the UI
+    /// do; prints `watches established <N>` once every watch has its response head, then a
+    /// summary when the callers leave together. Exits non-zero if a watch fails to open or ends
+    /// early. Loopback only.
+    Watches {
+        /// Watch URL, e.g. http://127.0.0.1:8123/proxy/downstream-1/watch/5.
+        #[arg(long)]
+        url: String,
+        /// Number of watches held at once.
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// How long to hold them.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// How long a watch may take to get its response head.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Spread the watches over clientkeys as `load --clientkeys` does.
+        #[arg(long, default_value_t = 0)]
+        clientkeys: u64,
+        /// Spread the watches over backend addrs as `load --addrs` does.
+        #[arg(long, value_delimiter = ',')]
+        addrs: Vec<String>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Background noise: holds --count keep-alive connections to a server open, sending a
     /// request on each every --period, until SIGTERM/SIGINT; loopback only. Prints
@@ -190,6 +260,16 @@ enum Cmd {
 fn parse_transport(s: &str) -> Result<ProxyTransport, String> {
     s.parse()
         .map_err(|e: reftunnel::transport::ParseTransportError| e.to_string())
+}
+
+fn parse_override(s: &str) -> Result<TransportOverride, String> {
+    s.parse()
+        .map_err(|e: reftunnel::transport::ParseTransportError| e.to_string())
+}
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    s.parse()
+        .map_err(|e: reftunnel::controllers::RateError| e.to_string())
 }
 
 fn parse_peer(s: &str) -> Result<reftunnel::peer::PeerSpec, String> {
@@ -236,7 +316,7 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Backend { listen } => backend::run(&listen).await?,
+        Cmd::Backend { listen, count } => backend::run(&listen, count).await?,
         Cmd::Server {
             listen,
             token,
@@ -245,12 +325,17 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             leak,
             leak_every,
             proxy_transport,
+            proxy_transport_for,
             caller_keep_alive,
             peer_id,
             peer_token,
             peers,
             peer_reconnect_delay,
             extra_series,
+            startup_tasks,
+            startup_over,
+            task_leak_after,
+            task_leak_rate,
         } => {
             if let Some(l @ (ServerLeak::StuckPipe | ServerLeak::HoldAbandoned)) = leak {
                 if proxy_transport.pooled() {
@@ -260,6 +345,24 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            let mut seen = std::collections::HashSet::new();
+            for o in &proxy_transport_for {
+                if !seen.insert(o.clientkey.as_str()) {
+                    anyhow::bail!(
+                        "--proxy-transport-for names clientkey {:?} twice",
+                        o.clientkey
+                    );
+                }
+            }
+            let any_pooled = proxy_transport.pooled()
+                || proxy_transport_for.iter().any(|o| o.transport.pooled());
+            let controllers = ControllersConfig {
+                startup_tasks,
+                startup_over,
+                leak_after: task_leak_after,
+                leak_rate: task_leak_rate,
+            };
+            controllers.validate()?;
             server::run(server::ServerConfig {
                 listen,
                 token,
@@ -268,12 +371,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 leak: leak.map(Into::into),
                 leak_every,
                 transport: proxy_transport,
-                caller_keep_alive: caller_keep_alive.unwrap_or(proxy_transport.pooled()),
+                transport_for: proxy_transport_for,
+                caller_keep_alive: caller_keep_alive.unwrap_or(any_pooled),
                 peer_id,
                 peer_token,
                 peers,
                 peer_reconnect_delay,
                 extra_series,
+                controllers,
             })
             .await?
         }
@@ -320,9 +425,11 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             json,
             keep_alive,
             clientkeys,
+            addrs,
         } => {
             let summary = load::run(load::LoadConfig {
                 clientkeys,
+                addrs,
                 url,
                 requests,
                 rate,
@@ -341,6 +448,43 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 eprintln!(
                     "reftunnel load: error ratio {:.4} above --max-error-ratio {max_error_ratio}",
                     summary.error_ratio()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Watches {
+            url,
+            count,
+            hold,
+            timeout,
+            clientkeys,
+            addrs,
+            json,
+        } => {
+            let summary = watches::run(watches::WatchesConfig {
+                url,
+                count,
+                hold,
+                timeout,
+                clientkeys,
+                addrs,
+            })
+            .await?;
+            if json {
+                reftunnel::say!("{}", serde_json::to_string(&summary)?);
+            } else {
+                reftunnel::say!(
+                    "watches done: {} held for {:.1}s, {} lines, {} ended early",
+                    summary.count,
+                    summary.held_s,
+                    summary.lines,
+                    summary.ended_early
+                );
+            }
+            if summary.ended_early > 0 {
+                eprintln!(
+                    "reftunnel watches: {} of {} watches ended before --hold was over",
+                    summary.ended_early, summary.count
                 );
                 return Ok(ExitCode::FAILURE);
             }

@@ -24,8 +24,10 @@ use crate::peer::{PeerSpec, Peers};
 use crate::pipe::{self, PipeEnd};
 use crate::session::{CloseReason, Origin, Session, ws_config};
 use crate::session_manager::{Route, SessionManager};
-use crate::transport::{ProxyRequest, ProxyTransport, Transport, TransportError};
-use crate::{say, tasks};
+use crate::transport::{
+    ProxyRequest, ProxyTransport, Transport, TransportError, TransportOverride,
+};
+use crate::{controllers, say, tasks};
 
 /// remotedialer's header names (peer.go).
 pub const TOKEN_HEADER: &str = "X-API-Tunnel-Token";
@@ -39,6 +41,8 @@ pub struct ServerConfig {
     pub leak: Option<LeakMode>,
     pub leak_every: u64,
     pub transport: ProxyTransport,
+    /// Clientkeys served by another transport than `transport` (exact match).
+    pub transport_for: Vec<TransportOverride>,
     /// Serve further requests on a caller's connection (HTTP keep-alive) for every path but the
     /// piped proxy. Off keeps the one-request-per-socket behaviour of the `pipe` transport.
     pub caller_keep_alive: bool,
@@ -53,6 +57,8 @@ pub struct ServerConfig {
     pub peer_reconnect_delay: std::time::Duration,
     /// Unrelated series exported beside the tunnel's (see [`MetricsHub::with_extra_series`]).
     pub extra_series: usize,
+    /// Long-lived tasks that are not connections: a start-up ramp and a leak that begins later.
+    pub controllers: controllers::ControllersConfig,
 }
 
 struct State {
@@ -63,23 +69,86 @@ struct State {
     sessions: Arc<SessionManager>,
     peers: Peers,
     transport: ProxyTransport,
+    overrides: HashMap<String, ProxyTransport>,
     caller_keep_alive: bool,
-    /// The `shared` transport's pools, one per clientkey.
-    shared: Mutex<HashMap<String, Transport>>,
+    /// The `shared` transport's pools, one per clientkey and backend address.
+    shared: Mutex<HashMap<(String, String), Transport>>,
+}
+
+/// What `/proxy/<clientid>/[@<host:port>/]<rest>` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyPath {
+    pub client: String,
+    /// The backend the agent dials; `None`: the server's `--backend`.
+    pub addr: Option<String>,
+    /// The path sent to the backend, with its query.
+    pub path: String,
+}
+
+/// Parses the part of a request path after `/proxy/`. The optional `@<host:port>` segment picks the
+/// backend, so that one clientkey has ledger rows for several addrs, as a cluster's agent dials
+/// the kube-apiserver, its steve and pods.
+pub fn parse_proxy_path(tail: &str) -> Result<ProxyPath, String> {
+    let (client, rest) = match tail.split_once('/') {
+        Some((c, r)) => (c, Some(r)),
+        None => (tail, None),
+    };
+    if client.is_empty() {
+        return Err("no clientid in /proxy/<clientid>/...".into());
+    }
+    let (addr, path) = match rest {
+        Some(r) if r.starts_with('@') => {
+            let (a, p) = r[1..].split_once('/').unwrap_or((&r[1..], ""));
+            if !valid_host_port(a) {
+                return Err(format!(
+                    "bad backend {a:?} in /proxy/<clientid>/@<host:port>/...: expected host:port"
+                ));
+            }
+            (Some(a.to_owned()), format!("/{p}"))
+        }
+        Some(r) => (None, format!("/{r}")),
+        None => (None, "/".to_owned()),
+    };
+    Ok(ProxyPath {
+        client: client.to_owned(),
+        addr,
+        path,
+    })
+}
+
+fn valid_host_port(a: &str) -> bool {
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner.strip_suffix(']').is_some_and(|h| !h.is_empty())
+    } else {
+        !host.is_empty() && !host.contains([':', '?', '#', '@'])
+    };
+    host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
 }
 
 impl State {
-    /// The transport for one request: the clientkey's shared pool, or a new pool for this
-    /// request only (which its connections keep alive after the request, see transport.rs).
-    fn transport_for(self: &Arc<Self>, client: &str) -> Transport {
-        let new = |idle| Transport::new(self.dialer(client), idle);
-        match self.transport {
+    /// How `client`'s requests reach the backend: its `--proxy-transport-for`, else the default.
+    fn transport_kind(&self, client: &str) -> ProxyTransport {
+        self.overrides
+            .get(client)
+            .copied()
+            .unwrap_or(self.transport)
+    }
+
+    /// The transport for one request: the clientkey's shared pool for that backend, or a new pool
+    /// for this request only (which its connections keep alive after the request, see
+    /// transport.rs).
+    fn transport_for(self: &Arc<Self>, client: &str, addr: &str) -> Transport {
+        let new = |idle| Transport::new(self.dialer(client, addr), idle);
+        match self.transport_kind(client) {
             ProxyTransport::Shared { idle_timeout } => self
                 .shared
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .entry(client.to_owned())
-                .or_insert_with(|| new(Some(idle_timeout)))
+                .entry((client.to_owned(), addr.to_owned()))
+                .or_insert_with(|| new(idle_timeout))
                 .clone(),
             ProxyTransport::PerRequestIdle { idle_timeout } => new(Some(idle_timeout)),
             ProxyTransport::PerRequest | ProxyTransport::Pipe => new(None),
@@ -88,12 +157,14 @@ impl State {
 
     /// Dials through whichever session of `client` is current at dial time, so a pool outlives
     /// an agent's reconnect.
-    fn dialer(self: &Arc<Self>, client: &str) -> crate::transport::Dialer {
+    fn dialer(self: &Arc<Self>, client: &str, addr: &str) -> crate::transport::Dialer {
         let state = Arc::downgrade(self);
         let client = client.to_owned();
+        let addr = addr.to_owned();
         Arc::new(move || {
             let state = state.clone();
             let client = client.clone();
+            let addr = addr.clone();
             Box::pin(async move {
                 let state = state
                     .upgrade()
@@ -101,7 +172,7 @@ impl State {
                 state
                     .route(&client)
                     .ok_or(TransportError::NoSession(client))?
-                    .dial("tcp", &state.backend)
+                    .dial("tcp", &addr)
                     .await
                     .map_err(|e| TransportError::Dial(e.to_string()))
             })
@@ -154,10 +225,16 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         sessions,
         peers,
         transport: cfg.transport,
+        overrides: cfg
+            .transport_for
+            .into_iter()
+            .map(|o| (o.clientkey, o.transport))
+            .collect(),
         caller_keep_alive: cfg.caller_keep_alive,
         shared: Mutex::new(HashMap::new()),
     });
     say!("server listening on {addr}");
+    controllers::start(cfg.controllers);
     for p in cfg.peers {
         state.peers.add(p);
     }
@@ -195,7 +272,8 @@ async fn handle(state: Arc<State>, mut sock: TcpStream, peer: SocketAddr) {
         let r = match path.as_str() {
             "/connect" => return accept_agent(state, sock, req, buf).await,
             p if p.starts_with("/proxy/") => {
-                if !state.transport.pooled() {
+                let client = p["/proxy/".len()..].split('/').next().unwrap_or("");
+                if !state.transport_kind(client).pooled() {
                     return proxy(state, sock, req, buf).await;
                 }
                 match proxy_pooled(&state, &mut sock, &mut buf, &req, keep).await {
@@ -370,16 +448,22 @@ async fn accept_agent(state: Arc<State>, mut sock: TcpStream, req: Request, rest
 /// byte for byte after the request line is rewritten to `/<rest>`.
 async fn proxy(state: Arc<State>, mut sock: TcpStream, req: Request, rest: BytesMut) {
     let tail = req.path.strip_prefix("/proxy/").unwrap_or("");
-    let (client, path) = match tail.split_once('/') {
-        Some((c, p)) => (c, format!("/{p}")),
-        None => (tail, "/".to_owned()),
+    let target = match parse_proxy_path(tail) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = http::respond(&mut sock, 400, "text/plain", format!("{e}\n").as_bytes()).await;
+            return;
+        }
     };
+    let client = target.client.as_str();
+    let path = target.path;
+    let addr = target.addr.as_deref().unwrap_or(&state.backend);
     let Some(route) = state.route(client) else {
         let msg = format!("failed to find Session for client {client}\n");
         let _ = http::respond(&mut sock, 503, "text/plain", msg.as_bytes()).await;
         return;
     };
-    let conn = match route.dial("tcp", &state.backend).await {
+    let conn = match route.dial("tcp", addr).await {
         Ok(c) => c,
         Err(e) => {
             let _ = http::respond(&mut sock, 502, "text/plain", e.to_string().as_bytes()).await;
@@ -464,10 +548,16 @@ async fn proxy_pooled(
     keep: bool,
 ) -> std::io::Result<bool> {
     let tail = req.path.strip_prefix("/proxy/").unwrap_or("");
-    let (client, path) = match tail.split_once('/') {
-        Some((c, p)) => (c.to_owned(), format!("/{p}")),
-        None => (tail.to_owned(), "/".to_owned()),
+    let target = match parse_proxy_path(tail) {
+        Ok(t) => t,
+        Err(e) => {
+            http::respond(sock, 400, "text/plain", format!("{e}\n").as_bytes()).await?;
+            return Ok(false);
+        }
     };
+    let client = target.client;
+    let path = target.path;
+    let addr = target.addr.unwrap_or_else(|| state.backend.clone());
     let body = match read_body(sock, buf, req).await {
         Ok(b) => b,
         Err((status, msg)) => {
@@ -499,7 +589,7 @@ async fn proxy_pooled(
         }
     }
     if !headers.contains_key(::http::header::HOST) {
-        if let Ok(v) = ::http::HeaderValue::from_str(&state.backend) {
+        if let Ok(v) = ::http::HeaderValue::from_str(&addr) {
             headers.insert(::http::header::HOST, v);
         }
     }
@@ -509,7 +599,7 @@ async fn proxy_pooled(
         headers,
         body,
     };
-    let transport = state.transport_for(&client);
+    let transport = state.transport_for(&client, &addr);
     let (resp, checkout) = match transport.round_trip(&preq).await {
         Ok(x) => x,
         Err(e) => {
@@ -630,4 +720,51 @@ async fn relay_response(
     }
     sock.flush().await?;
     Ok(keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_paths_name_the_client_and_optionally_the_backend() {
+        let p = |s: &str| parse_proxy_path(s);
+        assert_eq!(
+            p("c-1/v1/pods?watch=1").unwrap(),
+            ProxyPath {
+                client: "c-1".into(),
+                addr: None,
+                path: "/v1/pods?watch=1".into()
+            }
+        );
+        assert_eq!(p("c-1").unwrap().path, "/");
+        assert_eq!(
+            p("c-1/@127.0.0.1:6080/watch/5").unwrap(),
+            ProxyPath {
+                client: "c-1".into(),
+                addr: Some("127.0.0.1:6080".into()),
+                path: "/watch/5".into()
+            }
+        );
+        assert_eq!(p("c-1/@[::1]:80").unwrap().path, "/");
+        assert_eq!(
+            p("c-1/@[::1]:80").unwrap().addr.as_deref(),
+            Some("[::1]:80")
+        );
+        // A literal `@` later in the path is the backend's business.
+        assert_eq!(p("c-1/a/@b").unwrap().addr, None);
+        for bad in [
+            "",
+            "/x",
+            "c/@",
+            "c/@host",
+            "c/@host:",
+            "c/@:80",
+            "c/@h:0",
+            "c/@h:99999",
+        ] {
+            let e = p(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+    }
 }

@@ -50,8 +50,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ProxyTransport {
     /// One caller socket = one tunneled connection, piped byte for byte.
     Pipe,
-    /// One pool per clientkey whose idle connections close after `idle_timeout`.
-    Shared { idle_timeout: Duration },
+    /// One pool per clientkey and backend address (Go pools per host) whose idle connections
+    /// close after `idle_timeout`, or never with `None`: Go's zero `&http.Transport{}`, whose
+    /// `IdleConnTimeout` of 0 means no limit.
+    Shared { idle_timeout: Option<Duration> },
     /// A new pool per request, never closed, no idle timeout: Rancher v2.10.3.
     PerRequest,
     /// A new pool per request whose idle connections close after `idle_timeout`: v2.10.5.
@@ -61,13 +63,17 @@ pub enum ProxyTransport {
 #[derive(Debug, thiserror::Error)]
 pub enum ParseTransportError {
     #[error(
-        "unknown transport {0:?}: expected pipe, shared[=<dur>], per-request or per-request-idle[=<dur>]"
+        "unknown transport {0:?}: expected pipe, shared[=<dur>|never], per-request or per-request-idle[=<dur>]"
     )]
     Unknown(String),
     #[error("bad duration in {0:?}: {1}")]
     Duration(String, humantime::DurationError),
     #[error("{0:?}: the idle timeout must be above zero (use per-request for no timeout)")]
     Zero(String),
+    #[error(
+        "bad --proxy-transport-for {0:?}: expected <clientkey>=<transport>, e.g. c-bug=per-request"
+    )]
+    Override(String),
 }
 
 impl FromStr for ProxyTransport {
@@ -92,8 +98,12 @@ impl FromStr for ProxyTransport {
         match (name.trim(), dur) {
             ("pipe", None) => Ok(Self::Pipe),
             ("per-request", None) => Ok(Self::PerRequest),
+            // Go's zero IdleConnTimeout means "no limit"; `never` says so without the zero.
+            ("shared", Some(d)) if matches!(d.trim(), "never" | "0" | "0s") => {
+                Ok(Self::Shared { idle_timeout: None })
+            }
             ("shared", _) => Ok(Self::Shared {
-                idle_timeout: idle()?,
+                idle_timeout: Some(idle()?),
             }),
             ("per-request-idle", _) => Ok(Self::PerRequestIdle {
                 idle_timeout: idle()?,
@@ -108,9 +118,10 @@ impl std::fmt::Display for ProxyTransport {
         match self {
             Self::Pipe => write!(f, "pipe"),
             Self::PerRequest => write!(f, "per-request"),
-            Self::Shared { idle_timeout } => {
-                write!(f, "shared={}", humantime::format_duration(*idle_timeout))
-            }
+            Self::Shared {
+                idle_timeout: Some(t),
+            } => write!(f, "shared={}", humantime::format_duration(*t)),
+            Self::Shared { idle_timeout: None } => write!(f, "shared=never"),
             Self::PerRequestIdle { idle_timeout } => {
                 write!(
                     f,
@@ -125,6 +136,34 @@ impl std::fmt::Display for ProxyTransport {
 impl ProxyTransport {
     pub fn pooled(&self) -> bool {
         !matches!(self, Self::Pipe)
+    }
+}
+
+/// `--proxy-transport-for <clientkey>=<transport>`: one clientkey served by another transport than
+/// the server's default, so that one process can serve many clusters with the fix and one with the
+/// bug, as a real Rancher would if one code path alone still built a transport per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportOverride {
+    pub clientkey: String,
+    pub transport: ProxyTransport,
+}
+
+impl FromStr for TransportOverride {
+    type Err = ParseTransportError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // The transport may carry its own `=` (per-request-idle=90s): split at the first one.
+        let Some((key, transport)) = s.split_once('=') else {
+            return Err(ParseTransportError::Override(s.to_owned()));
+        };
+        let key = key.trim();
+        if key.is_empty() || key.contains('/') || transport.trim().is_empty() {
+            return Err(ParseTransportError::Override(s.to_owned()));
+        }
+        Ok(Self {
+            clientkey: key.to_owned(),
+            transport: transport.parse()?,
+        })
     }
 }
 
@@ -534,15 +573,23 @@ mod tests {
         assert_eq!(
             p("shared").unwrap(),
             ProxyTransport::Shared {
-                idle_timeout: GO_IDLE_CONN_TIMEOUT
+                idle_timeout: Some(GO_IDLE_CONN_TIMEOUT)
             }
         );
         assert_eq!(
             p("shared=30s").unwrap(),
             ProxyTransport::Shared {
-                idle_timeout: Duration::from_secs(30)
+                idle_timeout: Some(Duration::from_secs(30))
             }
         );
+        for never in ["shared=never", "shared=0s", "shared=0"] {
+            assert_eq!(
+                p(never).unwrap(),
+                ProxyTransport::Shared { idle_timeout: None },
+                "{never}"
+            );
+        }
+        assert_eq!(p("shared=never").unwrap().to_string(), "shared=never");
         assert_eq!(
             p("per-request-idle").unwrap(),
             ProxyTransport::PerRequestIdle {
@@ -559,9 +606,42 @@ mod tests {
             "per-request=5s",
             "pipe=1s",
             "shared=x",
-            "shared=0s",
+            "per-request-idle=0s",
+            "per-request-idle=never",
         ] {
             assert!(p(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn transport_override_values() {
+        let o = |s: &str| s.parse::<TransportOverride>();
+        assert_eq!(
+            o("c-bug=per-request").unwrap(),
+            TransportOverride {
+                clientkey: "c-bug".into(),
+                transport: ProxyTransport::PerRequest
+            }
+        );
+        assert_eq!(
+            o("c-7=per-request-idle=30s").unwrap().transport,
+            ProxyTransport::PerRequestIdle {
+                idle_timeout: Duration::from_secs(30)
+            }
+        );
+        assert_eq!(
+            o("c=shared=never").unwrap().transport,
+            ProxyTransport::Shared { idle_timeout: None }
+        );
+        for bad in ["", "c-bug", "=per-request", "c-bug=", "a/b=pipe", "c=bogus"] {
+            assert!(o(bad).is_err(), "{bad}");
+        }
+        assert!(
+            o("c-bug")
+                .unwrap_err()
+                .to_string()
+                .contains("<clientkey>=<transport>"),
+            "the error says what is expected"
+        );
     }
 }

@@ -7,6 +7,8 @@ use std::{
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
 
+pub mod scenario;
+pub mod shapes;
 pub mod tunnel;
 
 pub fn script(name: &str) -> PathBuf {
