@@ -58,10 +58,15 @@ const RECONCILED_STATES: [u8; 2] = [
     monitor_ebpf::tcp_state::ESTABLISHED,
     monitor_ebpf::tcp_state::CLOSE_WAIT,
 ];
-/// While eBPF and procfs disagree, or dialed requests wait unanswered, the join (and its sock_diag dump)
+/// While eBPF and procfs disagree, dialed requests wait unanswered or dialed sockets near the idle horizon,
+/// the join (and its sock_diag dump)
 /// runs at least this often, so that a correction (a pre-existing socket closing) and a pile of stalled
 /// requests growing or draining are seen soon.
 const WATCHFUL_SCAN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Dialed sockets idle this long or longer, in a bucket that begins before the idle horizon, are about to
+/// age past it: the join runs every [`WATCHFUL_SCAN_INTERVAL`] while there are any.
+const NEARING_IDLE_MS: u32 = 60_000;
 
 /// Remote addresses listed per snapshot with the idle ages of the sockets dialed to them.
 const DIALED_IDLE_GROUPS: usize = 8;
@@ -205,6 +210,9 @@ impl Collector {
             return None;
         };
         let goroutines = app.goroutines.map(|g| g.max(0.0) as u64);
+        if wanted.new_baseline {
+            profiler.forget_baseline();
+        }
         profiler.ensure_baseline(scraper, goroutines).await;
         let mut reading = GoroutineReading::default();
         if wanted.stacks {
@@ -278,7 +286,18 @@ impl Collector {
                 .iter()
                 .any(|g| g.unanswered_for(crate::sample::IDLE_BUCKET_BOUNDS_MS[0]) > 0)
         });
-        let interval = if disagreeing || waiting {
+        // Sockets about to age past the idle horizon (idle a minute or more, in a bucket that begins
+        // before it): whether they step up once or keep climbing is told by a few readings close together.
+        let nearing = self.last_full_proc.as_ref().is_some_and(|(_, p, _)| {
+            let horizon_ms = (p.dialed_idle_horizon_s * 1000.0) as u32;
+            p.dialed_idle.iter().any(|g| {
+                g.buckets.iter().enumerate().any(|(i, n)| {
+                    let floor = crate::sample::idle_bucket_floor_ms(i);
+                    *n > 0 && floor >= NEARING_IDLE_MS && floor < horizon_ms
+                })
+            })
+        });
+        let interval = if disagreeing || waiting || nearing {
             self.procfs_scan_interval.min(WATCHFUL_SCAN_INTERVAL)
         } else {
             self.procfs_scan_interval

@@ -305,6 +305,9 @@ pub struct EvidenceWanted {
     /// Connection goroutines blocked for this many whole minutes or more (a server's idle verdict was
     /// just raised, or is active and not yet confirmed: ages only grow, so a later look may confirm it).
     pub ages_min_minutes: Option<u64>,
+    /// The target's start-up just ended: the stacks it grew while starting are no growth of a leak, so
+    /// stack growth is measured from a baseline taken now.
+    pub new_baseline: bool,
 }
 
 /// The goroutine stacks that grew since the baseline (aggregated profile), most grown first, or why

@@ -41,6 +41,7 @@ impl GoroutineEvidence {
             stacks: raised(&|v| v.kind == VerdictKind::TaskGrowth),
             ages_min_minutes: (raised(&is_ledger_idle) || unconfirmed)
                 .then(|| (horizon_s / 60.0).ceil().max(0.0) as u64),
+            new_baseline: false,
         }
     }
 
@@ -174,7 +175,8 @@ mod tests {
             want,
             EvidenceWanted {
                 stacks: true,
-                ages_min_minutes: Some(2)
+                ages_min_minutes: Some(2),
+                new_baseline: false,
             }
         );
         let reading = GoroutineReading {
@@ -214,7 +216,8 @@ mod tests {
             again,
             EvidenceWanted {
                 stacks: false,
-                ages_min_minutes: Some(2)
+                ages_min_minutes: Some(2),
+                new_baseline: false,
             }
         );
         assert_eq!(ev.wanted(&[], &[tasks], 105.0), EvidenceWanted::default());

@@ -345,11 +345,23 @@ fn watches_held_through_bursts_are_load_that_has_not_ended() {
 fn a_start_up_of_3000_tasks_is_no_leak_and_a_goroutine_leak_five_minutes_later_is_found() {
     // The sidecar starts with the target: 3,000 controller tasks over 60 s, 100 agents joining in the
     // first 40 s, light traffic through the fix; at 300 s a goroutine leak of 2 tasks/s begins.
-    let mut rows: Vec<Row> = (0..10)
+    let rows: Vec<Row> = (0..10)
         .map(|k| Row::new(&format!("c-{k:02}"), "127.0.0.1:6080", FIX))
         .collect();
-    rows.truncate(10);
     let mut an = Analyzer::new(AnalysisConfig::default());
+    // The sidecar is up first: 20 s of ticks that find no target (no procfs, no metrics).
+    for t in 1..=20 {
+        let nothing = Snapshot {
+            t: f64::from(t) - 20.0,
+            unix: 1.7e9,
+            target: None,
+            kernel: None,
+            proc: None,
+            app: ScrapeOutcome::NotConfigured,
+            goroutines: None,
+        };
+        assert!(an.observe(&nothing).is_empty());
+    }
     let mut fleet = Fleet {
         rows,
         other_tasks: 20.0,

@@ -96,6 +96,8 @@ pub struct Analyzer {
     target: Option<TargetId>,
     derived: Derived,
     evidence: evidence::GoroutineEvidence,
+    /// The target's start-up ended with the last snapshot.
+    start_up_ended: bool,
 }
 
 impl Analyzer {
@@ -108,6 +110,7 @@ impl Analyzer {
             target: None,
             derived: Derived::default(),
             evidence: evidence::GoroutineEvidence::default(),
+            start_up_ended: false,
         }
     }
 
@@ -150,7 +153,9 @@ impl Analyzer {
                 None => self.target = Some(id.clone()),
             }
         }
+        let was_starting = self.signals.starting;
         self.signals.update(snap, &self.cfg, self.horizon());
+        self.start_up_ended = was_starting && !self.signals.starting;
         let silent: BTreeMap<Scope, String> = Scope::ALL
             .iter()
             .filter_map(|&scope| Some((scope, self.silent(scope, t)?)))
@@ -277,11 +282,14 @@ impl Analyzer {
 
     /// What the goroutine profiles should be asked after a tick that made `changes`.
     pub fn evidence_wanted(&self, changes: &[VerdictChange]) -> crate::sample::EvidenceWanted {
-        self.evidence.wanted(
-            changes,
-            &self.conditions.active(),
-            self.cfg.idle_horizon_s(),
-        )
+        crate::sample::EvidenceWanted {
+            new_baseline: self.start_up_ended,
+            ..self.evidence.wanted(
+                changes,
+                &self.conditions.active(),
+                self.cfg.idle_horizon_s(),
+            )
+        }
     }
 
     /// Takes this tick's goroutine reading and puts it into the verdicts `changes` raised.

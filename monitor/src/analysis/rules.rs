@@ -600,12 +600,16 @@ pub fn heap_growth(s: &Signals, cfg: &AnalysisConfig, t: f64, correlated: bool) 
         .median_between(t - cfg.window_s, t - cfg.window_s + 5.0)
         .unwrap_or(0.0);
     let slope = s.heap.slope_since(t - cfg.window_s)?;
-    if slope <= 0.0
-        || growth
-            < cfg
-                .heap_min_growth_bytes
-                .max(cfg.heap_min_growth_ratio * first)
-    {
+    // What a leak holds raises the heap's floor; a burst of requests only lifts it for a while. The
+    // lowest heap of the window's last third against that of its first third tells them apart.
+    let third = cfg.window_s / 3.0;
+    let start = t - cfg.window_s;
+    let floor_growth =
+        s.heap.min_between(t - third, t)? - s.heap.min_between(start, start + third)?;
+    let min_growth = cfg
+        .heap_min_growth_bytes
+        .max(cfg.heap_min_growth_ratio * first);
+    if slope <= 0.0 || growth < min_growth || floor_growth < min_growth {
         return None;
     }
     Some(finding(

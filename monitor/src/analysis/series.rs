@@ -79,6 +79,15 @@ impl Series {
         i.checked_sub(1).map(|i| self.points[i].1)
     }
 
+    /// The lowest value in [from, to].
+    pub fn min_between(&self, from: f64, to: f64) -> Option<f64> {
+        self.points
+            .iter()
+            .filter(|(t, _)| *t >= from && *t <= to)
+            .map(|p| p.1)
+            .reduce(f64::min)
+    }
+
     pub fn min_since(&self, since: f64) -> Option<f64> {
         self.points
             .iter()

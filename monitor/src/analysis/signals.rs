@@ -510,11 +510,9 @@ impl Signals {
             self.starting = false;
             return;
         }
-        let young = s
-            .proc
-            .as_ref()
-            .and_then(|p| p.age_s)
-            .is_some_and(|age| age < cfg.startup_s);
+        // No reading of the process yet (not started, or not found): nothing is known of its age.
+        let Some(p) = &s.proc else { return };
+        let young = p.age_s.is_some_and(|age| age < cfg.startup_s);
         let flat = self.tasks.span(t) >= cfg.min_span_s
             && Self::growth(&self.tasks, t, cfg.window_s)
                 .is_some_and(|g| g.abs() <= self.task_min_growth(cfg) / 2.0);

@@ -454,6 +454,12 @@ impl GoroutineProfiler {
         })
     }
 
+    /// Forgets the baseline alone (the target's start-up ended); the next `ensure_baseline` takes anew.
+    pub fn forget_baseline(&mut self) {
+        self.baseline = None;
+        self.baseline_tried = false;
+    }
+
     /// Forgets the baseline (the target restarted); the next call to `ensure_baseline` takes a new one.
     pub fn reset(&mut self) {
         self.baseline = None;
