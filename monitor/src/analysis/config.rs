@@ -132,6 +132,9 @@ pub struct AnalysisConfig {
     /// Heap growth over the window that, with task growth or a bookkeeping leak, is worth a verdict.
     pub heap_min_growth_bytes: f64,
     pub heap_min_growth_ratio: f64,
+    /// Heap a live connection may hold (buffers, its goroutines' state): heap growth up to this much per
+    /// connection opened meanwhile is the connections', not a heap leak's.
+    pub heap_bytes_per_connection: f64,
     /// Quiescence: a connection add rate above this (per s) is load; below it for `quiet_s`, load ended.
     pub burst_rate: f64,
     pub quiet_s: f64,
@@ -203,6 +206,7 @@ impl Default for AnalysisConfig {
             tasks_per_connection: 4.0,
             heap_min_growth_bytes: 4.0 * 1048576.0,
             heap_min_growth_ratio: 0.2,
+            heap_bytes_per_connection: 64.0 * 1024.0,
             burst_rate: 1.0,
             quiet_s: 5.0,
             settle_s: 60.0,

@@ -130,7 +130,7 @@ impl Fleet {
                 ledger: self.rows.iter().map(Row::ledger).collect(),
                 remotedialer_present: true,
                 goroutines: Some(self.other_tasks + self.callers as f64 + 2.0 * live as f64),
-                heap_inuse_bytes: Some(200.0 * 1048576.0 + live as f64 * 40_000.0),
+                heap_inuse_bytes: Some(20.0 * 1048576.0 + live as f64 * 40_000.0),
                 ..AppSample::default()
             }),
             goroutines: None,
@@ -192,6 +192,8 @@ fn fifty_fixed_and_one_bug(callers: u64) -> Fleet {
     }
 }
 
+/// Bursts of 10 requests: with the fix's pools holding each connection (and its 40 KB of buffers) for
+/// 90 s, 50 clusters move the heap by tens of MiB.
 fn fix_bursts(k: usize, i: u32) -> u64 {
     if (i + 7 * k as u32).is_multiple_of(47) {
         10
@@ -229,14 +231,11 @@ fn a_leak_on_one_cluster_is_named_alone_through_fifty_healthy_ones_and_200_unrel
         .find(|v| v.kind == VerdictKind::IdleConnectionLeak)
         .expect("still active");
     assert_eq!(now.subject, v.subject);
+    // Nothing else: the heap the fix's bursts lift stays up for its pools' idle timeout, and the leak's
+    // own connections are too few to show in it.
     let others: Vec<_> = raised
         .iter()
-        .filter(|v| {
-            !matches!(
-                v.kind,
-                VerdictKind::IdleConnectionLeak | VerdictKind::HeapGrowth
-            )
-        })
+        .filter(|v| v.kind != VerdictKind::IdleConnectionLeak)
         .collect();
     assert!(others.is_empty(), "{others:#?}");
 }

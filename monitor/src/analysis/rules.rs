@@ -589,27 +589,34 @@ fn task_growth_text(
     }
 }
 
-/// Heap growing along with a task or bookkeeping leak.
+/// Heap growing along with a task, bookkeeping or idle-connection leak. Measured over the idle horizon,
+/// not the trend window: a healthy pool keeps each burst's connections, and their buffers, for up to its
+/// idle timeout, so the heap a burst lifts stays up that long; only what outgrows that is the leak's.
 pub fn heap_growth(s: &Signals, cfg: &AnalysisConfig, t: f64, correlated: bool) -> Option<Finding> {
     if !correlated || s.heap.span(t) < cfg.min_span_s {
         return None;
     }
-    let growth = Signals::growth(&s.heap, t, cfg.window_s)?;
-    let first = s
-        .heap
-        .median_between(t - cfg.window_s, t - cfg.window_s + 5.0)
-        .unwrap_or(0.0);
-    let slope = s.heap.slope_since(t - cfg.window_s)?;
+    let span = cfg.idle_horizon_s().max(cfg.window_s);
+    let growth = Signals::growth(&s.heap, t, span)?;
+    let first_t = s.heap.since(t - span).first()?.0;
+    let first = s.heap.median_between(first_t, first_t + 5.0).unwrap_or(0.0);
+    let slope = s.heap.slope_since(t - span)?;
     // What a leak holds raises the heap's floor; a burst of requests only lifts it for a while. The
-    // lowest heap of the window's last third against that of its first third tells them apart.
-    let third = cfg.window_s / 3.0;
-    let start = t - cfg.window_s;
+    // lowest heap of the last third of the span against that of its first third tells them apart.
+    let third = (t - first_t) / 3.0;
     let floor_growth =
-        s.heap.min_between(t - third, t)? - s.heap.min_between(start, start + third)?;
+        s.heap.min_between(t - third, t)? - s.heap.min_between(first_t, first_t + third)?;
     let min_growth = cfg
         .heap_min_growth_bytes
         .max(cfg.heap_min_growth_ratio * first);
-    if slope <= 0.0 || growth < min_growth || floor_growth < min_growth {
+    // Connections opened meanwhile hold their buffers (a pool filling as load begins, the leak's own
+    // connections): the heap they account for is theirs, not a heap leak's.
+    let conn_growth = Signals::growth(&s.app_live, t, span)
+        .or_else(|| Signals::growth(&s.kernel_conn, t, span))
+        .unwrap_or(0.0)
+        .max(0.0);
+    let held = cfg.heap_bytes_per_connection * conn_growth;
+    if slope <= 0.0 || growth - held < min_growth || floor_growth - held < min_growth {
         return None;
     }
     Some(finding(
@@ -619,12 +626,17 @@ pub fn heap_growth(s: &Signals, cfg: &AnalysisConfig, t: f64, correlated: bool) 
         ev(&[
             ("app.heap_inuse_bytes", s.heap.last()),
             ("app.heap_growth_in_window", Some(growth)),
+            ("app.heap_floor_growth_in_window", Some(floor_growth)),
             ("app.heap_slope_bytes_per_s", Some(slope)),
+            ("crosscheck.connection_growth_in_window", Some(conn_growth)),
+            ("config.heap_window_s", Some(t - first_t)),
         ]),
         format!(
-            "heap grew by {:.1} MiB in {:.0}s alongside the leak",
+            "heap grew by {:.1} MiB in {:.0}s alongside the leak, its floor by {:.1} MiB: more than the {conn_growth:.0} connections opened meanwhile hold ({:.0} KiB each)",
             growth / 1048576.0,
-            cfg.window_s
+            t - first_t,
+            floor_growth / 1048576.0,
+            cfg.heap_bytes_per_connection / 1024.0
         ),
         0.0,
         Scope::Heap,

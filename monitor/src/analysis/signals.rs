@@ -398,7 +398,8 @@ impl Signals {
             }
             self.opened_total += raw_added;
             self.app_live_by_key = by_key;
-            self.app_live.push(t, total, horizon);
+            // Kept one idle horizon back too: the heap rule sets its growth against the connections'.
+            self.app_live.push(t, total, long);
             app_live = Some(total);
         }
         if let Some(k) = &s.kernel {
@@ -499,7 +500,8 @@ impl Signals {
             _ => {}
         }
         if let Some(h) = app.and_then(|a| a.heap_inuse_bytes) {
-            self.heap.push(t, h, horizon);
+            // Judged over the idle horizon (see `rules::heap_growth`).
+            self.heap.push(t, h, long);
         }
         self.update_start_up(s, cfg, t);
     }
