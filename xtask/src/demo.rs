@@ -191,7 +191,7 @@ fn save_live_page(listen: &str, name: &str) -> Option<std::path::PathBuf> {
 }
 
 /// leakwatch's view of one tunnel in a few words: live connections in the ledger, those idle past the
-/// horizon that no caller explains, goroutines, and the verdicts.
+/// horizon beyond their rows' bounded sets, goroutines, and the verdicts.
 fn brief(listen: &str) -> (String, Vec<String>, Vec<String>) {
     let doc: Value = http_get(&format!("http://{listen}/status"))
         .and_then(|b| serde_json::from_str(&b).ok())
@@ -299,8 +299,9 @@ fn bug_and_fix_side_by_side() -> Result<(Tunnel, Tunnel, Proc, Proc)> {
     println!(
         "\nHow leakwatch told them apart: for the first {FIX_IDLE_TIMEOUT_S} s the two are the same (a connection per request,\n\
          idle, no caller). A healthy pool never holds a connection idle past its idle timeout, so leakwatch\n\
-         counts the connections opened more than the idle horizon ({timeout} s + {margin} s margin) ago that are still\n\
-         open and that no caller explains. On v2.10.5 that stays 0; on v2.10.3 it climbs by 5 a second:"
+         counts, per clientkey/addr, the connections opened more than the idle horizon ({timeout} s + {margin} s\n\
+         margin) ago that are still open, beyond the set that aged past it together (what a pool or watches\n\
+         hold). On v2.10.5 that stays 0; on v2.10.3 it climbs by 5 a second:"
     );
     for e in explained {
         println!("  - {e}");
