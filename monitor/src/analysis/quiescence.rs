@@ -106,49 +106,51 @@ pub fn heap_tolerance(baseline: f64, cfg: &AnalysisConfig) -> f64 {
     (baseline * cfg.settle_heap_tolerance_ratio).max(cfg.heap_min_growth_bytes / 2.0)
 }
 
-/// Connections open now beyond the baseline's: the ledger's (pooled or in use) or the kernel's (callers
-/// on a server, targets on an agent), whichever grew more. Each holds its tasks and, in the kernel, its
-/// socket.
-pub fn connections_open_beyond(base: &Levels, now: &Levels) -> f64 {
-    let growth = |b: Option<f64>, n: Option<f64>| match (b, n) {
-        (Some(b), Some(n)) => (n - b).max(0.0),
-        _ => 0.0,
-    };
-    growth(base.app_live, now.app_live).max(growth(base.kernel_conn, now.kernel_conn))
+/// Who compares the levels: the recipe run continuously, which allows what connections still open
+/// hold, or `verify`, which drove the load itself and wants every level back as it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judge {
+    Continuous,
+    Verify,
 }
 
-/// Every level compared with its baseline, with the tolerances of `cfg`. With `open_beyond` (the
-/// continuous check), each connection still open beyond the baseline's allows its tasks and sockets,
-/// tolerances are relative to the process's size too, and the ledger is not compared (the idle rule
-/// judges each row's old connections); without (`verify`, which drove the load itself), levels must
-/// come back as they were.
-pub fn compare(
-    base: &Levels,
-    now: &Levels,
-    cfg: &AnalysisConfig,
-    open_beyond: Option<f64>,
-) -> [Comparison; 5] {
+/// How far a level rose over its baseline; 0 where either side is unknown.
+fn rise(base: Option<f64>, now: Option<f64>) -> f64 {
+    match (base, now) {
+        (Some(b), Some(n)) => (n - b).max(0.0),
+        _ => 0.0,
+    }
+}
+
+/// Every level compared with its baseline, with the tolerances of `cfg`. [`Judge::Continuous`]: each
+/// connection still open beyond the baseline's (the ledger's or the kernel's, whichever grew more)
+/// allows its tasks, each kernel one its socket, tolerances are relative to the process's size too, and
+/// the ledger is not compared (the idle rule judges each row's old connections). [`Judge::Verify`]:
+/// levels must come back as they were.
+pub fn compare(base: &Levels, now: &Levels, cfg: &AnalysisConfig, judge: Judge) -> [Comparison; 5] {
     let c = |name, baseline, now, tolerance| Comparison {
         name,
         baseline,
         now,
         tolerance,
     };
-    let relative = |abs: f64, level: Option<f64>| match open_beyond {
-        Some(_) => level.map_or(abs, |l| abs.max(cfg.settle_rel_tolerance * l)),
-        None => abs,
+    let continuous = judge == Judge::Continuous;
+    let (open, kernel_open) = if continuous {
+        let kernel = rise(base.kernel_conn, now.kernel_conn);
+        (rise(base.app_live, now.app_live).max(kernel), kernel)
+    } else {
+        (0.0, 0.0)
     };
-    let open = open_beyond.unwrap_or(0.0);
-    let kernel_open = match (base.kernel_conn, now.kernel_conn, open_beyond) {
-        (Some(b), Some(n), Some(_)) => (n - b).max(0.0),
-        _ => 0.0,
+    let relative = |abs: f64, level: Option<f64>| match (continuous, level) {
+        (true, Some(l)) => abs.max(cfg.settle_rel_tolerance * l),
+        _ => abs,
     };
     [
         c(
             "app.live_connections",
             base.app_live,
             now.app_live,
-            open_beyond.is_none().then_some(cfg.settle_tasks_tolerance),
+            (!continuous).then_some(cfg.settle_tasks_tolerance),
         ),
         c(
             "tasks",
@@ -183,7 +185,7 @@ pub fn compare(
 type Excess = (&'static str, f64, f64, f64);
 
 fn excesses(base: &Levels, now: &Levels, cfg: &AnalysisConfig) -> Vec<Excess> {
-    compare(base, now, cfg, Some(connections_open_beyond(base, now)))
+    compare(base, now, cfg, Judge::Continuous)
         .into_iter()
         .filter(|c| c.exceeded() == Some(true))
         .filter_map(|c| Some((c.name, c.baseline?, c.now?, c.tolerance?)))

@@ -283,6 +283,9 @@ impl Signals {
         // Series read one idle horizon back must be kept that long, plus a window to measure their trend.
         let long = horizon.max(idle_horizon + cfg.window_s);
         let watching_since = *self.watching_since.get_or_insert(t);
+        // How every count of old connections (a ledger row's, a target's idle sockets) is told a bounded
+        // set or a climb (see [`Climb::observe`]).
+        let (fill_s, slack) = (cfg.idle_fill_s, cfg.idle_tolerance);
         let app = match &s.app {
             ScrapeOutcome::Ok(a) => Some(a),
             _ => None,
@@ -294,7 +297,6 @@ impl Signals {
             let mut raw_added = 0.0;
             let mut old_open_total = 0.0;
             let mut old_open_known = false;
-            let (fill_s, slack) = (cfg.idle_fill_s, cfg.idle_tolerance);
             let (ledger, peer_live) = local_rows(&a.ledger);
             self.peer_live.push(t, peer_live, horizon);
             // Live connections per clientkey, the map of the last tick reused (thousands of clientkeys
@@ -454,17 +456,12 @@ impl Signals {
                 self.dialed_climb
                     .entry(g.remote.clone())
                     .or_default()
-                    .observe(
-                        t,
-                        g.idle_over_horizon as f64,
-                        cfg.idle_fill_s,
-                        cfg.idle_tolerance,
-                    );
+                    .observe(t, g.idle_over_horizon as f64, fill_s, slack);
             }
             // A remote gone from the reading holds no socket idle: its set drained.
             for (remote, climb) in self.dialed_climb.iter_mut() {
                 if !seen.contains(remote.as_str()) {
-                    climb.observe(t, 0.0, cfg.idle_fill_s, cfg.idle_tolerance);
+                    climb.observe(t, 0.0, fill_s, slack);
                 }
             }
             self.dialed_climb

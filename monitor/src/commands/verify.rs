@@ -101,7 +101,7 @@ fn criteria(base: &Point, now: &Point, cfg: &AnalysisConfig) -> Vec<Criterion> {
             limit: None,
         },
     };
-    let levels = quiescence::compare(&base.levels, &now.levels, cfg, None)
+    let levels = quiescence::compare(&base.levels, &now.levels, cfg, quiescence::Judge::Verify)
         .into_iter()
         .filter_map(|c| {
             Some(Criterion {
