@@ -109,6 +109,15 @@ fn judge(name: &'static str, report: &Value, expect: Expect, start: f64, within:
     row
 }
 
+/// A healthy shape watched from both ends: `names` are the server's and the agent's rows, which must
+/// both be empty of verdicts. Both rows are recorded before either fails the test.
+fn nothing_on_either(names: [&'static str; 2], server: &Value, agent: &Value, start: f64) {
+    let s = judge(names[0], server, NOTHING, start, 0.0);
+    let a = judge(names[1], agent, NOTHING, start, 0.0);
+    assert_row(s, server);
+    assert_row(a, agent);
+}
+
 /// The fix's bursts on the first `clusters` agents until `until`: every `every`, 100 requests at 50/s
 /// (4 at once) spread over them, run to completion. The gap is the schedule, not a wait for anything.
 fn bursts(t: &Topology, clusters: u64, every: Duration, until: Instant) {
@@ -266,27 +275,16 @@ fn scenario_c() {
     );
     let server_report = report(server, ends_at);
     let agent_report = report(agent, ends_at);
-    let rows = [
-        judge(
+    nothing_on_either(
+        [
             "rancher C: shared=never, 20 addrs x 2 idle, server",
-            &server_report,
-            NOTHING,
-            start,
-            0.0,
-        ),
-        judge(
             "rancher C: shared=never, 20 addrs x 2 idle, agent",
-            &agent_report,
-            NOTHING,
-            start,
-            0.0,
-        ),
-    ];
-    // Both rows are recorded before either fails the test.
-    let [s, a] = rows;
+        ],
+        &server_report,
+        &agent_report,
+        start,
+    );
     assert_eq!(pooled_live(&t), 40, "still held at the end: never closed");
-    assert_row(s, &server_report);
-    assert_row(a, &agent_report);
 }
 
 /// Tunneled connections the server believes live: add minus remove over every row of its /metrics.
@@ -320,22 +318,15 @@ fn scenario_d() {
     let server_report = report(server, ends_at);
     let agent_report = report(agent, ends_at);
     finish_watches(watches);
-    let s = judge(
-        "rancher D: 50 watches for 15 min + bursts, server",
+    nothing_on_either(
+        [
+            "rancher D: 50 watches for 15 min + bursts, server",
+            "rancher D: 50 watches for 15 min + bursts, agent",
+        ],
         &server_report,
-        NOTHING,
-        start,
-        0.0,
-    );
-    let a = judge(
-        "rancher D: 50 watches for 15 min + bursts, agent",
         &agent_report,
-        NOTHING,
         start,
-        0.0,
     );
-    assert_row(s, &server_report);
-    assert_row(a, &agent_report);
 }
 
 /// E: leakwatch waits for the target, which starts 3,000 controllers over 60 s while 100 agents join
@@ -444,22 +435,15 @@ fn scenario_f() {
     eprintln!("SCENARIO rancher F: {rounds} rounds of 15 slow requests");
     let server_report = report(server, ends_at);
     let agent_report = report(agent, ends_at);
-    let s = judge(
-        "rancher F: 15 x 45 s answers, 5 min, server",
+    nothing_on_either(
+        [
+            "rancher F: 15 x 45 s answers, 5 min, server",
+            "rancher F: 15 x 45 s answers, 5 min, agent",
+        ],
         &server_report,
-        NOTHING,
-        start,
-        0.0,
-    );
-    let a = judge(
-        "rancher F: 15 x 45 s answers, 5 min, agent",
         &agent_report,
-        NOTHING,
         start,
-        0.0,
     );
-    assert_row(s, &server_report);
-    assert_row(a, &agent_report);
 }
 
 const SCENARIOS: &[(&str, fn())] = &[

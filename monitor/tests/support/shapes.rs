@@ -11,11 +11,7 @@ use std::{
 
 use testsupport::{Proc, agent_args, server_args};
 
-use super::scaled;
-
-fn reftunnel() -> Command {
-    Command::new(testsupport::workspace_bin("reftunnel").expect("reftunnel is built"))
-}
+use super::{scaled, tunnel::reftunnel};
 
 /// What one topology is made of.
 #[derive(Clone, Debug, Default)]
@@ -200,20 +196,12 @@ impl Topology {
     /// `count` keep-alive API clients of the server that are not tunneled connections; returns once each
     /// has been served.
     pub fn idle_clients(&self, count: u32, period: &str) -> Proc {
-        let clients = Proc::spawn(reftunnel().args([
-            "idle-clients",
-            "--url",
-            &format!("http://{}", self.server_addr),
-            "--count",
-            &count.to_string(),
-            "--period",
+        super::tunnel::spawn_idle_clients(
+            &self.server_addr,
+            count,
             period,
-        ]))
-        .expect("spawn idle-clients");
-        clients
-            .wait_line("idle-clients holding", scaled(Duration::from_secs(60)))
-            .unwrap();
-        clients
+            scaled(Duration::from_secs(60)),
+        )
     }
 
     /// `count` watches of `/watch/<every_s>` held for `hold`, spread over the first `clientkeys` agents

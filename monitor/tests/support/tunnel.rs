@@ -10,7 +10,7 @@ use testsupport::{
 };
 
 /// The debug build of reftunnel (`cargo xtask test` builds it before the tests run).
-fn reftunnel() -> Command {
+pub fn reftunnel() -> Command {
     Command::new(testsupport::workspace_bin("reftunnel").expect("reftunnel is built"))
 }
 
@@ -217,20 +217,7 @@ impl Tunnel {
     /// Long-lived keep-alive callers of the server that are not tunneled connections (UI sessions,
     /// watches): `count` connections, each asking for /healthz every `period`.
     pub fn idle_clients(&self, count: u32, period: &str) -> Proc {
-        let clients = Proc::spawn(reftunnel().args([
-            "idle-clients",
-            "--url",
-            &format!("http://{}", self.server_addr),
-            "--count",
-            &count.to_string(),
-            "--period",
-            period,
-        ]))
-        .expect("spawn");
-        clients
-            .wait_line("idle-clients holding", Duration::from_secs(30))
-            .unwrap();
-        clients
+        spawn_idle_clients(&self.server_addr, count, period, Duration::from_secs(30))
     }
 
     fn spawn_agent_as(server_addr: &str, leak: &Leak, token: &str, id: &str) -> Proc {
@@ -380,4 +367,28 @@ impl Tunnel {
             false,
         )
     }
+}
+
+/// `reftunnel idle-clients` holding `count` keep-alive connections to the server at `server_addr`, each
+/// asking for /healthz every `period`; returns once each has been served (within `ready_within`).
+pub fn spawn_idle_clients(
+    server_addr: &str,
+    count: u32,
+    period: &str,
+    ready_within: Duration,
+) -> Proc {
+    let clients = Proc::spawn(reftunnel().args([
+        "idle-clients",
+        "--url",
+        &format!("http://{server_addr}"),
+        "--count",
+        &count.to_string(),
+        "--period",
+        period,
+    ]))
+    .expect("spawn idle-clients");
+    clients
+        .wait_line("idle-clients holding", ready_within)
+        .unwrap();
+    clients
 }
